@@ -1,0 +1,125 @@
+//! Typed access to the kernel maps. Only the reconciler writes through this.
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+};
+use switchyard_common::{
+    counters::Counter,
+    maps::{Backend, BackendId, Endpoint, ServiceKey, ServiceValue, Settings, SlotKey, SockTuple},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, MapsError> {
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
+    T::try_from(map).map_err(|source| MapsError::Map { name, source })
+}
+
+fn op<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
+    r.map_err(|source| MapsError::Map { name, source })
+}
+
+/// Removing what is already gone is fine: the reconciler may retry after a failure.
+fn gone_ok(name: &'static str, r: Result<(), MapError>) -> Result<(), MapsError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        r => op(name, r),
+    }
+}
+
+pub struct KernelMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, BackendId>,
+    backends: HashMap<MapData, BackendId, Backend>,
+    settings: Array<MapData, Settings>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelMaps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(KernelMaps {
+            services: take(ebpf, "SERVICES")?,
+            slots: take(ebpf, "SLOTS")?,
+            backends: take(ebpf, "BACKENDS")?,
+            settings: take(ebpf, "SETTINGS")?,
+            counters: take(ebpf, "COUNTERS")?,
+        })
+    }
+
+    pub fn set_settings(&mut self, s: &Settings) -> Result<(), MapsError> {
+        op("SETTINGS", self.settings.set(0, s, 0))
+    }
+
+    pub fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), MapsError> {
+        op("SERVICES", self.services.insert(k, v, 0))
+    }
+
+    pub fn remove_service(&mut self, k: &ServiceKey) -> Result<(), MapsError> {
+        gone_ok("SERVICES", self.services.remove(k))
+    }
+
+    pub fn put_slot(&mut self, k: &SlotKey, backend: BackendId) -> Result<(), MapsError> {
+        op("SLOTS", self.slots.insert(k, backend, 0))
+    }
+
+    pub fn remove_slot(&mut self, k: &SlotKey) -> Result<(), MapsError> {
+        gone_ok("SLOTS", self.slots.remove(k))
+    }
+
+    pub fn put_backend(&mut self, id: BackendId, b: &Backend) -> Result<(), MapsError> {
+        op("BACKENDS", self.backends.insert(id, b, 0))
+    }
+
+    pub fn remove_backend(&mut self, id: BackendId) -> Result<(), MapsError> {
+        gone_ok("BACKENDS", self.backends.remove(&id))
+    }
+
+    /// Kernel counters summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, MapsError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let per_cpu = op("COUNTERS", self.counters.get(&(c as u32), 0))?;
+                Ok((c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+/// The original-destination table, for a forwarder that cannot use `getsockopt` (an agent in
+/// the root cgroup, where the hook is not attached).
+pub struct OrigDstTable {
+    map: HashMap<MapData, SockTuple, Endpoint>,
+}
+
+impl OrigDstTable {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(OrigDstTable {
+            map: take(ebpf, "ORIG_DST")?,
+        })
+    }
+
+    /// Reads and removes the entry, as the `getsockopt` hook does.
+    pub fn consume(&mut self, tuple: &SockTuple) -> Option<Endpoint> {
+        let found = self.map.get(tuple, 0).ok()?;
+        let _ = self.map.remove(tuple);
+        Some(found)
+    }
+}

@@ -1,0 +1,155 @@
+//! The kernel side, seen from the agent: load the programs, attach them, hand out the maps.
+//!
+//! The steering hooks (`connect4/6`, `getpeername4/6`, `sock_ops`) attach to the configured
+//! cgroup; the `getsockopt` hook that answers `SO_ORIGINAL_DST` attaches to the agent's own
+//! cgroup, since it is the forwarder that asks. Links live as long as [`Datapath`]: stopping the
+//! agent detaches everything.
+
+pub mod addr;
+pub mod host;
+mod log;
+pub mod maps;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+};
+use tracing::{info, warn};
+
+pub use maps::{KernelMaps, MapsError, OrigDstTable};
+
+use crate::config::DatapathConfig;
+
+/// The object built by `build.rs` from the `switchyard-ebpf` crate.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error(
+        "the kernel refused the eBPF object: {0}. Switchyard needs root (or CAP_BPF, \
+         CAP_NET_ADMIN and CAP_SYS_ADMIN) and a kernel with BPF and cgroup-BPF support \
+         (CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF)"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// Loaded and attached programs. Dropping it detaches them.
+pub struct Datapath {
+    _ebpf: Ebpf,
+    /// Where the steering hooks are attached.
+    pub cgroup: PathBuf,
+    /// Whether the forwarder's `getsockopt(SO_ORIGINAL_DST)` is answered by the hook; if not,
+    /// the forwarder reads [`OrigDstTable`] itself.
+    pub getsockopt_hook: bool,
+}
+
+const SOCK_ADDR_HOOKS: [&str; 4] = [
+    "sy_connect4",
+    "sy_connect6",
+    "sy_getpeername4",
+    "sy_getpeername6",
+];
+
+/// Loads the programs and attaches them. Returns the maps for the reconciler and the
+/// original-destination table for the forwarder.
+pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable), DatapathError> {
+    let mount = host::cgroup2_mount()?;
+    let cgroup = host::resolve_cgroup(&mount, &cfg.cgroup)?;
+    let own = host::own_cgroup(&mount)?;
+
+    let level = cfg.kernel_log.level();
+    let mut ebpf = EbpfLoader::new()
+        .override_global("AYA_LOG_LEVEL", &level, false)
+        .load(OBJECT)
+        .map_err(DatapathError::Load)?;
+    log::forward(&mut ebpf);
+
+    // Cgroup attachments are made as BPF links, which coexist with other programs on the same
+    // cgroup whatever the mode; the kernel refuses flags on link creation, so `Single` it is.
+    let target = open_cgroup(&cgroup)?;
+    for name in SOCK_ADDR_HOOKS {
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        prog.load().map_err(|source| DatapathError::Program { name, source })?;
+        prog.attach(&target, CgroupAttachMode::Single)
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    let sockops: &mut SockOps = program(&mut ebpf, "sy_sockops")?;
+    sockops
+        .load()
+        .map_err(|source| DatapathError::Program { name: "sy_sockops", source })?;
+    sockops
+        .attach(&target, CgroupAttachMode::Single)
+        .map_err(|source| DatapathError::Program { name: "sy_sockops", source })?;
+
+    let getsockopt_hook = own != mount;
+    let name = "sy_getsockopt";
+    let getsockopt: &mut CgroupSockopt = program(&mut ebpf, name)?;
+    getsockopt.load().map_err(|source| DatapathError::Program { name, source })?;
+    if getsockopt_hook {
+        getsockopt
+            .attach(open_cgroup(&own)?, CgroupAttachMode::Single)
+            .map_err(|source| DatapathError::Program { name, source })?;
+    } else {
+        warn!(
+            "the agent runs in the root cgroup; its forwarder reads original destinations from \
+             the map instead of through a getsockopt hook on every process of the host"
+        );
+    }
+    info!(
+        cgroup = %cgroup.display(),
+        own_cgroup = %own.display(),
+        "eBPF programs attached"
+    );
+
+    let maps = KernelMaps::take(&mut ebpf)?;
+    let orig = OrigDstTable::take(&mut ebpf)?;
+    Ok((
+        Datapath {
+            _ebpf: ebpf,
+            cgroup,
+            getsockopt_hook,
+        },
+        maps,
+        orig,
+    ))
+}
+
+fn open_cgroup(path: &Path) -> Result<File, DatapathError> {
+    File::open(path).map_err(|source| DatapathError::Cgroup {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?;
+    p.try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}

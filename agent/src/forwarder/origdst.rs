@@ -1,0 +1,84 @@
+//! Recovering where a redirected connection was going.
+//!
+//! The ordinary way, as with iptables' REDIRECT: `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on the
+//! accepted socket, answered by our `getsockopt` hook. When the hook is not attached (agent in
+//! the root cgroup), the same entry is read from the map.
+
+use std::{
+    mem::{size_of, zeroed},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::Mutex,
+};
+
+use switchyard_common::maps::SockTuple;
+use tokio::net::TcpStream;
+
+use crate::datapath::{OrigDstTable, addr};
+
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+pub struct OrigDst {
+    pub hook: bool,
+    pub table: Mutex<OrigDstTable>,
+}
+
+impl OrigDst {
+    pub fn recover(&self, stream: &TcpStream) -> Option<SocketAddr> {
+        let local = stream.local_addr().ok()?;
+        let peer = stream.peer_addr().ok()?;
+        if self.hook {
+            if let Some(found) = getsockopt_original_dst(stream, local.is_ipv4()) {
+                return Some(found);
+            }
+        }
+        // The client's view of the connection is the mirror of ours.
+        let tuple = SockTuple {
+            local: addr::to_words(peer.ip()),
+            remote: addr::to_words(local.ip()),
+            local_port: peer.port(),
+            remote_port: local.port(),
+        };
+        let vip = self.table.lock().ok()?.consume(&tuple)?;
+        Some(SocketAddr::new(addr::from_words(&vip.addr), vip.port))
+    }
+}
+
+fn getsockopt_original_dst(stream: &TcpStream, v4: bool) -> Option<SocketAddr> {
+    let fd = stream.as_raw_fd();
+    // SAFETY: sockaddr_storage is plain data; the kernel writes at most `len` bytes.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let level = if v4 { libc::SOL_IP } else { libc::SOL_IPV6 };
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            SO_ORIGINAL_DST,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    sockaddr_to_std(&storage, len)
+}
+
+fn sockaddr_to_std(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: family and length checked.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: family and length checked.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::new(ip.to_canonical(), u16::from_be(sin6.sin6_port)))
+        }
+        _ => None,
+    }
+}

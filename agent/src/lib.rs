@@ -1,0 +1,24 @@
+//! Switchyard, the agent.
+//!
+//! The flow of a connection, and where each step lives:
+//!
+//! - [`config`] reads the agent's file: where to attach, where the forwarder listens, services.
+//! - [`catalog`] is the model every source produces and every consumer reads.
+//! - [`reconcile`] turns a catalog into kernel map entries and the forwarder's table; it is the
+//!   only writer of either.
+//! - [`datapath`] loads and attaches the eBPF programs (crate `switchyard-ebpf`) and owns the
+//!   maps; in the kernel, `connect()` to a service address is rewritten to a backend (kernel
+//!   mode) or to the forwarder (proxy mode).
+//! - [`forwarder`] accepts redirected connections, recovers the original service address,
+//!   picks a backend with [`balance`], connects (retrying others) and copies bytes.
+//! - [`defaults`] holds every default, with the peers' values beside ours.
+
+pub mod balance;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod defaults;
+pub mod forwarder;
+pub mod reconcile;
+pub mod run;

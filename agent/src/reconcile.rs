@@ -1,0 +1,409 @@
+//! The reconciler: the only writer of the kernel maps and the forwarder's table. It applies a
+//! catalog incrementally (unchanged services are not touched) and never lets a concurrent
+//! `connect()` see a half-written backend set (see `switchyard_common::maps`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use switchyard_common::{
+    maglev,
+    maps::{
+        self as kmaps, Backend as KernelBackend, BackendId, Endpoint, MAGLEV_KERNEL_SIZE,
+        MAX_SLOTS_PER_SERVICE, SLOT_HALF, ServiceKey, ServiceValue, Settings, SlotKey,
+    },
+};
+use tracing::info;
+
+use crate::{
+    balance::smooth_weighted_order,
+    catalog::{Algorithm, BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
+    datapath::{KernelMaps, MapsError, addr::to_words},
+    forwarder::{SharedTable, Table},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("more than {0} services: the service map is full")]
+    TooManyServices(u32),
+    #[error("more than {0} backends: the backend map is full")]
+    TooManyBackends(u32),
+}
+
+/// Hands out small integer ids and takes them back.
+struct IdPool {
+    next: u32,
+    free: Vec<u32>,
+    max: u32,
+}
+
+impl IdPool {
+    fn new(max: u32) -> Self {
+        IdPool { next: 0, free: Vec::new(), max }
+    }
+    fn take(&mut self) -> Option<u32> {
+        self.free.pop().or_else(|| {
+            (self.next < self.max).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        })
+    }
+    fn give(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+/// What the kernel holds for one service.
+struct Applied {
+    service: Service,
+    id: u32,
+    /// Which slot half is live (0 or 1) and how many slots each half holds.
+    half: usize,
+    half_len: [u32; 2],
+    backend_ids: HashMap<SocketAddr, BackendId>,
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+}
+
+pub struct Reconciler {
+    maps: KernelMaps,
+    table: SharedTable,
+    connect_timeout: Duration,
+    retries: u32,
+    applied: HashMap<ServiceAddr, Applied>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+impl Reconciler {
+    pub fn new(maps: KernelMaps, table: SharedTable, connect_timeout: Duration, retries: u32) -> Self {
+        Reconciler {
+            maps,
+            table,
+            connect_timeout,
+            retries,
+            applied: HashMap::new(),
+            service_ids: IdPool::new(kmaps::MAX_SERVICES),
+            backend_ids: IdPool::new(kmaps::MAX_BACKENDS),
+        }
+    }
+
+    /// Tells the programs where the forwarder listens and how the agent marks its sockets.
+    pub fn set_settings(&mut self, listen: &[SocketAddr], own_mark: u32) -> Result<(), MapsError> {
+        let endpoint = |v4: bool| {
+            listen
+                .iter()
+                .find(|a| a.is_ipv4() == v4)
+                .map(|a| Endpoint { addr: to_words(a.ip()), port: a.port(), _pad: 0 })
+                .unwrap_or_default()
+        };
+        self.maps.set_settings(&Settings {
+            forwarder4: endpoint(true),
+            forwarder6: endpoint(false),
+            own_mark,
+            _pad: 0,
+        })
+    }
+
+    pub fn maps(&self) -> &KernelMaps {
+        &self.maps
+    }
+
+    /// Makes the kernel and the forwarder match `catalog`.
+    pub fn apply(&mut self, catalog: &Catalog) -> Result<Changes, ReconcileError> {
+        let mut changes = Changes::default();
+        // The forwarder learns of new proxy services before the kernel sends it their clients,
+        // and forgets removed ones only after the kernel stops.
+        let previous = self.table.load();
+        let mut widened = Catalog::default();
+        for (k, s) in catalog.services.iter().chain(
+            self.applied
+                .iter()
+                .filter(|(k, _)| !catalog.services.contains_key(k) && previous.contains(k))
+                .map(|(k, a)| (k, &a.service)),
+        ) {
+            widened.services.insert(*k, s.clone());
+        }
+        self.table.store(Table::build(&widened, &previous, self.connect_timeout, self.retries));
+
+        let gone: Vec<ServiceAddr> = self
+            .applied
+            .keys()
+            .filter(|k| !catalog.services.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove(&key)?;
+            changes.removed += 1;
+        }
+        for (key, service) in &catalog.services {
+            match self.applied.get(key) {
+                Some(a) if &a.service == service => {}
+                Some(_) => {
+                    self.upsert(service)?;
+                    changes.updated += 1;
+                }
+                None => {
+                    self.upsert(service)?;
+                    changes.added += 1;
+                }
+            }
+        }
+        let table = Table::build(catalog, &self.table.load(), self.connect_timeout, self.retries);
+        self.table.store(table);
+        if changes != Changes::default() {
+            info!(
+                added = changes.added,
+                updated = changes.updated,
+                removed = changes.removed,
+                services = self.applied.len(),
+                "catalog applied"
+            );
+        }
+        Ok(changes)
+    }
+
+    fn upsert(&mut self, service: &Service) -> Result<(), ReconcileError> {
+        let key = service_key(&service.addr);
+        let (id, half, mut half_len, mut backend_ids) = match self.applied.remove(&service.addr) {
+            Some(a) => (a.id, 1 - a.half, a.half_len, a.backend_ids),
+            None => {
+                let id = self
+                    .service_ids
+                    .take()
+                    .ok_or(ReconcileError::TooManyServices(kmaps::MAX_SERVICES))?;
+                (id, 0, [0, 0], HashMap::new())
+            }
+        };
+
+        // Backends first: slots will point at them.
+        let mut ids = Vec::with_capacity(service.backends.len());
+        for b in &service.backends {
+            let bid = match backend_ids.get(&b.addr) {
+                Some(&bid) => bid,
+                None => self
+                    .backend_ids
+                    .take()
+                    .ok_or(ReconcileError::TooManyBackends(kmaps::MAX_BACKENDS))?,
+            };
+            backend_ids.insert(b.addr, bid);
+            let kb = KernelBackend {
+                addr: to_words(b.addr.ip()),
+                port: b.addr.port(),
+                state: kernel_state(b.state),
+                _pad: 0,
+            };
+            self.maps.put_backend(bid, &kb)?;
+            ids.push(bid);
+        }
+
+        // New slots into the half no reader uses, then flip the service entry to them.
+        let slots = slot_layout(service, &ids);
+        let base = half as u32 * SLOT_HALF;
+        for (i, &bid) in slots.iter().enumerate() {
+            let k = SlotKey { service: id, slot: base + i as u32 };
+            self.maps.put_slot(&k, bid)?;
+        }
+        for i in slots.len() as u32..half_len[half] {
+            self.maps.remove_slot(&SlotKey { service: id, slot: base + i })?;
+        }
+        half_len[half] = slots.len() as u32;
+        let value = ServiceValue {
+            id,
+            slot_base: base,
+            slot_count: slots.len() as u32,
+            affinity_timeout_s: service.affinity.map_or(0, |t| t.as_secs() as u32),
+            mode: match service.mode {
+                Mode::Kernel => kmaps::mode::KERNEL,
+                Mode::Proxy => kmaps::mode::PROXY,
+            },
+            algorithm: match service.algorithm {
+                Algorithm::Random | Algorithm::WeightedRandom => kmaps::algorithm::RANDOM,
+                Algorithm::RoundRobin => kmaps::algorithm::ROUND_ROBIN,
+                Algorithm::Maglev => kmaps::algorithm::MAGLEV,
+            },
+            flags: if service.affinity.is_some() {
+                kmaps::service_flags::AFFINITY
+            } else {
+                0
+            },
+            _pad: 0,
+        };
+        self.maps.put_service(&key, &value)?;
+
+        // Backends no longer listed: nothing points at them any more.
+        let listed: HashSet<SocketAddr> = service.backends.iter().map(|b| b.addr).collect();
+        let stale: Vec<(SocketAddr, BackendId)> = backend_ids
+            .iter()
+            .filter(|(a, _)| !listed.contains(a))
+            .map(|(a, b)| (*a, *b))
+            .collect();
+        for (a, bid) in stale {
+            self.maps.remove_backend(bid)?;
+            self.backend_ids.give(bid);
+            backend_ids.remove(&a);
+        }
+
+        self.applied.insert(
+            service.addr,
+            Applied { service: service.clone(), id, half, half_len, backend_ids },
+        );
+        Ok(())
+    }
+
+    fn remove(&mut self, addr: &ServiceAddr) -> Result<(), ReconcileError> {
+        let Some(a) = self.applied.get(addr) else {
+            return Ok(());
+        };
+        self.maps.remove_service(&service_key(addr))?;
+        for half in 0..2 {
+            for i in 0..a.half_len[half] {
+                let k = SlotKey { service: a.id, slot: half as u32 * SLOT_HALF + i };
+                self.maps.remove_slot(&k)?;
+            }
+        }
+        for &bid in a.backend_ids.values() {
+            self.maps.remove_backend(bid)?;
+        }
+        if let Some(a) = self.applied.remove(addr) {
+            self.backend_ids.free.extend(a.backend_ids.values());
+            self.service_ids.give(a.id);
+        }
+        Ok(())
+    }
+}
+
+fn service_key(addr: &ServiceAddr) -> ServiceKey {
+    ServiceKey {
+        addr: to_words(addr.vip.ip()),
+        port: addr.vip.port(),
+        proto: match addr.protocol {
+            Protocol::Tcp => kmaps::PROTO_TCP,
+            Protocol::Udp => kmaps::PROTO_UDP,
+        },
+        _pad: 0,
+    }
+}
+
+fn kernel_state(s: BackendState) -> u8 {
+    match s {
+        BackendState::Ready => kmaps::state::READY,
+        BackendState::Drain => kmaps::state::DRAIN,
+        BackendState::Maint => kmaps::state::MAINT,
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The slot array the kernel picks from: usable backends only, expanded by weight for the
+/// weighted algorithms, or a Maglev table.
+fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
+    let usable: Vec<(usize, u32)> = service
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.state == BackendState::Ready && b.weight > 0)
+        .map(|(i, b)| (i, b.weight))
+        .collect();
+    if usable.is_empty() {
+        return Vec::new();
+    }
+    let divisor = usable.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
+    let weights: Vec<u32> = usable.iter().map(|&(_, w)| w / divisor).collect();
+    match service.algorithm {
+        Algorithm::Random => usable.iter().map(|&(i, _)| ids[i]).collect(),
+        Algorithm::WeightedRandom => usable
+            .iter()
+            .zip(&weights)
+            .flat_map(|(&(i, _), &w)| std::iter::repeat_n(ids[i], w as usize))
+            .take(MAX_SLOTS_PER_SERVICE as usize)
+            .collect(),
+        Algorithm::RoundRobin => smooth_weighted_order(&weights)
+            .into_iter()
+            .map(|k| ids[usable[k].0])
+            .take(MAX_SLOTS_PER_SERVICE as usize)
+            .collect(),
+        Algorithm::Maglev => {
+            let keys: Vec<u64> = usable
+                .iter()
+                .map(|&(i, _)| {
+                    let a = service.backends[i].addr;
+                    maglev::backend_key(&to_words(a.ip()), a.port())
+                })
+                .collect();
+            let mut table = vec![0u32; MAGLEV_KERNEL_SIZE as usize];
+            let mut next = vec![0u64; keys.len()];
+            if !maglev::populate(&mut table, &keys, &weights, &mut next) {
+                return Vec::new();
+            }
+            table.into_iter().map(|k| ids[usable[k as usize].0]).collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Backend;
+
+    fn service(algorithm: Algorithm, weights: &[(u32, BackendState)]) -> Service {
+        Service {
+            name: "s".into(),
+            addr: ServiceAddr { vip: "10.96.0.1:80".parse().unwrap(), protocol: Protocol::Tcp },
+            mode: Mode::Kernel,
+            algorithm,
+            affinity: None,
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &(weight, state))| Backend {
+                    addr: SocketAddr::new([10, 0, 0, i as u8 + 1].into(), 80),
+                    weight,
+                    state,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn slots_hold_only_usable_backends() {
+        use BackendState::*;
+        let s = service(Algorithm::RoundRobin, &[(1, Ready), (1, Drain), (1, Maint), (0, Ready)]);
+        assert_eq!(slot_layout(&s, &[10, 11, 12, 13]), vec![10]);
+        let s = service(Algorithm::RoundRobin, &[(1, Drain)]);
+        assert!(slot_layout(&s, &[10]).is_empty());
+    }
+
+    #[test]
+    fn weights_expand_reduced() {
+        use BackendState::*;
+        let s = service(Algorithm::WeightedRandom, &[(2, Ready), (6, Ready)]);
+        let slots = slot_layout(&s, &[1, 2]);
+        assert_eq!(slots.len(), 4);
+        assert_eq!(slots.iter().filter(|&&b| b == 2).count(), 3);
+        let s = service(Algorithm::Random, &[(2, Ready), (6, Ready)]);
+        assert_eq!(slot_layout(&s, &[1, 2]), vec![1, 2]);
+    }
+
+    #[test]
+    fn maglev_fills_the_kernel_table() {
+        use BackendState::*;
+        let s = service(Algorithm::Maglev, &[(1, Ready), (1, Ready), (1, Ready)]);
+        let slots = slot_layout(&s, &[7, 8, 9]);
+        assert_eq!(slots.len(), MAGLEV_KERNEL_SIZE as usize);
+        assert!(slots.iter().all(|b| [7, 8, 9].contains(b)));
+    }
+}

@@ -1,0 +1,52 @@
+//! Slots of the per-CPU counter array the programs bump and the agent sums for metrics.
+
+/// A counter slot. The names are the metric label values the agent exports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// `connect()` calls seen by the connect hooks.
+    Connect = 0,
+    /// Connects whose destination was a known service address.
+    ServiceHit = 1,
+    /// Connects rewritten to a backend by the kernel (kernel mode).
+    Translated = 2,
+    /// Connects rewritten to the forwarder (proxy mode).
+    Redirected = 3,
+    /// Connects refused at once because the service had no usable backend.
+    FailFast = 4,
+    /// Connections whose original destination the forwarder asked for and got.
+    OrigDstAnswered = 5,
+    /// Connections kept on their backend by session affinity.
+    AffinityHit = 6,
+    /// Connects skipped because the socket belongs to the agent itself.
+    SkippedOwn = 7,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 8] = [
+        Counter::Connect,
+        Counter::ServiceHit,
+        Counter::Translated,
+        Counter::Redirected,
+        Counter::FailFast,
+        Counter::OrigDstAnswered,
+        Counter::AffinityHit,
+        Counter::SkippedOwn,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Connect => "connect",
+            Counter::ServiceHit => "service_hit",
+            Counter::Translated => "translated",
+            Counter::Redirected => "redirected",
+            Counter::FailFast => "fail_fast",
+            Counter::OrigDstAnswered => "orig_dst_answered",
+            Counter::AffinityHit => "affinity_hit",
+            Counter::SkippedOwn => "skipped_own",
+        }
+    }
+}
+
+/// Size of the counter array; leaves room for counters to come without a layout change.
+pub const COUNTER_SLOTS: u32 = 32;

@@ -1,0 +1,203 @@
+//! Map keys, values and sizes.
+//!
+//! How a connect finds its backend: `SERVICES[{vip, port, proto}]` gives the service's id and
+//! its live slot range; `SLOTS[{id, base + i}]` gives a backend id; `BACKENDS[id]` gives the
+//! address. Slots hold only usable backends (ready, healthy), repeated by weight, or a Maglev
+//! table; so the kernel picks an index and never filters.
+//!
+//! A service's slots are double-buffered: the agent writes the new set in the half that no
+//! reader uses (`base` is `0` or [`SLOT_HALF`]), then flips `base` and `count` in one update of
+//! the service entry. A concurrent `connect()` sees the old set or the new one, never a mix.
+
+use crate::Addr;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Where a service's connections go.
+pub mod mode {
+    /// The kernel picks the backend and rewrites the destination.
+    pub const KERNEL: u8 = 0;
+    /// The destination is rewritten to the node's forwarder.
+    pub const PROXY: u8 = 1;
+}
+
+/// How the kernel picks a slot. Weights are already expanded into the slots.
+pub mod algorithm {
+    pub const RANDOM: u8 = 0;
+    pub const ROUND_ROBIN: u8 = 1;
+    /// `slots` is a Maglev table indexed by the client's hash.
+    pub const MAGLEV: u8 = 2;
+}
+
+/// A backend's administrative state, as operators name it (HAProxy's words).
+pub mod state {
+    pub const READY: u8 = 0;
+    pub const DRAIN: u8 = 1;
+    pub const MAINT: u8 = 2;
+}
+
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Slots of all services together (both halves).
+pub const MAX_SLOTS: u32 = 1 << 21;
+/// Offset of a service's second slot half.
+pub const SLOT_HALF: u32 = 1 << 24;
+/// Most slots one service may use in one half.
+pub const MAX_SLOTS_PER_SERVICE: u32 = 65_536;
+/// Maglev table size in the kernel: prime, small enough for many services, large enough that
+/// removing one of N backends moves about 1/N of clients for N up to a few dozen.
+pub const MAGLEV_KERNEL_SIZE: u32 = 4_093;
+pub const MAX_AFFINITY: u32 = 65_536;
+/// Connections between `connect()` and the forwarder's `accept()`, or alive and tracked.
+pub const MAX_TRACKED_SOCKETS: u32 = 262_144;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Flags of a service entry.
+pub mod service_flags {
+    /// Session affinity by client: `affinity_timeout_s` holds the timeout.
+    pub const AFFINITY: u8 = 1;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub id: u32,
+    /// `0` or [`SLOT_HALF`]: which half of the service's slots is live.
+    pub slot_base: u32,
+    /// Live slots; `0` means no usable backend (connects fail fast).
+    pub slot_count: u32,
+    pub affinity_timeout_s: u32,
+    pub mode: u8,
+    pub algorithm: u8,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub service: u32,
+    pub slot: u32,
+}
+
+pub type BackendId = u32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub state: u8,
+    pub _pad: u8,
+}
+
+/// An address and port; used for the forwarder's addresses and original destinations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Agent-wide settings the programs read (one entry of the `SETTINGS` array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Forwarder for IPv4 (and v4-mapped) proxy-mode services; port 0: none.
+    pub forwarder4: Endpoint,
+    /// Forwarder for IPv6 proxy-mode services; port 0: none.
+    pub forwarder6: Endpoint,
+    /// Sockets carrying this `SO_MARK` belong to the agent and are never steered.
+    pub own_mark: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service: u32,
+    pub _pad: u32,
+    /// The client's network namespace cookie.
+    pub netns: u64,
+    /// The client's bound address, or zero.
+    pub addr: Addr,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend: BackendId,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// A TCP connection as its client sees it; the forwarder's accepted socket sees the mirror.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub local: Addr,
+    pub remote: Addr,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+}
+
+/// What a steered socket was aimed at, kept by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub vip: Endpoint,
+    pub mode: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `repr(C)` data with every byte a named field.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockTuple {}
+    unsafe impl aya::Pod for OrigDst {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    /// Sizes pin the layouts: a change here is a change on both sides.
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 20);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<Endpoint>(), 20);
+        assert_eq!(size_of::<Settings>(), 48);
+        assert_eq!(size_of::<AffinityKey>(), 32);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SockTuple>(), 36);
+        assert_eq!(size_of::<OrigDst>(), 24);
+    }
+}

@@ -1,0 +1,52 @@
+//! The maps, named as the agent opens them. Layouts are in `switchyard_common::maps`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use switchyard_common::{
+    counters::{Counter, COUNTER_SLOTS},
+    maps::*,
+};
+
+/// Hash maps that grow with the catalog allocate on insert rather than up front.
+const NO_PREALLOC: u32 = 1;
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, NO_PREALLOC);
+#[map]
+pub static SLOTS: HashMap<SlotKey, BackendId> = HashMap::with_max_entries(MAX_SLOTS, NO_PREALLOC);
+#[map]
+pub static BACKENDS: HashMap<BackendId, Backend> =
+    HashMap::with_max_entries(MAX_BACKENDS, NO_PREALLOC);
+/// Round-robin position per service id.
+#[map]
+pub static RR: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+/// Socket cookie → what the application connected to (for getpeername and sock_ops).
+#[map]
+pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+/// 4-tuple → original destination of a proxied connection, until the forwarder reads it.
+#[map]
+pub static ORIG_DST: LruHashMap<SockTuple, Endpoint> =
+    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+pub fn bump(counter: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, programs do not preempt each other on one CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn settings() -> Option<&'static Settings> {
+    SETTINGS.get(0)
+}

@@ -1,0 +1,192 @@
+//! The test world: a node namespace with a bridge, pods and backends joined to it.
+//!
+//! ```text
+//!   pod ns (10.77.0.2+)  ──veth──┐
+//!                                ├── br0 10.77.0.1 / fd77::1 (node ns: the agent runs here)
+//!   backend ns (10.77.0.11+) ────┘     backends: sy-probe serve on :8080 (tcp, udp)
+//! ```
+//! No namespace has a default route: service addresses are reachable only through the hooks.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use crate::{
+    Cgroup, Netns, Process,
+    process::Place,
+    unique,
+};
+
+pub const BACKEND_PORT: u16 = 8080;
+pub const FORWARDER_PORT: u16 = 15001;
+
+/// Fields drop in order: processes, then namespaces, then cgroups.
+pub struct Topology {
+    pub backends: Vec<Option<Process>>,
+    pub pods: Vec<Netns>,
+    pub backend_ns: Vec<Netns>,
+    pub node: Netns,
+    /// The steered processes' cgroup (the agent attaches here).
+    pub pods_cgroup: PathBuf,
+    /// The agent's own cgroup.
+    pub agent_cgroup: PathBuf,
+    pub cgroup: Cgroup,
+}
+
+/// How many times each backend (or error) answered.
+pub type Tally = BTreeMap<String, usize>;
+
+fn v4(host: u8) -> IpAddr {
+    IpAddr::from([10, 77, 0, host])
+}
+
+fn v6(host: u8) -> IpAddr {
+    IpAddr::from([0xfd77, 0, 0, 0, 0, 0, 0, host as u16])
+}
+
+impl Topology {
+    /// `pods` client namespaces and `backends` backend namespaces, each backend serving.
+    pub fn new(pods: usize, backends: usize) -> anyhow::Result<Self> {
+        let mut cgroup = Cgroup::create(&unique("sy-test-"))?;
+        let pods_cgroup = cgroup.child("pods")?;
+        let agent_cgroup = cgroup.child("agent")?;
+        let node = Netns::create(&unique("sy-node-"))?;
+        node.ip(&["link", "add", "br0", "type", "bridge"])?;
+        node.ip(&["addr", "add", "10.77.0.1/24", "dev", "br0"])?;
+        node.ip(&["-6", "addr", "add", "fd77::1/64", "dev", "br0", "nodad"])?;
+        node.ip(&["link", "set", "br0", "up"])?;
+        let mut topo = Topology {
+            backends: Vec::new(),
+            pods: Vec::new(),
+            backend_ns: Vec::new(),
+            node,
+            pods_cgroup,
+            agent_cgroup,
+            cgroup,
+        };
+        for i in 0..pods {
+            let ns = Netns::create(&unique("sy-pod-"))?;
+            topo.join(&ns, &format!("p{i}"), 2 + i as u8)?;
+            topo.pods.push(ns);
+        }
+        for i in 0..backends {
+            let ns = Netns::create(&unique("sy-be-"))?;
+            topo.join(&ns, &format!("b{i}"), 11 + i as u8)?;
+            topo.backend_ns.push(ns);
+        }
+        for i in 0..backends {
+            let p = topo.start_backend(i)?;
+            topo.backends.push(Some(p));
+        }
+        Ok(topo)
+    }
+
+    fn join(&self, ns: &Netns, port: &str, host: u8) -> anyhow::Result<()> {
+        let peer = ns.name();
+        self.node
+            .ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", peer])?;
+        self.node.ip(&["link", "set", port, "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{}/24", v4(host)), "dev", "eth0"])?;
+        ns.ip(&["-6", "addr", "add", &format!("{}/64", v6(host)), "dev", "eth0", "nodad"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    pub fn backend_name(i: usize) -> String {
+        format!("backend-{}", i + 1)
+    }
+
+    fn start_backend(&self, i: usize) -> anyhow::Result<Process> {
+        let host = 11 + i as u8;
+        let mut cmd = Command::new(crate::binary("SY_PROBE_BIN", "sy-probe"));
+        cmd.args(["serve", "--name", &Self::backend_name(i)]);
+        for ip in [v4(host), v6(host)] {
+            let a = SocketAddr::new(ip, BACKEND_PORT).to_string();
+            cmd.args(["--tcp", &a, "--udp", &a]);
+        }
+        let mut p = Process::spawn(
+            &Self::backend_name(i),
+            cmd,
+            Place { netns: Some(&self.backend_ns[i]), cgroup: None },
+        )?;
+        p.wait_for("listening", Duration::from_secs(10))?;
+        Ok(p)
+    }
+
+    /// Backend `i`'s address (IPv4, or IPv6 with `v6`).
+    pub fn backend(&self, i: usize, ipv6: bool) -> SocketAddr {
+        let host = 11 + i as u8;
+        SocketAddr::new(if ipv6 { v6(host) } else { v4(host) }, BACKEND_PORT)
+    }
+
+    /// The node address the forwarder listens on.
+    pub fn forwarder(&self, ipv6: bool) -> SocketAddr {
+        SocketAddr::new(if ipv6 { v6(1) } else { v4(1) }, FORWARDER_PORT)
+    }
+
+    pub fn kill_backend(&mut self, i: usize) {
+        if let Some(mut p) = self.backends[i].take() {
+            p.kill();
+        }
+    }
+
+    pub fn restart_backend(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill_backend(i);
+        self.backends[i] = Some(self.start_backend(i)?);
+        Ok(())
+    }
+
+    /// An agent config for this world: attach to the pods' cgroup, forward on the node
+    /// addresses, then the given `[[service]]` tables.
+    pub fn agent_config(&self, services: &str) -> String {
+        format!(
+            "[datapath]\ncgroup = {:?}\nkernel_log = \"debug\"\n\n[forwarder]\nlisten = [\"{}\", \"{}\"]\n\n{services}",
+            self.cgroup.relative(&self.pods_cgroup).display().to_string(),
+            self.forwarder(false),
+            self.forwarder(true),
+        )
+    }
+
+    /// `sy-probe ask` from pod `pod`, inside the steered cgroup.
+    pub fn ask(&self, pod: usize, to: SocketAddr, count: usize) -> anyhow::Result<Tally> {
+        self.ask_with(pod, to, count, true, &[])
+    }
+
+    /// `sy-probe ask` from pod `pod`, outside the steered cgroup.
+    pub fn ask_outside(&self, pod: usize, to: SocketAddr, count: usize) -> anyhow::Result<Tally> {
+        self.ask_with(pod, to, count, false, &[])
+    }
+
+    pub fn ask_with(
+        &self,
+        pod: usize,
+        to: SocketAddr,
+        count: usize,
+        steered: bool,
+        extra: &[&str],
+    ) -> anyhow::Result<Tally> {
+        let mut cmd = Command::new(crate::binary("SY_PROBE_BIN", "sy-probe"));
+        cmd.args(["ask", "--to", &to.to_string(), "--count", &count.to_string()]);
+        cmd.args(extra);
+        let place = Place {
+            netns: Some(&self.pods[pod]),
+            cgroup: steered.then_some(self.pods_cgroup.as_path()),
+        };
+        let mut p = Process::spawn("sy-probe ask", cmd, place)?;
+        let status = p.wait_exit(Duration::from_secs(120))?;
+        anyhow::ensure!(status.success(), "sy-probe ask failed: {}", p.output().join("\n"));
+        let mut tally = Tally::new();
+        for line in p.output() {
+            // `NAME COUNT` lines; anything else (`peer ADDR`) is kept whole with count 0.
+            match line.rsplit_once(' ').map(|(k, v)| (k, v.parse())) {
+                Some((k, Ok(n))) => tally.insert(k.to_owned(), n),
+                _ => tally.insert(line, 0),
+            };
+        }
+        Ok(tally)
+    }
+}
