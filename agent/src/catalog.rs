@@ -80,7 +80,9 @@ impl FromStr for BackendState {
             "ready" => Ok(Self::Ready),
             "drain" => Ok(Self::Drain),
             "maint" => Ok(Self::Maint),
-            other => Err(format!("unknown state `{other}`, expected ready, drain or maint")),
+            other => Err(format!(
+                "unknown state `{other}`, expected ready, drain or maint"
+            )),
         }
     }
 }
@@ -172,10 +174,10 @@ impl Service {
         if self.mode == Mode::Proxy && self.addr.protocol == Protocol::Udp {
             return Err(Invalid::UdpProxy);
         }
-        if let Some(t) = self.affinity {
-            if t < Duration::from_secs(1) || t > Duration::from_secs(86_400) {
-                return Err(Invalid::AffinityTimeout);
-            }
+        if let Some(t) = self.affinity
+            && (t < Duration::from_secs(1) || t > Duration::from_secs(86_400))
+        {
+            return Err(Invalid::AffinityTimeout);
         }
         for (index, b) in self.backends.iter().enumerate() {
             if b.addr.port() == 0 {
@@ -197,7 +199,10 @@ impl Service {
                 });
             }
             if self.backends[..index].iter().any(|o| o.addr == b.addr) {
-                return Err(Invalid::DuplicateBackend { index, addr: b.addr });
+                return Err(Invalid::DuplicateBackend {
+                    index,
+                    addr: b.addr,
+                });
             }
         }
         Ok(())
@@ -241,9 +246,19 @@ mod tests {
         );
         let mut s = service();
         s.backends[0].addr = "[fd00::1]:80".parse().unwrap();
-        assert!(s.validate().unwrap_err().to_string().contains("families must match"));
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("families must match")
+        );
         let mut s = service();
         s.backends[0].weight = 1000;
-        assert!(s.validate().unwrap_err().to_string().starts_with("backends[0].weight"));
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("backends[0].weight")
+        );
     }
 }

@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use clap::Parser;
 use switchyard::{
     cli::{Cli, Command},
@@ -8,9 +10,12 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Kernel lines are already filtered in the kernel (`datapath.kernel_log`): show them all.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kernel=trace".into());
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Command::Agent { config } => tokio::runtime::Builder::new_multi_thread()

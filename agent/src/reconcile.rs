@@ -43,7 +43,11 @@ struct IdPool {
 
 impl IdPool {
     fn new(max: u32) -> Self {
-        IdPool { next: 0, free: Vec::new(), max }
+        IdPool {
+            next: 0,
+            free: Vec::new(),
+            max,
+        }
     }
     fn take(&mut self) -> Option<u32> {
         self.free.pop().or_else(|| {
@@ -87,7 +91,12 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(maps: KernelMaps, table: SharedTable, connect_timeout: Duration, retries: u32) -> Self {
+    pub fn new(
+        maps: KernelMaps,
+        table: SharedTable,
+        connect_timeout: Duration,
+        retries: u32,
+    ) -> Self {
         Reconciler {
             maps,
             table,
@@ -105,7 +114,11 @@ impl Reconciler {
             listen
                 .iter()
                 .find(|a| a.is_ipv4() == v4)
-                .map(|a| Endpoint { addr: to_words(a.ip()), port: a.port(), _pad: 0 })
+                .map(|a| Endpoint {
+                    addr: to_words(a.ip()),
+                    port: a.port(),
+                    _pad: 0,
+                })
                 .unwrap_or_default()
         };
         self.maps.set_settings(&Settings {
@@ -135,7 +148,12 @@ impl Reconciler {
         ) {
             widened.services.insert(*k, s.clone());
         }
-        self.table.store(Table::build(&widened, &previous, self.connect_timeout, self.retries));
+        self.table.store(Table::build(
+            &widened,
+            &previous,
+            self.connect_timeout,
+            self.retries,
+        ));
 
         let gone: Vec<ServiceAddr> = self
             .applied
@@ -160,7 +178,12 @@ impl Reconciler {
                 }
             }
         }
-        let table = Table::build(catalog, &self.table.load(), self.connect_timeout, self.retries);
+        let table = Table::build(
+            catalog,
+            &self.table.load(),
+            self.connect_timeout,
+            self.retries,
+        );
         self.table.store(table);
         if changes != Changes::default() {
             info!(
@@ -212,11 +235,17 @@ impl Reconciler {
         let slots = slot_layout(service, &ids);
         let base = half as u32 * SLOT_HALF;
         for (i, &bid) in slots.iter().enumerate() {
-            let k = SlotKey { service: id, slot: base + i as u32 };
+            let k = SlotKey {
+                service: id,
+                slot: base + i as u32,
+            };
             self.maps.put_slot(&k, bid)?;
         }
         for i in slots.len() as u32..half_len[half] {
-            self.maps.remove_slot(&SlotKey { service: id, slot: base + i })?;
+            self.maps.remove_slot(&SlotKey {
+                service: id,
+                slot: base + i,
+            })?;
         }
         half_len[half] = slots.len() as u32;
         let value = ServiceValue {
@@ -257,7 +286,13 @@ impl Reconciler {
 
         self.applied.insert(
             service.addr,
-            Applied { service: service.clone(), id, half, half_len, backend_ids },
+            Applied {
+                service: service.clone(),
+                id,
+                half,
+                half_len,
+                backend_ids,
+            },
         );
         Ok(())
     }
@@ -269,7 +304,10 @@ impl Reconciler {
         self.maps.remove_service(&service_key(addr))?;
         for half in 0..2 {
             for i in 0..a.half_len[half] {
-                let k = SlotKey { service: a.id, slot: half as u32 * SLOT_HALF + i };
+                let k = SlotKey {
+                    service: a.id,
+                    slot: half as u32 * SLOT_HALF + i,
+                };
                 self.maps.remove_slot(&k)?;
             }
         }
@@ -349,7 +387,10 @@ fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
             if !maglev::populate(&mut table, &keys, &weights, &mut next) {
                 return Vec::new();
             }
-            table.into_iter().map(|k| ids[usable[k as usize].0]).collect()
+            table
+                .into_iter()
+                .map(|k| ids[usable[k as usize].0])
+                .collect()
         }
     }
 }
@@ -362,7 +403,10 @@ mod tests {
     fn service(algorithm: Algorithm, weights: &[(u32, BackendState)]) -> Service {
         Service {
             name: "s".into(),
-            addr: ServiceAddr { vip: "10.96.0.1:80".parse().unwrap(), protocol: Protocol::Tcp },
+            addr: ServiceAddr {
+                vip: "10.96.0.1:80".parse().unwrap(),
+                protocol: Protocol::Tcp,
+            },
             mode: Mode::Kernel,
             algorithm,
             affinity: None,
@@ -381,7 +425,10 @@ mod tests {
     #[test]
     fn slots_hold_only_usable_backends() {
         use BackendState::*;
-        let s = service(Algorithm::RoundRobin, &[(1, Ready), (1, Drain), (1, Maint), (0, Ready)]);
+        let s = service(
+            Algorithm::RoundRobin,
+            &[(1, Ready), (1, Drain), (1, Maint), (0, Ready)],
+        );
         assert_eq!(slot_layout(&s, &[10, 11, 12, 13]), vec![10]);
         let s = service(Algorithm::RoundRobin, &[(1, Drain)]);
         assert!(slot_layout(&s, &[10]).is_empty());

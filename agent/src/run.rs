@@ -11,8 +11,7 @@ use tracing::info;
 
 use crate::{
     config::AgentConfig,
-    datapath,
-    defaults,
+    datapath, defaults,
     forwarder::{Forwarder, OrigDst, SharedTable},
     reconcile::Reconciler,
 };

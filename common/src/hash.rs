@@ -14,6 +14,7 @@ pub const fn mix64(mut x: u64) -> u64 {
 /// its address when the socket is already bound (zero otherwise).
 #[inline(always)]
 pub const fn client_hash(netns_cookie: u64, addr: &[u32; 4]) -> u64 {
-    let a = ((addr[0] as u64) << 32 | addr[1] as u64) ^ mix64((addr[2] as u64) << 32 | addr[3] as u64);
+    let a =
+        ((addr[0] as u64) << 32 | addr[1] as u64) ^ mix64((addr[2] as u64) << 32 | addr[3] as u64);
     mix64(netns_cookie ^ mix64(a))
 }

@@ -28,7 +28,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(MAX_AFFINITY, 0);
 /// Socket cookie → what the application connected to (for getpeername and sock_ops).
 #[map]
-pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+pub static SOCK_ORIG: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
 /// 4-tuple → original destination of a proxied connection, until the forwarder reads it.
 #[map]
 pub static ORIG_DST: LruHashMap<SockTuple, Endpoint> =

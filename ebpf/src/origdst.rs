@@ -6,7 +6,9 @@
 //! the cookie entry goes when the client's socket closes.
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
     helpers::bpf_get_socket_cookie,
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
@@ -28,7 +30,7 @@ pub fn sockops(ctx: &SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = SOCK_ORIG.remove(&cookie);
+            let _ = SOCK_ORIG.remove(cookie);
         }
         _ => {}
     }
@@ -38,7 +40,7 @@ pub fn sockops(ctx: &SockOpsContext) -> u32 {
 fn established(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { SOCK_ORIG.get(cookie) }).copied() else {
         return;
     };
     // Ask for the state callback, so the cookie entry goes when the socket closes.
@@ -66,7 +68,7 @@ fn established(ctx: &SockOpsContext) {
         // remote_port is a be16 shifted into the upper half of the word.
         remote_port: u32::from_be(remote_port) as u16,
     };
-    let _ = ORIG_DST.insert(&tuple, &orig.vip, 0);
+    let _ = ORIG_DST.insert(tuple, orig.vip, 0);
 }
 
 /// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (and the IPv6 one) on the forwarder's
@@ -98,11 +100,11 @@ pub fn getsockopt(ctx: &SockoptContext) -> i32 {
     let tuple = SockTuple {
         local: client,
         remote: forwarder,
-        local_port: u16::from_be(dst_port as u16),
+        local_port: u16::from_be(dst_port),
         remote_port: src_port as u16,
     };
     // SAFETY: the value is copied out at once.
-    let Some(vip) = (unsafe { ORIG_DST.get(&tuple) }).copied() else {
+    let Some(vip) = (unsafe { ORIG_DST.get(tuple) }).copied() else {
         return 1;
     };
     let start = unsafe { so.__bindgen_anon_2.optval } as *mut u8;
@@ -116,7 +118,7 @@ pub fn getsockopt(ctx: &SockoptContext) -> i32 {
         return 1;
     };
     // Read once: the forwarder asks once per connection.
-    let _ = ORIG_DST.remove(&tuple);
+    let _ = ORIG_DST.remove(tuple);
     bump(Counter::OrigDstAnswered);
     // Volatile: LLVM would otherwise merge these two adjacent u32 stores into one 8-byte store
     // to the context, which the verifier rejects.
@@ -177,7 +179,7 @@ pub fn getpeername<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let v6 = V6;
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(orig) = (unsafe { SOCK_ORIG.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { SOCK_ORIG.get(cookie) }).copied() else {
         return 1;
     };
     let sa = unsafe { &mut *ctx.sock_addr };

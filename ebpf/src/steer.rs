@@ -48,7 +48,12 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     let vip = if v6 {
-        [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]]
+        [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ]
     } else {
         v4_mapped(sa.user_ip4)
     };
@@ -59,7 +64,7 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else {
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
         return ALLOW;
     };
     bump(Counter::ServiceHit);
@@ -73,7 +78,10 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     };
     let Some(target) = target else {
         bump(Counter::FailFast);
-        debug!(ctx, "service port {} has no usable backend: refused", key.port);
+        debug!(
+            ctx,
+            "service port {} has no usable backend: refused", key.port
+        );
         // Refuse at once with a clear errno instead of letting the client time out.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;
@@ -85,11 +93,15 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     if key.proto == PROTO_TCP {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let orig = OrigDst {
-            vip: Endpoint { addr: vip, port: key.port, _pad: 0 },
+            vip: Endpoint {
+                addr: vip,
+                port: key.port,
+                _pad: 0,
+            },
             mode: svc.mode,
             _pad: [0; 3],
         };
-        let _ = SOCK_ORIG.insert(&cookie, &orig, 0);
+        let _ = SOCK_ORIG.insert(cookie, orig, 0);
     }
     if v6 {
         sa.user_ip6[0] = target.addr[0];
@@ -113,11 +125,18 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 fn forwarder(vip: &Addr) -> Option<Target> {
     let s = settings()?;
-    let fw = if is_v4_mapped(vip) { &s.forwarder4 } else { &s.forwarder6 };
+    let fw = if is_v4_mapped(vip) {
+        &s.forwarder4
+    } else {
+        &s.forwarder6
+    };
     if fw.port == 0 {
         return None;
     }
-    Some(Target { addr: fw.addr, port: fw.port })
+    Some(Target {
+        addr: fw.addr,
+        port: fw.port,
+    })
 }
 
 #[inline(always)]
@@ -125,7 +144,12 @@ fn client_addr(sk: *mut aya_ebpf::bindings::bpf_sock, v6: bool) -> Addr {
     // SAFETY: `sk` was checked non-null by the caller.
     unsafe {
         if v6 {
-            [(*sk).src_ip6[0], (*sk).src_ip6[1], (*sk).src_ip6[2], (*sk).src_ip6[3]]
+            [
+                (*sk).src_ip6[0],
+                (*sk).src_ip6[1],
+                (*sk).src_ip6[2],
+                (*sk).src_ip6[3],
+            ]
         } else {
             v4_mapped((*sk).src_ip4)
         }
@@ -143,8 +167,17 @@ fn pick_backend(ctx: &SockAddrContext, svc: &ServiceValue, client: &Addr) -> Opt
     } else {
         0
     };
-    let affinity_key = AffinityKey { service: svc.id, _pad: 0, netns, addr: *client };
-    let now = if sticky { unsafe { bpf_ktime_get_ns() } } else { 0 };
+    let affinity_key = AffinityKey {
+        service: svc.id,
+        _pad: 0,
+        netns,
+        addr: *client,
+    };
+    let now = if sticky {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     if sticky {
         if let Some(target) = sticky_backend(&affinity_key, svc.affinity_timeout_s, now) {
             bump(Counter::AffinityHit);
@@ -166,14 +199,24 @@ fn pick_backend(ctx: &SockAddrContext, svc: &ServiceValue, client: &Addr) -> Opt
         algorithm::MAGLEV => client_hash(netns, client),
         _ => (unsafe { bpf_get_prandom_u32() }) as u64,
     };
-    let slot = SlotKey { service: svc.id, slot: svc.slot_base + (index % svc.slot_count as u64) as u32 };
-    let id = *unsafe { SLOTS.get(&slot) }?;
-    let backend = *unsafe { BACKENDS.get(&id) }?;
+    let slot = SlotKey {
+        service: svc.id,
+        slot: svc.slot_base + (index % svc.slot_count as u64) as u32,
+    };
+    let id = *unsafe { SLOTS.get(slot) }?;
+    let backend = *unsafe { BACKENDS.get(id) }?;
     if sticky {
-        let value = AffinityValue { backend: id, _pad: 0, last_used_ns: now };
-        let _ = AFFINITY.insert(&affinity_key, &value, 0);
+        let value = AffinityValue {
+            backend: id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        let _ = AFFINITY.insert(affinity_key, value, 0);
     }
-    Some(Target { addr: backend.addr, port: backend.port })
+    Some(Target {
+        addr: backend.addr,
+        port: backend.port,
+    })
 }
 
 /// The client's previous backend, if it was used within the timeout and is still ready.
@@ -185,10 +228,13 @@ fn sticky_backend(key: &AffinityKey, timeout_s: u32, now: u64) -> Option<Target>
     if now.saturating_sub(entry.last_used_ns) > timeout_s as u64 * 1_000_000_000 {
         return None;
     }
-    let backend = *unsafe { BACKENDS.get(&entry.backend) }?;
+    let backend = *unsafe { BACKENDS.get(entry.backend) }?;
     if backend.state != state::READY {
         return None;
     }
     entry.last_used_ns = now;
-    Some(Target { addr: backend.addr, port: backend.port })
+    Some(Target {
+        addr: backend.addr,
+        port: backend.port,
+    })
 }

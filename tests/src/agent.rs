@@ -26,10 +26,15 @@ impl Agent {
         fs::write(&path, config)?;
         let mut cmd = Command::new(crate::binary("SWITCHYARD_BIN", "switchyard"));
         cmd.arg("agent").arg("--config").arg(&path);
-        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
-        let place = Place { netns: Some(&topo.node), cgroup: Some(&topo.agent_cgroup) };
+        let place = Place {
+            netns: Some(&topo.node),
+            cgroup: Some(&topo.agent_cgroup),
+        };
         let process = Process::spawn("switchyard", cmd, place)?;
-        Ok(Agent { process, config: path })
+        Ok(Agent {
+            process,
+            config: path,
+        })
     }
 
     /// Replaces the config file (for the file source's watch).

@@ -29,7 +29,10 @@ impl Cgroup {
     pub fn create(name: &str) -> anyhow::Result<Self> {
         let path = cgroup2_mount()?.join(name);
         fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
-        Ok(Cgroup { path, children: Vec::new() })
+        Ok(Cgroup {
+            path,
+            children: Vec::new(),
+        })
     }
 
     /// Creates a child cgroup, removed with this one.

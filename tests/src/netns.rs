@@ -28,7 +28,9 @@ impl Netns {
     /// Creates the namespace with its loopback up.
     pub fn create(name: &str) -> anyhow::Result<Self> {
         run("ip", &["netns", "add", name])?;
-        let ns = Netns { name: name.to_owned() };
+        let ns = Netns {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -59,7 +61,10 @@ impl Netns {
         std::thread::spawn(move || {
             // SAFETY: a valid namespace fd; setns affects this thread only.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+                return Err(anyhow::anyhow!(
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
             Ok(f())
         })

@@ -41,7 +41,10 @@ impl Process {
                     .with_context(|| format!("open {}/cgroup.procs", p.display()))
             })
             .transpose()?;
-        let (ns_fd, cg_fd) = (ns.as_ref().map(|f| f.as_raw_fd()), cg.as_ref().map(|f| f.as_raw_fd()));
+        let (ns_fd, cg_fd) = (
+            ns.as_ref().map(|f| f.as_raw_fd()),
+            cg.as_ref().map(|f| f.as_raw_fd()),
+        );
         // SAFETY: only async-signal-safe calls (write, setns) on descriptors opened before fork.
         unsafe {
             cmd.pre_exec(move || {
@@ -51,10 +54,10 @@ impl Process {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                if let Some(fd) = ns_fd {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                if let Some(fd) = ns_fd
+                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -67,8 +70,14 @@ impl Process {
             .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
         let output = Arc::new(Mutex::new(Vec::new()));
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -85,7 +94,11 @@ impl Process {
                 }
             });
         }
-        Ok(Process { child, name: name.to_owned(), output })
+        Ok(Process {
+            child,
+            name: name.to_owned(),
+            output,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -94,7 +107,10 @@ impl Process {
 
     /// Lines printed so far (stdout and stderr interleaved).
     pub fn output(&self) -> Vec<String> {
-        self.output.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Waits until a line contains `needle`; fails early if the process exits.

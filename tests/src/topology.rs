@@ -15,11 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{
-    Cgroup, Netns, Process,
-    process::Place,
-    unique,
-};
+use crate::{Cgroup, Netns, Process, process::Place, unique};
 
 pub const BACKEND_PORT: u16 = 8080;
 pub const FORWARDER_PORT: u16 = 15001;
@@ -87,11 +83,21 @@ impl Topology {
 
     fn join(&self, ns: &Netns, port: &str, host: u8) -> anyhow::Result<()> {
         let peer = ns.name();
+        self.node.ip(&[
+            "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", peer,
+        ])?;
         self.node
-            .ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", peer])?;
-        self.node.ip(&["link", "set", port, "master", "br0", "up"])?;
+            .ip(&["link", "set", port, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{}/24", v4(host)), "dev", "eth0"])?;
-        ns.ip(&["-6", "addr", "add", &format!("{}/64", v6(host)), "dev", "eth0", "nodad"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", v6(host)),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -111,7 +117,10 @@ impl Topology {
         let mut p = Process::spawn(
             &Self::backend_name(i),
             cmd,
-            Place { netns: Some(&self.backend_ns[i]), cgroup: None },
+            Place {
+                netns: Some(&self.backend_ns[i]),
+                cgroup: None,
+            },
         )?;
         p.wait_for("listening", Duration::from_secs(10))?;
         Ok(p)
@@ -145,7 +154,10 @@ impl Topology {
     pub fn agent_config(&self, services: &str) -> String {
         format!(
             "[datapath]\ncgroup = {:?}\nkernel_log = \"debug\"\n\n[forwarder]\nlisten = [\"{}\", \"{}\"]\n\n{services}",
-            self.cgroup.relative(&self.pods_cgroup).display().to_string(),
+            self.cgroup
+                .relative(&self.pods_cgroup)
+                .display()
+                .to_string(),
             self.forwarder(false),
             self.forwarder(true),
         )
@@ -170,7 +182,13 @@ impl Topology {
         extra: &[&str],
     ) -> anyhow::Result<Tally> {
         let mut cmd = Command::new(crate::binary("SY_PROBE_BIN", "sy-probe"));
-        cmd.args(["ask", "--to", &to.to_string(), "--count", &count.to_string()]);
+        cmd.args([
+            "ask",
+            "--to",
+            &to.to_string(),
+            "--count",
+            &count.to_string(),
+        ]);
         cmd.args(extra);
         let place = Place {
             netns: Some(&self.pods[pod]),
@@ -178,7 +196,11 @@ impl Topology {
         };
         let mut p = Process::spawn("sy-probe ask", cmd, place)?;
         let status = p.wait_exit(Duration::from_secs(120))?;
-        anyhow::ensure!(status.success(), "sy-probe ask failed: {}", p.output().join("\n"));
+        anyhow::ensure!(
+            status.success(),
+            "sy-probe ask failed: {}",
+            p.output().join("\n")
+        );
         let mut tally = Tally::new();
         for line in p.output() {
             // `NAME COUNT` lines; anything else (`peer ADDR`) is kept whole with count 0.

@@ -9,7 +9,9 @@ const KERNEL_VIP: &str = "10.96.0.10:80";
 const PROXY_VIP: &str = "10.96.0.20:80";
 
 fn services(topo: &Topology) -> String {
-    let backends: Vec<String> = (0..3).map(|i| format!("\"{}\"", topo.backend(i, false))).collect();
+    let backends: Vec<String> = (0..3)
+        .map(|i| format!("\"{}\"", topo.backend(i, false)))
+        .collect();
     let backends = backends.join(", ");
     format!(
         "[[service]]\nname = \"web-kernel\"\nvip = \"{KERNEL_VIP}\"\nmode = \"kernel\"\nalgorithm = \"round_robin\"\nbackends = [{backends}]\n\n\

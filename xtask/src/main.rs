@@ -1,1 +1,57 @@
-fn main(){}
+//! `cargo xtask …`: the project's tasks, each installing what it needs first.
+
+mod build;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Switchyard's tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: nightly rust-src, LLVM 22, bpf-linker, Debian packages.
+    Setup,
+    /// Build the agent (with its eBPF programs) and the test probe.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, make a small world (cgroup, namespaces, three backends), start the agent and
+    /// show connections to a kernel-mode and a proxy-mode service address being balanced.
+    Demo,
+    /// Format check, clippy (host crates and the eBPF crate), then every test.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match task(Cli::parse().task) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn task(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup => setup::run(setup::Needs::Test),
+        Task::Build { release } => {
+            setup::run(setup::Needs::Build)?;
+            build::agent(release)
+        }
+        Task::Demo => demo::run(),
+        Task::Test { args } => test::run(&args),
+    }
+}

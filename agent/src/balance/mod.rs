@@ -117,7 +117,11 @@ mod tests {
 
     #[test]
     fn nothing_usable_picks_nothing() {
-        for a in [Algorithm::Random, Algorithm::WeightedRandom, Algorithm::RoundRobin] {
+        for a in [
+            Algorithm::Random,
+            Algorithm::WeightedRandom,
+            Algorithm::RoundRobin,
+        ] {
             assert_eq!(Balancer::new(a).pick(&[C(1, false)]), None);
         }
     }

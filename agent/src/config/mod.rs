@@ -23,9 +23,7 @@ use toml::Spanned;
 pub use duration::{HumanDuration, parse as parse_duration};
 
 use crate::{
-    catalog::{
-        Algorithm, Backend, BackendState, Catalog, Mode, Protocol, Service, ServiceAddr,
-    },
+    catalog::{Algorithm, Backend, BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
     defaults,
 };
 
@@ -169,7 +167,9 @@ impl<'de> Deserialize<'de> for RawBackend {
         impl<'de> Visitor<'de> for V {
             type Value = RawBackend;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("\"ip:port\" or { address = \"ip:port\", weight = N, state = \"ready\" }")
+                f.write_str(
+                    "\"ip:port\" or { address = \"ip:port\", weight = N, state = \"ready\" }",
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 let addr = v
@@ -209,14 +209,13 @@ impl AgentConfig {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        let invalid = |span: std::ops::Range<usize>, entry: String, reason: String| {
-            ConfigError::Invalid {
+        let invalid =
+            |span: std::ops::Range<usize>, entry: String, reason: String| ConfigError::Invalid {
                 path: path.to_owned(),
                 line: line_of(text, span.start),
                 entry,
                 reason,
-            }
-        };
+            };
 
         let forwarder = ForwarderConfig {
             listen: raw.forwarder.listen,

@@ -37,9 +37,7 @@ fn op<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
 fn gone_ok(name: &'static str, r: Result<(), MapError>) -> Result<(), MapsError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
-        }
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         r => op(name, r),
     }
 }

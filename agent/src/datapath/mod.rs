@@ -91,22 +91,29 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
     let target = open_cgroup(&cgroup)?;
     for name in SOCK_ADDR_HOOKS {
         let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-        prog.load().map_err(|source| DatapathError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DatapathError::Program { name, source })?;
         prog.attach(&target, CgroupAttachMode::Single)
             .map_err(|source| DatapathError::Program { name, source })?;
     }
     let sockops: &mut SockOps = program(&mut ebpf, "sy_sockops")?;
-    sockops
-        .load()
-        .map_err(|source| DatapathError::Program { name: "sy_sockops", source })?;
+    sockops.load().map_err(|source| DatapathError::Program {
+        name: "sy_sockops",
+        source,
+    })?;
     sockops
         .attach(&target, CgroupAttachMode::Single)
-        .map_err(|source| DatapathError::Program { name: "sy_sockops", source })?;
+        .map_err(|source| DatapathError::Program {
+            name: "sy_sockops",
+            source,
+        })?;
 
     let getsockopt_hook = own != mount;
     let name = "sy_getsockopt";
     let getsockopt: &mut CgroupSockopt = program(&mut ebpf, name)?;
-    getsockopt.load().map_err(|source| DatapathError::Program { name, source })?;
+    getsockopt
+        .load()
+        .map_err(|source| DatapathError::Program { name, source })?;
     if getsockopt_hook {
         getsockopt
             .attach(open_cgroup(&own)?, CgroupAttachMode::Single)

@@ -27,10 +27,10 @@ impl OrigDst {
     pub fn recover(&self, stream: &TcpStream) -> Option<SocketAddr> {
         let local = stream.local_addr().ok()?;
         let peer = stream.peer_addr().ok()?;
-        if self.hook {
-            if let Some(found) = getsockopt_original_dst(stream, local.is_ipv4()) {
-                return Some(found);
-            }
+        if self.hook
+            && let Some(found) = getsockopt_original_dst(stream, local.is_ipv4())
+        {
+            return Some(found);
         }
         // The client's view of the connection is the mirror of ours.
         let tuple = SockTuple {
@@ -77,7 +77,10 @@ fn sockaddr_to_std(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Op
             // SAFETY: family and length checked.
             let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Some(SocketAddr::new(ip.to_canonical(), u16::from_be(sin6.sin6_port)))
+            Some(SocketAddr::new(
+                ip.to_canonical(),
+                u16::from_be(sin6.sin6_port),
+            ))
         }
         _ => None,
     }

@@ -49,7 +49,10 @@ pub async fn connect(service: &ProxyService, own_mark: u32) -> Result<Connected,
         match connect_one(upstream.addr, own_mark, service).await {
             Ok(stream) => return Ok(Connected { stream, backend: i }),
             Err(e) => {
-                upstream.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                upstream
+                    .stats
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 debug!(service = %service.name, backend = %upstream.addr, "connect failed: {e}");
                 last = Some((upstream.addr, e));
             }
@@ -65,7 +68,11 @@ pub async fn connect(service: &ProxyService, own_mark: u32) -> Result<Connected,
     }
 }
 
-async fn connect_one(addr: SocketAddr, own_mark: u32, service: &ProxyService) -> io::Result<TcpStream> {
+async fn connect_one(
+    addr: SocketAddr,
+    own_mark: u32,
+    service: &ProxyService,
+) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -91,5 +98,9 @@ fn set_mark(socket: &TcpSocket, mark: u32) -> io::Result<()> {
             size_of::<u32>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

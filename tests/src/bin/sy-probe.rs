@@ -51,9 +51,13 @@ enum Cmd {
 fn main() -> io::Result<()> {
     match Cli::parse().command {
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
-        Cmd::Ask { to, count, bind, timeout_ms, peer } => {
-            ask(to, count, bind, Duration::from_millis(timeout_ms), peer)
-        }
+        Cmd::Ask {
+            to,
+            count,
+            bind,
+            timeout_ms,
+            peer,
+        } => ask(to, count, bind, Duration::from_millis(timeout_ms), peer),
     }
 }
 
@@ -131,7 +135,11 @@ fn once(to: SocketAddr, bind: Option<IpAddr>, timeout: Duration, peer: bool) -> 
         None => TcpStream::connect_timeout(&to, timeout)?,
         Some(ip) => {
             // std has no bind-then-connect; do it by hand.
-            let domain = if ip.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+            let domain = if ip.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
             // SAFETY: plain socket calls on a descriptor we own.
             let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
             if fd < 0 {
@@ -143,7 +151,8 @@ fn once(to: SocketAddr, bind: Option<IpAddr>, timeout: Duration, peer: bool) -> 
                 return Err(io::Error::last_os_error());
             }
             let (sa, len) = sockaddr(to);
-            if unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) } != 0 {
+            if unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) } != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             stream
@@ -156,7 +165,10 @@ fn once(to: SocketAddr, bind: Option<IpAddr>, timeout: Duration, peer: bool) -> 
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     if line.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed without a name"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed without a name",
+        ));
     }
     Ok(line.trim().to_owned())
 }

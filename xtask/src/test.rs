@@ -1,0 +1,72 @@
+//! `cargo xtask test`: the whole suite, as CI runs it.
+
+use std::time::Instant;
+
+use anyhow::bail;
+
+use crate::{
+    build::{self, binary, cargo, run_filtered},
+    setup,
+};
+
+pub fn run(extra: &[String]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::run(setup::Needs::Test)?;
+
+    step("rustfmt");
+    let ok = cargo(&["fmt", "--all", "--", "--check"])
+        .status()?
+        .success();
+    if !ok {
+        bail!("cargo fmt --check: run `cargo fmt --all`");
+    }
+
+    step("clippy (host crates)");
+    run_filtered(
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
+        "cargo clippy",
+    )?;
+    step("clippy (eBPF crate, BPF target)");
+    // As aya-template does: the eBPF crate is linted for its own target with nightly, in a
+    // target directory of its own so the two toolchains do not rebuild each other's artifacts.
+    let ebpf_target = build::target_dir().join("ebpf-clippy");
+    let ebpf_target = ebpf_target.to_string_lossy();
+    run_filtered(
+        cargo(&[
+            "+nightly",
+            "clippy",
+            "-p",
+            "switchyard-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            &ebpf_target,
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "cargo clippy (eBPF)",
+    )?;
+
+    step("build");
+    build::agent(false)?;
+
+    step("tests");
+    let mut args = vec!["test"];
+    args.extend(extra.iter().map(String::as_str));
+    let mut cmd = cargo(&args);
+    cmd.env("SWITCHYARD_BIN", binary("switchyard", false))
+        .env("SY_PROBE_BIN", binary("sy-probe", false));
+    let ok = cmd.status()?.success();
+    println!("xtask test: {:.0?} in all", started.elapsed());
+    if !ok {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+fn step(what: &str) {
+    println!("== {what}");
+}
