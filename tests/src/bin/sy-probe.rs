@@ -45,6 +45,9 @@ enum Cmd {
         /// Also print the peer address the socket reports (`peer ADDR`).
         #[arg(long)]
         peer: bool,
+        /// One connection from each of these source addresses, tallied as `SRC/NAME`.
+        #[arg(long, value_delimiter = ',')]
+        sources: Vec<IpAddr>,
     },
 }
 
@@ -57,7 +60,19 @@ fn main() -> io::Result<()> {
             bind,
             timeout_ms,
             peer,
-        } => ask(to, count, bind, Duration::from_millis(timeout_ms), peer),
+            sources,
+        } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            if sources.is_empty() {
+                return ask(to, count, bind, timeout, peer);
+            }
+            for src in sources {
+                let name = once(to, Some(src), timeout, false)
+                    .unwrap_or_else(|e| format!("error:{}", error_kind(&e)));
+                println!("{src}/{name} 1");
+            }
+            Ok(())
+        }
     }
 }
 
