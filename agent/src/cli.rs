@@ -23,6 +23,16 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// Detach the pinned programs and remove the pinned maps (run with the agent stopped).
+    /// Kernel-mode services stop being steered.
+    Cleanup {
+        /// Take the pin directory from this configuration.
+        #[arg(long, short = 'c', value_name = "FILE", conflicts_with = "pin_dir")]
+        config: Option<PathBuf>,
+        /// The pin directory itself (default: as the agent chooses it).
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<PathBuf>,
+    },
     /// Check a configuration file and exit: 0 if the agent would accept it.
     CheckConfig {
         #[arg(value_name = "FILE")]

@@ -4,6 +4,7 @@ use clap::Parser;
 use switchyard::{
     cli::{Cli, Command},
     config::AgentConfig,
+    datapath::pin,
     run,
 };
 use tracing_subscriber::EnvFilter;
@@ -22,6 +23,17 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(run::agent(&config)),
+        Command::Cleanup { config, pin_dir } => {
+            let dir = match (config, pin_dir) {
+                (_, Some(dir)) => dir,
+                (Some(c), None) => AgentConfig::load(&c)?
+                    .datapath
+                    .pin_dir
+                    .unwrap_or_else(pin::default_dir),
+                (None, None) => pin::default_dir(),
+            };
+            run::cleanup(&dir)
+        }
         Command::CheckConfig { config } => {
             let c = AgentConfig::load(&config)?;
             println!(

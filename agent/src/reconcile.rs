@@ -60,6 +60,22 @@ impl IdPool {
     fn give(&mut self, id: u32) {
         self.free.push(id);
     }
+    /// Marks an id found in the maps as taken.
+    fn reserve(&mut self, id: u32) {
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+        } else {
+            self.free.retain(|&f| f != id);
+        }
+    }
+}
+
+/// A service a previous agent left in the maps.
+struct Inherited {
+    id: u32,
+    live_half: usize,
+    half_len: [u32; 2],
 }
 
 /// What the kernel holds for one service.
@@ -88,6 +104,10 @@ pub struct Reconciler {
     applied: HashMap<ServiceAddr, Applied>,
     service_ids: IdPool,
     backend_ids: IdPool,
+    /// Services found in the maps at start, not yet taken over by `apply`.
+    inherited: HashMap<ServiceKey, Inherited>,
+    /// Backend entries found at start; removed once the first `apply` has replaced them.
+    inherited_backends: Vec<BackendId>,
 }
 
 impl Reconciler {
@@ -105,7 +125,44 @@ impl Reconciler {
             applied: HashMap::new(),
             service_ids: IdPool::new(kmaps::MAX_SERVICES),
             backend_ids: IdPool::new(kmaps::MAX_BACKENDS),
+            inherited: HashMap::new(),
+            inherited_backends: Vec::new(),
         }
+    }
+
+    /// Takes over what a previous agent left in the pinned maps, so that its services keep
+    /// working until `apply` rewrites them: their ids are kept (each service's new slots go into
+    /// the half its readers do not use), and no id in use is handed out again.
+    pub fn adopt(&mut self) -> Result<usize, MapsError> {
+        let existing = self.maps.existing()?;
+        let mut half_len: HashMap<u32, [u32; 2]> = HashMap::new();
+        for k in &existing.slots {
+            let half = (k.slot >= SLOT_HALF) as usize;
+            let len = &mut half_len.entry(k.service).or_default()[half];
+            *len = (*len).max(k.slot % SLOT_HALF + 1);
+        }
+        for (key, value) in &existing.services {
+            self.service_ids.reserve(value.id);
+            self.inherited.insert(
+                *key,
+                Inherited {
+                    id: value.id,
+                    live_half: (value.slot_base >= SLOT_HALF) as usize,
+                    half_len: half_len.get(&value.id).copied().unwrap_or_default(),
+                },
+            );
+        }
+        for &id in &existing.backends {
+            self.backend_ids.reserve(id);
+        }
+        self.inherited_backends = existing.backends;
+        if !self.inherited.is_empty() {
+            info!(
+                services = self.inherited.len(),
+                "adopted the services of a previous agent"
+            );
+        }
+        Ok(self.inherited.len())
     }
 
     /// Tells the programs where the forwarder listens and how the agent marks its sockets.
@@ -199,9 +256,14 @@ impl Reconciler {
 
     fn upsert(&mut self, service: &Service) -> Result<(), ReconcileError> {
         let key = service_key(&service.addr);
-        let (id, half, mut half_len, mut backend_ids) = match self.applied.remove(&service.addr) {
-            Some(a) => (a.id, 1 - a.half, a.half_len, a.backend_ids),
-            None => {
+        let state = (
+            self.applied.remove(&service.addr),
+            self.inherited.remove(&key),
+        );
+        let (id, half, mut half_len, mut backend_ids) = match state {
+            (Some(a), _) => (a.id, 1 - a.half, a.half_len, a.backend_ids),
+            (None, Some(old)) => (old.id, 1 - old.live_half, old.half_len, HashMap::new()),
+            (None, None) => {
                 let id = self
                     .service_ids
                     .take()
@@ -315,7 +377,9 @@ impl Reconciler {
             self.maps.remove_backend(bid)?;
         }
         if let Some(a) = self.applied.remove(addr) {
-            self.backend_ids.free.extend(a.backend_ids.values());
+            a.backend_ids
+                .values()
+                .for_each(|&b| self.backend_ids.give(b));
             self.service_ids.give(a.id);
         }
         Ok(())

@@ -38,6 +38,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         config.forwarder.retries,
     );
     reconciler.set_settings(&config.forwarder.listen, defaults::OWN_MARK)?;
+    reconciler.adopt()?;
     reconciler.apply(&config.catalog)?;
 
     let forwarder = Arc::new(Forwarder {
@@ -64,7 +65,11 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    info!("{which}: stopping; programs are detached");
+    info!(
+        pin_dir = %datapath.pin_dir.display(),
+        "{which}: stopping; kernel-mode services keep working (programs and maps stay pinned; \
+         `switchyard cleanup` removes them)"
+    );
     for t in tasks {
         t.abort();
     }
@@ -76,5 +81,22 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         info!("kernel counters: {}", summary.join(" "));
     }
     drop(datapath);
+    Ok(())
+}
+
+/// `switchyard cleanup`: detach and remove everything the agent pinned.
+pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
+    let removed = datapath::pin::cleanup(pin_dir)?;
+    println!(
+        "{}: detached {} links, removed {} maps{}",
+        pin_dir.display(),
+        removed.links,
+        removed.maps,
+        if removed.unmounted {
+            ", unmounted its bpffs"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }

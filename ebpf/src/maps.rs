@@ -12,32 +12,30 @@ use switchyard_common::{
 /// Hash maps that grow with the catalog allocate on insert rather than up front.
 const NO_PREALLOC: u32 = 1;
 
+// Every map is pinned by name under the agent's bpffs directory: a restarted agent finds the
+// same maps, so kernel-mode services, round-robin positions and affinity survive it.
+
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, NO_PREALLOC);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, NO_PREALLOC);
 #[map]
-pub static SLOTS: HashMap<SlotKey, BackendId> = HashMap::with_max_entries(MAX_SLOTS, NO_PREALLOC);
+pub static SLOTS: HashMap<SlotKey, BackendId> = HashMap::pinned(MAX_SLOTS, NO_PREALLOC);
 #[map]
-pub static BACKENDS: HashMap<BackendId, Backend> =
-    HashMap::with_max_entries(MAX_BACKENDS, NO_PREALLOC);
+pub static BACKENDS: HashMap<BackendId, Backend> = HashMap::pinned(MAX_BACKENDS, NO_PREALLOC);
 /// Round-robin position per service id.
 #[map]
-pub static RR: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+pub static RR: Array<u64> = Array::pinned(MAX_SERVICES, 0);
 #[map]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 /// Socket cookie → what the application connected to (for getpeername and sock_ops).
 #[map]
-pub static SOCK_ORIG: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
 /// 4-tuple → original destination of a proxied connection, until the forwarder reads it.
 #[map]
-pub static ORIG_DST: LruHashMap<SockTuple, Endpoint> =
-    LruHashMap::with_max_entries(MAX_TRACKED_SOCKETS, 0);
+pub static ORIG_DST: LruHashMap<SockTuple, Endpoint> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
 #[map]
-pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 #[inline(always)]
 pub fn bump(counter: Counter) {

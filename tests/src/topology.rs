@@ -18,10 +18,38 @@ use std::{
 use crate::{Cgroup, Netns, Process, process::Place, unique};
 
 pub const BACKEND_PORT: u16 = 8080;
+
+/// A pin directory, emptied and unmounted with `switchyard cleanup` on drop, whatever state
+/// the agent left it in.
+pub struct PinDir(pub PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if !self.0.exists() {
+            return;
+        }
+        let out = Command::new(crate::binary("SWITCHYARD_BIN", "switchyard"))
+            .arg("cleanup")
+            .arg("--pin-dir")
+            .arg(&self.0)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "warning: cleanup {}: {}",
+                self.0.display(),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("warning: cleanup {}: {e}", self.0.display()),
+        }
+    }
+}
 pub const FORWARDER_PORT: u16 = 15001;
 
-/// Fields drop in order: processes, then namespaces, then cgroups.
+/// Fields drop in order: pinned programs, processes, then namespaces, then cgroups.
 pub struct Topology {
+    /// The agent's pin directory for this world, cleaned up on drop.
+    pub pins: PinDir,
     pub backends: Vec<Option<Process>>,
     pub pods: Vec<Netns>,
     pub backend_ns: Vec<Netns>,
@@ -56,6 +84,7 @@ impl Topology {
         node.ip(&["-6", "addr", "add", "fd77::1/64", "dev", "br0", "nodad"])?;
         node.ip(&["link", "set", "br0", "up"])?;
         let mut topo = Topology {
+            pins: PinDir(PathBuf::from("/run/switchyard-test").join(unique("pins-"))),
             backends: Vec::new(),
             pods: Vec::new(),
             backend_ns: Vec::new(),
@@ -152,12 +181,12 @@ impl Topology {
     /// An agent config for this world: attach to the pods' cgroup, forward on the node
     /// addresses, then the given `[[service]]` tables.
     pub fn agent_config(&self, services: &str) -> String {
+        let cgroup = self.cgroup.relative(&self.pods_cgroup);
         format!(
-            "[datapath]\ncgroup = {:?}\nkernel_log = \"debug\"\n\n[forwarder]\nlisten = [\"{}\", \"{}\"]\n\n{services}",
-            self.cgroup
-                .relative(&self.pods_cgroup)
-                .display()
-                .to_string(),
+            "[datapath]\ncgroup = {:?}\nkernel_log = \"debug\"\npin_dir = {:?}\n\n\
+             [forwarder]\nlisten = [\"{}\", \"{}\"]\n\n{services}",
+            cgroup.display().to_string(),
+            self.pins.0.display().to_string(),
             self.forwarder(false),
             self.forwarder(true),
         )

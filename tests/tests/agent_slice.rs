@@ -101,18 +101,80 @@ fn a_malformed_config_is_refused_naming_line_and_field() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `connect` counter from the kernel counters the agent logs when it stops.
+fn connects_logged(agent: &Agent) -> usize {
+    agent
+        .process
+        .output()
+        .iter()
+        .find_map(|l| {
+            let counters = l.split_once("kernel counters: ")?.1;
+            let n = counters
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("connect="))?;
+            n.parse().ok()
+        })
+        .unwrap_or(usize::MAX)
+}
+
 #[test]
-fn stopping_the_agent_detaches_the_programs() -> anyhow::Result<()> {
-    if !require_root("stopping_the_agent_detaches_the_programs") {
+fn kernel_mode_keeps_working_while_the_agent_is_down_and_a_restart_adopts_it() -> anyhow::Result<()>
+{
+    if !require_root("kernel_mode_keeps_working_while_the_agent_is_down_and_a_restart_adopts_it") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 3)?;
+    let config = topo.agent_config(&services(&topo));
+    let mut agent = Agent::start(&topo, &config)?;
+    assert_eq!(topo.ask(0, vip(KERNEL_VIP), 3)?.values().sum::<usize>(), 3);
+    let status = agent.process.stop(Duration::from_secs(10))?;
+    assert!(status.success(), "agent exit on SIGTERM: {status}");
+    assert_eq!(connects_logged(&agent), 3);
+    drop(agent);
+
+    // Agent down: kernel mode still balances (pinned programs and maps) ...
+    let tally = topo.ask(0, vip(KERNEL_VIP), 3)?;
+    all_backends_answered(&tally, 1);
+    // ... and proxy mode is refused at once (the forwarder is gone), not left to time out.
+    let tally = topo.ask_with(0, vip(PROXY_VIP), 1, true, &["--timeout-ms", "5000"])?;
+    assert_eq!(tally.get("error:refused"), Some(&1), "{tally:?}");
+
+    // A restarted agent takes over: both modes work, and each connect runs one program (a
+    // second attachment would count every connect twice in the shared, pinned counters).
+    let mut agent = Agent::start(&topo, &config)?;
+    all_backends_answered(&topo.ask(0, vip(KERNEL_VIP), 3)?, 1);
+    all_backends_answered(&topo.ask(0, vip(PROXY_VIP), 3)?, 1);
+    agent.process.stop(Duration::from_secs(10))?;
+    assert_eq!(connects_logged(&agent), 3 + 4 + 6);
+    Ok(())
+}
+
+#[test]
+fn cleanup_detaches_and_removes_everything_pinned() -> anyhow::Result<()> {
+    if !require_root("cleanup_detaches_and_removes_everything_pinned") {
         return Ok(());
     }
     let topo = Topology::new(1, 3)?;
     let mut agent = Agent::start(&topo, &topo.agent_config(&services(&topo)))?;
     assert_eq!(topo.ask(0, vip(KERNEL_VIP), 3)?.values().sum::<usize>(), 3);
-    let status = agent.process.stop(Duration::from_secs(10))?;
-    assert!(status.success(), "agent exit on SIGTERM: {status}");
-    let said = agent.process.output().join("\n");
-    assert!(said.contains("SIGTERM: stopping"), "{said}");
+    agent.process.stop(Duration::from_secs(10))?;
+    let out =
+        std::process::Command::new(switchyard_testkit::binary("SWITCHYARD_BIN", "switchyard"))
+            .args(["cleanup", "--config"])
+            .arg(&agent.config)
+            .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("detached 5 links"), "{said}");
+    assert!(
+        !topo.pins.0.exists(),
+        "{} still there",
+        topo.pins.0.display()
+    );
     let tally = topo.ask_with(0, vip(KERNEL_VIP), 1, true, &["--timeout-ms", "300"])?;
     assert!(tally.keys().all(|k| k.starts_with("error:")), "{tally:?}");
     Ok(())

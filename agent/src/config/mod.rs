@@ -77,6 +77,10 @@ pub struct DatapathConfig {
     /// The cgroup v2 whose processes are steered: absolute, or relative to the cgroup v2 mount.
     pub cgroup: PathBuf,
     pub kernel_log: KernelLog,
+    /// Where maps and links are pinned (a bpffs directory; mounted by the agent if need be).
+    /// `None`: `/sys/fs/bpf/switchyard`, or `/run/switchyard/bpffs` where `/sys/fs/bpf` is not
+    /// a bpffs.
+    pub pin_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -112,6 +116,7 @@ struct RawDatapath {
     cgroup: String,
     #[serde(default)]
     kernel_log: KernelLog,
+    pin_dir: Option<PathBuf>,
 }
 
 #[derive(Default, Deserialize)]
@@ -225,6 +230,17 @@ impl AgentConfig {
                 .map_or(defaults::CONNECT_TIMEOUT, |d| d.0),
             retries: raw.forwarder.retries.unwrap_or(defaults::CONNECT_RETRIES),
         };
+        if raw
+            .datapath
+            .pin_dir
+            .as_ref()
+            .is_some_and(|p| !p.is_absolute())
+        {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "datapath.pin_dir: must be an absolute path".into(),
+            });
+        }
         if raw.datapath.cgroup.trim().is_empty() {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
@@ -289,6 +305,7 @@ impl AgentConfig {
             datapath: DatapathConfig {
                 cgroup: PathBuf::from(raw.datapath.cgroup),
                 kernel_log: raw.datapath.kernel_log,
+                pin_dir: raw.datapath.pin_dir,
             },
             forwarder,
             catalog,

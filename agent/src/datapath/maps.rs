@@ -42,6 +42,13 @@ fn gone_ok(name: &'static str, r: Result<(), MapError>) -> Result<(), MapsError>
     }
 }
 
+/// The contents of the maps when the agent starts.
+pub struct Existing {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub slots: Vec<SlotKey>,
+    pub backends: Vec<BackendId>,
+}
+
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, BackendId>,
@@ -87,6 +94,39 @@ impl KernelMaps {
 
     pub fn remove_backend(&mut self, id: BackendId) -> Result<(), MapsError> {
         gone_ok("BACKENDS", self.backends.remove(&id))
+    }
+
+    /// What a previous agent left in the (pinned) maps, for the reconciler to adopt.
+    pub fn existing(&self) -> Result<Existing, MapsError> {
+        let services = self
+            .services
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapsError::Map {
+                name: "SERVICES",
+                source,
+            })?;
+        let slots = self
+            .slots
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapsError::Map {
+                name: "SLOTS",
+                source,
+            })?;
+        let backends = self
+            .backends
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapsError::Map {
+                name: "BACKENDS",
+                source,
+            })?;
+        Ok(Existing {
+            services,
+            slots,
+            backends,
+        })
     }
 
     /// Kernel counters summed over CPUs.

@@ -1,14 +1,16 @@
 //! The kernel side, seen from the agent: load the programs, attach them, hand out the maps.
 //!
 //! The steering hooks (`connect4/6`, `getpeername4/6`, `sock_ops`) attach to the configured
-//! cgroup; the `getsockopt` hook that answers `SO_ORIGINAL_DST` attaches to the agent's own
-//! cgroup, since it is the forwarder that asks. Links live as long as [`Datapath`]: stopping the
-//! agent detaches everything.
+//! cgroup and are pinned, with every map, under the agent's bpffs directory ([`pin`]): they keep
+//! working while the agent is down, and a restarted agent takes them over. The `getsockopt` hook
+//! that answers `SO_ORIGINAL_DST` attaches to the agent's own cgroup (the forwarder is the one
+//! asking) and lives only as long as [`Datapath`].
 
 pub mod addr;
 pub mod host;
 mod log;
 pub mod maps;
+pub mod pin;
 
 use std::{
     fs::File,
@@ -17,7 +19,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps, links::FdLink,
+    },
 };
 use tracing::{info, warn};
 
@@ -53,11 +57,17 @@ pub enum DatapathError {
     },
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
 }
 
-/// Loaded and attached programs. Dropping it detaches them.
+/// Loaded and attached programs. Dropping it detaches only the `getsockopt` hook; the pinned
+/// steering links stay until `switchyard cleanup`.
 pub struct Datapath {
     _ebpf: Ebpf,
+    _links: Vec<aya::programs::links::PinnedLink>,
+    /// Where maps and links are pinned.
+    pub pin_dir: PathBuf,
     /// Where the steering hooks are attached.
     pub cgroup: PathBuf,
     /// Whether the forwarder's `getsockopt(SO_ORIGINAL_DST)` is answered by the hook; if not,
@@ -79,8 +89,15 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
     let cgroup = host::resolve_cgroup(&mount, &cfg.cgroup)?;
     let own = host::own_cgroup(&mount)?;
 
+    let pin_dir = cfg.pin_dir.clone().unwrap_or_else(pin::default_dir);
+    pin::ensure_bpffs(&pin_dir)?;
+    for d in [pin::maps_dir(&pin_dir), pin::links_dir(&pin_dir)] {
+        std::fs::create_dir_all(&d).map_err(|source| pin::PinError::Io { path: d, source })?;
+    }
+
     let level = cfg.kernel_log.level();
     let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin::maps_dir(&pin_dir))
         .override_global("AYA_LOG_LEVEL", &level, false)
         .load(OBJECT)
         .map_err(DatapathError::Load)?;
@@ -89,24 +106,27 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
     // Cgroup attachments are made as BPF links, which coexist with other programs on the same
     // cgroup whatever the mode; the kernel refuses flags on link creation, so `Single` it is.
     let target = open_cgroup(&cgroup)?;
+    let links_dir = pin::links_dir(&pin_dir);
+    let mut links = Vec::new();
     for name in SOCK_ADDR_HOOKS {
         let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-        prog.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        prog.attach(&target, CgroupAttachMode::Single)
-            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.load().map_err(prog_err(name))?;
+        let id = prog
+            .attach(&target, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        let fd = FdLink::try_from(link).map_err(|e| pin_link_err(name, e))?;
+        links.push(pin::replace_link(&links_dir.join(name), fd)?);
     }
-    let sockops: &mut SockOps = program(&mut ebpf, "sy_sockops")?;
-    sockops.load().map_err(|source| DatapathError::Program {
-        name: "sy_sockops",
-        source,
-    })?;
-    sockops
+    let name = "sy_sockops";
+    let sockops: &mut SockOps = program(&mut ebpf, name)?;
+    sockops.load().map_err(prog_err(name))?;
+    let id = sockops
         .attach(&target, CgroupAttachMode::Single)
-        .map_err(|source| DatapathError::Program {
-            name: "sy_sockops",
-            source,
-        })?;
+        .map_err(prog_err(name))?;
+    let link = sockops.take_link(id).map_err(prog_err(name))?;
+    let fd = FdLink::try_from(link).map_err(|e| pin_link_err(name, e))?;
+    links.push(pin::replace_link(&links_dir.join(name), fd)?);
 
     let getsockopt_hook = own != mount;
     let name = "sy_getsockopt";
@@ -135,12 +155,25 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
     Ok((
         Datapath {
             _ebpf: ebpf,
+            _links: links,
+            pin_dir,
             cgroup,
             getsockopt_hook,
         },
         maps,
         orig,
     ))
+}
+
+fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}
+
+fn pin_link_err(name: &str, e: impl std::fmt::Display) -> pin::PinError {
+    pin::PinError::Link {
+        path: PathBuf::from(name),
+        message: e.to_string(),
+    }
 }
 
 fn open_cgroup(path: &Path) -> Result<File, DatapathError> {
