@@ -29,3 +29,6 @@ pub const MAX_WEIGHT: u32 = 256;
 
 /// Kernel-side log level when the config names none.
 pub const KERNEL_LOG: &str = "info";
+
+/// Where the last-known-good catalog lives.
+pub const STATE_DIR: &str = "/var/lib/switchyard";

@@ -21,4 +21,5 @@ pub mod datapath;
 pub mod defaults;
 pub mod forwarder;
 pub mod reconcile;
+pub mod registry;
 pub mod run;

@@ -7,13 +7,14 @@ use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     config::AgentConfig,
     datapath, defaults,
     forwarder::{Forwarder, OrigDst, SharedTable},
     reconcile::Reconciler,
+    registry::{Registry, Source, file},
 };
 
 pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
@@ -29,6 +30,10 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         listeners.push(l);
     }
 
+    // The registry serves the last-known-good at once; the file is the first source to answer.
+    let (registry, mut catalogs) = Registry::open(config.registry.state_dir.clone());
+    registry.replace(Source::File, file::entries(&config.catalog), &[]);
+
     let (datapath, maps, orig) = datapath::load(&config.datapath)?;
     let table = SharedTable::default();
     let mut reconciler = Reconciler::new(
@@ -39,7 +44,8 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     );
     reconciler.set_settings(&config.forwarder.listen, defaults::OWN_MARK)?;
     reconciler.adopt()?;
-    reconciler.apply(&config.catalog)?;
+    let first = catalogs.borrow_and_update().clone();
+    reconciler.apply(&first)?;
 
     let forwarder = Arc::new(Forwarder {
         table,
@@ -59,12 +65,29 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         "switchyard agent ready"
     );
 
+    let text = tokio::fs::read_to_string(config_path)
+        .await
+        .unwrap_or_default();
+    let watcher = tokio::spawn(file::watch(registry.clone(), config_path.to_owned(), text));
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            changed = catalogs.changed() => {
+                if changed.is_err() {
+                    break "registry closed";
+                }
+                let catalog = catalogs.borrow_and_update().clone();
+                if let Err(e) = reconciler.apply(&catalog) {
+                    warn!("catalog not fully applied: {e}");
+                }
+            }
+        }
     };
+    watcher.abort();
     info!(
         pin_dir = %datapath.pin_dir.display(),
         "{which}: stopping; kernel-mode services keep working (programs and maps stay pinned; \

@@ -18,38 +18,47 @@ use std::{
 use crate::{Cgroup, Netns, Process, process::Place, unique};
 
 pub const BACKEND_PORT: u16 = 8080;
+pub const FORWARDER_PORT: u16 = 15001;
 
-/// A pin directory, emptied and unmounted with `switchyard cleanup` on drop, whatever state
-/// the agent left it in.
-pub struct PinDir(pub PathBuf);
+/// The agent's directories for one world: `pins` (a bpffs the agent mounts) and `state` (its
+/// last-known-good). On drop, `switchyard cleanup` empties and unmounts the pins, whatever state
+/// the agent left them in, and the rest is removed.
+pub struct RunDir {
+    pub root: PathBuf,
+}
 
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if !self.0.exists() {
-            return;
-        }
-        let out = Command::new(crate::binary("SWITCHYARD_BIN", "switchyard"))
-            .arg("cleanup")
-            .arg("--pin-dir")
-            .arg(&self.0)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "warning: cleanup {}: {}",
-                self.0.display(),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => eprintln!("warning: cleanup {}: {e}", self.0.display()),
-        }
+impl RunDir {
+    pub fn pins(&self) -> PathBuf {
+        self.root.join("pins")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.root.join("state")
     }
 }
-pub const FORWARDER_PORT: u16 = 15001;
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.pins().exists() {
+            let out = Command::new(crate::binary("SWITCHYARD_BIN", "switchyard"))
+                .arg("cleanup")
+                .arg("--pin-dir")
+                .arg(self.pins())
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!("warning: cleanup: {}", String::from_utf8_lossy(&o.stderr)),
+                Err(e) => eprintln!("warning: cleanup: {e}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
 
 /// Fields drop in order: pinned programs, processes, then namespaces, then cgroups.
 pub struct Topology {
-    /// The agent's pin directory for this world, cleaned up on drop.
-    pub pins: PinDir,
+    /// The agent's pin and state directories for this world, cleaned up on drop.
+    pub run: RunDir,
     pub backends: Vec<Option<Process>>,
     pub pods: Vec<Netns>,
     pub backend_ns: Vec<Netns>,
@@ -84,7 +93,9 @@ impl Topology {
         node.ip(&["-6", "addr", "add", "fd77::1/64", "dev", "br0", "nodad"])?;
         node.ip(&["link", "set", "br0", "up"])?;
         let mut topo = Topology {
-            pins: PinDir(PathBuf::from("/run/switchyard-test").join(unique("pins-"))),
+            run: RunDir {
+                root: PathBuf::from("/run/switchyard-test").join(unique("w")),
+            },
             backends: Vec::new(),
             pods: Vec::new(),
             backend_ns: Vec::new(),
@@ -184,9 +195,11 @@ impl Topology {
         let cgroup = self.cgroup.relative(&self.pods_cgroup);
         format!(
             "[datapath]\ncgroup = {:?}\nkernel_log = \"debug\"\npin_dir = {:?}\n\n\
+             [registry]\nstate_dir = {:?}\n\n\
              [forwarder]\nlisten = [\"{}\", \"{}\"]\n\n{services}",
             cgroup.display().to_string(),
-            self.pins.0.display().to_string(),
+            self.run.pins().display().to_string(),
+            self.run.state().display().to_string(),
             self.forwarder(false),
             self.forwarder(true),
         )

@@ -171,9 +171,9 @@ fn cleanup_detaches_and_removes_everything_pinned() -> anyhow::Result<()> {
     );
     assert!(said.contains("detached 5 links"), "{said}");
     assert!(
-        !topo.pins.0.exists(),
+        !topo.run.pins().exists(),
         "{} still there",
-        topo.pins.0.display()
+        topo.run.pins().display()
     );
     let tally = topo.ask_with(0, vip(KERNEL_VIP), 1, true, &["--timeout-ms", "300"])?;
     assert!(tally.keys().all(|k| k.starts_with("error:")), "{tally:?}");

@@ -17,6 +17,8 @@ pub enum Needs {
     Demo,
     /// Also every test's servers and tools.
     Test,
+    /// Also the benchmark's peers, backends and load generators.
+    Bench,
 }
 
 /// Debian packages and why.
@@ -28,6 +30,17 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 const DEMO_PACKAGES: &[&str] = &["iproute2"];
 const TEST_PACKAGES: &[&str] = &[];
+/// The peers Switchyard is measured against (HAProxy, nginx `stream`), the backends (nginx,
+/// iperf3, redis-server) and the load generators (wrk, iperf3, redis-benchmark).
+const BENCH_PACKAGES: &[&str] = &[
+    "haproxy",
+    "nginx",
+    "libnginx-mod-stream",
+    "wrk",
+    "iperf3",
+    "redis-server",
+    "redis-tools",
+];
 
 /// bpf-linker built against LLVM 22 (DESIGN.md §7): the default feature wants LLVM 23.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -54,6 +67,9 @@ pub fn run(needs: Needs) -> anyhow::Result<()> {
     }
     if needs >= Needs::Test {
         packages.extend(TEST_PACKAGES);
+    }
+    if needs >= Needs::Bench {
+        packages.extend(BENCH_PACKAGES);
     }
     debian(&packages)?;
     nightly_rust_src()?;

@@ -93,9 +93,16 @@ pub struct ForwarderConfig {
 }
 
 #[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Where the last-known-good catalog is kept; `None`: memory only.
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub datapath: DatapathConfig,
     pub forwarder: ForwarderConfig,
+    pub registry: RegistryConfig,
     /// The services the file names.
     pub catalog: Catalog,
 }
@@ -106,6 +113,8 @@ struct RawConfig {
     datapath: RawDatapath,
     #[serde(default)]
     forwarder: RawForwarder,
+    #[serde(default)]
+    registry: RawRegistry,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
 }
@@ -117,6 +126,26 @@ struct RawDatapath {
     #[serde(default)]
     kernel_log: KernelLog,
     pin_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    /// `""` turns saving off.
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+}
+
+impl Default for RawRegistry {
+    fn default() -> Self {
+        RawRegistry {
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(defaults::STATE_DIR)
 }
 
 #[derive(Default, Deserialize)]
@@ -308,6 +337,10 @@ impl AgentConfig {
                 pin_dir: raw.datapath.pin_dir,
             },
             forwarder,
+            registry: RegistryConfig {
+                state_dir: (!raw.registry.state_dir.as_os_str().is_empty())
+                    .then_some(raw.registry.state_dir),
+            },
             catalog,
         })
     }

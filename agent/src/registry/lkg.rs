@@ -1,0 +1,182 @@
+//! Last-known-good: every source's layer on disk, written atomically after each change and
+//! read at start.
+//!
+//! Format: a header line `switchyard-lkg 1 <body length> <FNV-1a 64 of body, hex>` and a JSON
+//! body. A file whose header, length or checksum does not match (truncated by a crash mid-copy,
+//! edited by hand, disk trouble) is set aside as `catalog.json.corrupt` with a message, and the
+//! agent starts without it: never half-loaded.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use super::{Layer, Source};
+
+const MAGIC: &str = "switchyard-lkg";
+const VERSION: u32 = 1;
+const FILE: &str = "catalog.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LkgError {
+    #[error("last-known-good {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("last-known-good {path} is corrupt ({why}); set aside as {aside}, starting without it")]
+    Corrupt {
+        path: PathBuf,
+        why: String,
+        aside: PathBuf,
+    },
+}
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Store {
+    pub fn new(dir: PathBuf) -> Self {
+        Store { dir }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    fn io(&self, path: &Path) -> impl FnOnce(std::io::Error) -> LkgError + '_ {
+        let path = path.to_owned();
+        move |source| LkgError::Io { path, source }
+    }
+
+    /// Write to a temporary file, fsync it, rename over the old one, fsync the directory.
+    pub fn save(&self, layers: &BTreeMap<Source, Layer>) -> Result<(), LkgError> {
+        fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        let body = serde_json::to_vec(layers).map_err(|e| LkgError::Io {
+            path: self.path(),
+            source: std::io::Error::other(e),
+        })?;
+        let tmp = self.dir.join(format!("{FILE}.tmp"));
+        let mut f = File::create(&tmp).map_err(self.io(&tmp))?;
+        writeln!(
+            f,
+            "{MAGIC} {VERSION} {} {:016x}",
+            body.len(),
+            fnv1a64(&body)
+        )
+        .and_then(|_| f.write_all(&body))
+        .and_then(|_| f.sync_all())
+        .map_err(self.io(&tmp))?;
+        fs::rename(&tmp, self.path()).map_err(self.io(&tmp))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The saved layers, `None` if there is no file yet.
+    pub fn load(&self) -> Result<Option<BTreeMap<Source, Layer>>, LkgError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(LkgError::Io { path, source: e }),
+        };
+        match parse(&bytes) {
+            Ok(layers) => Ok(Some(layers)),
+            Err(why) => {
+                let aside = self.dir.join(format!("{FILE}.corrupt"));
+                let _ = fs::rename(&path, &aside);
+                Err(LkgError::Corrupt { path, why, aside })
+            }
+        }
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<BTreeMap<Source, Layer>, String> {
+    let newline = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("no header line")?;
+    let header = std::str::from_utf8(&bytes[..newline]).map_err(|_| "header is not text")?;
+    let body = &bytes[newline + 1..];
+    let fields: Vec<&str> = header.split(' ').collect();
+    let [magic, version, len, sum] = fields[..] else {
+        return Err("malformed header".into());
+    };
+    if magic != MAGIC || version != VERSION.to_string() {
+        return Err(format!("unknown format {magic:?} {version:?}"));
+    }
+    let len: usize = len.parse().map_err(|_| "bad length")?;
+    if body.len() != len {
+        return Err(format!(
+            "{} bytes of body, header says {len} (truncated?)",
+            body.len()
+        ));
+    }
+    if format!("{:016x}", fnv1a64(body)) != sum {
+        return Err("checksum mismatch".into());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("body: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Algorithm, Mode, Protocol, Service, ServiceAddr};
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sy-lkg-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn layers() -> BTreeMap<Source, Layer> {
+        let mut l = Layer::default();
+        l.entries.insert(
+            "web".into(),
+            Service {
+                name: "web".into(),
+                addr: ServiceAddr {
+                    vip: "10.96.0.1:80".parse().unwrap(),
+                    protocol: Protocol::Tcp,
+                },
+                mode: Mode::Proxy,
+                algorithm: Algorithm::Maglev,
+                affinity: None,
+                backends: vec![],
+            },
+        );
+        [(Source::Etcd, l)].into()
+    }
+
+    #[test]
+    fn round_trips() {
+        let s = Store::new(dir("rt"));
+        s.save(&layers()).unwrap();
+        let back = s.load().unwrap().unwrap();
+        assert_eq!(back[&Source::Etcd].entries, layers()[&Source::Etcd].entries);
+    }
+
+    #[test]
+    fn a_truncated_file_is_set_aside_not_half_loaded() {
+        let d = dir("trunc");
+        let s = Store::new(d.clone());
+        s.save(&layers()).unwrap();
+        let bytes = fs::read(s.path()).unwrap();
+        fs::write(s.path(), &bytes[..bytes.len() - 5]).unwrap();
+        let err = s.load().unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        assert!(d.join("catalog.json.corrupt").exists());
+        assert!(s.load().unwrap().is_none());
+    }
+}

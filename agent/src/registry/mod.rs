@@ -1,0 +1,366 @@
+//! The registry: every source's view of the services, merged into one catalog.
+//!
+//! Each source (the config file, etcd, the local API, …) owns a *layer*: its entries, keyed by
+//! the source's own name for them (an etcd key, a service name). A source replaces or edits its
+//! layer; the registry merges the layers by precedence ([`Source`] order: the first source to
+//! name a service address owns it), publishes the merged catalog on a watch channel for the
+//! reconciler, and saves every layer as last-known-good ([`lkg`]) so that a restarted agent
+//! serves the last state at once, before any source answers.
+//!
+//! An entry that fails validation is rejected alone, with its reason logged and counted; the
+//! entry it would have replaced keeps its last good state.
+
+pub mod file;
+pub mod lkg;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::catalog::{Catalog, Service, ServiceAddr};
+
+/// Where entries come from. The order is the precedence: when two sources name the same
+/// service address, the earlier one wins. The local API is the operator's hand on the node;
+/// the node's own file comes next; then the control planes; DNS only fills in backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Api,
+    File,
+    Etcd,
+    Kubernetes,
+    Consul,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Api => "api",
+            Source::File => "file",
+            Source::Etcd => "etcd",
+            Source::Kubernetes => "kubernetes",
+            Source::Consul => "consul",
+        }
+    }
+}
+
+/// One source's entries and health.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Layer {
+    /// Entries by the source's own key.
+    pub entries: BTreeMap<String, Service>,
+    /// When the source last delivered a full, current view.
+    pub last_sync: Option<SystemTime>,
+    /// Entries rejected since start.
+    #[serde(skip)]
+    pub rejected_total: u64,
+    /// Whether the source is currently connected and current.
+    #[serde(skip)]
+    pub live: bool,
+    /// The last problem the source reported.
+    #[serde(skip)]
+    pub last_error: Option<String>,
+}
+
+/// An entry a source could not use, and why.
+#[derive(Clone, Debug)]
+pub struct Rejected {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Status of one source, for metrics and the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceStatus {
+    pub source: Source,
+    pub entries: usize,
+    pub live: bool,
+    pub last_sync: Option<SystemTime>,
+    /// Seconds since the last sync (`None`: never synced).
+    pub staleness_seconds: Option<f64>,
+    pub rejected_total: u64,
+    pub last_error: Option<String>,
+}
+
+struct State {
+    layers: BTreeMap<Source, Layer>,
+    published: Arc<Catalog>,
+    lkg: Option<lkg::Store>,
+    /// Catalog versions published since start.
+    version: u64,
+}
+
+/// The handle sources and readers share.
+#[derive(Clone)]
+pub struct Registry {
+    state: Arc<Mutex<State>>,
+    tx: Arc<watch::Sender<Arc<Catalog>>>,
+}
+
+impl Registry {
+    /// A registry that saves to `state_dir` (none: memory only), starting from the
+    /// last-known-good found there. Returns the receiver of merged catalogs.
+    pub fn open(state_dir: Option<PathBuf>) -> (Registry, watch::Receiver<Arc<Catalog>>) {
+        let mut layers = BTreeMap::new();
+        let lkg = state_dir.map(lkg::Store::new);
+        if let Some(store) = &lkg {
+            match store.load() {
+                Ok(Some(saved)) => {
+                    info!(
+                        path = %store.path().display(),
+                        sources = saved.len(),
+                        "serving the last-known-good catalog until sources answer"
+                    );
+                    layers = saved;
+                }
+                Ok(None) => {}
+                Err(e) => warn!("{e}"),
+            }
+        }
+        let mut state = State {
+            layers,
+            published: Arc::new(Catalog::default()),
+            lkg,
+            version: 0,
+        };
+        let (catalog, rejected) = merge(&state.layers);
+        for r in rejected {
+            warn!(key = %r.key, "rejected: {}", r.reason);
+        }
+        state.published = Arc::new(catalog);
+        let (tx, rx) = watch::channel(state.published.clone());
+        (
+            Registry {
+                state: Arc::new(Mutex::new(state)),
+                tx: Arc::new(tx),
+            },
+            rx,
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces a source's whole layer with a fresh, complete view. Rejected entries keep
+    /// their previous good state (if they had one).
+    pub fn replace(
+        &self,
+        source: Source,
+        entries: BTreeMap<String, Service>,
+        rejected: &[Rejected],
+    ) {
+        let mut state = self.lock();
+        let layer = state.layers.entry(source).or_default();
+        let mut next = entries;
+        for r in rejected {
+            warn!(source = source.name(), key = %r.key, "entry rejected: {}", r.reason);
+            layer.rejected_total += 1;
+            if let Some(previous) = layer.entries.get(&r.key) {
+                next.insert(r.key.clone(), previous.clone());
+            }
+        }
+        layer.entries = next;
+        layer.last_sync = Some(SystemTime::now());
+        layer.live = true;
+        layer.last_error = None;
+        self.publish(&mut state);
+    }
+
+    /// Sets or removes one entry of a source (`None` removes it).
+    pub fn put(&self, source: Source, key: &str, entry: Option<Service>) {
+        let mut state = self.lock();
+        let layer = state.layers.entry(source).or_default();
+        match entry {
+            Some(s) => {
+                layer.entries.insert(key.to_owned(), s);
+            }
+            None => {
+                layer.entries.remove(key);
+            }
+        }
+        layer.last_sync = Some(SystemTime::now());
+        self.publish(&mut state);
+    }
+
+    /// Counts and logs one rejected entry without changing anything.
+    pub fn reject(&self, source: Source, rejected: &Rejected) {
+        warn!(source = source.name(), key = %rejected.key, "entry rejected: {}", rejected.reason);
+        self.lock().layers.entry(source).or_default().rejected_total += 1;
+    }
+
+    /// A source lost (or regained) its connection; its entries stay as they were.
+    pub fn set_live(&self, source: Source, live: bool, error: Option<String>) {
+        let mut state = self.lock();
+        let layer = state.layers.entry(source).or_default();
+        layer.live = live;
+        if live {
+            layer.last_sync = Some(SystemTime::now());
+        }
+        if error.is_some() {
+            layer.last_error = error;
+        }
+    }
+
+    /// One source's entries (for sources that edit their own layer, like the API).
+    pub fn entries(&self, source: Source) -> BTreeMap<String, Service> {
+        self.lock()
+            .layers
+            .get(&source)
+            .map(|l| l.entries.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.lock().published.clone()
+    }
+
+    pub fn status(&self) -> Vec<SourceStatus> {
+        let now = SystemTime::now();
+        self.lock()
+            .layers
+            .iter()
+            .map(|(&source, l)| SourceStatus {
+                source,
+                entries: l.entries.len(),
+                live: l.live,
+                last_sync: l.last_sync,
+                staleness_seconds: l
+                    .last_sync
+                    .map(|t| now.duration_since(t).unwrap_or_default().as_secs_f64()),
+                rejected_total: l.rejected_total,
+                last_error: l.last_error.clone(),
+            })
+            .collect()
+    }
+
+    fn publish(&self, state: &mut State) {
+        let (catalog, rejected) = merge(&state.layers);
+        for r in rejected {
+            warn!(key = %r.key, "not applied: {}", r.reason);
+        }
+        if let Some(store) = &state.lkg
+            && let Err(e) = store.save(&state.layers)
+        {
+            warn!("last-known-good not saved: {e}");
+        }
+        if *state.published == catalog {
+            return;
+        }
+        state.version += 1;
+        state.published = Arc::new(catalog);
+        self.tx.send_replace(state.published.clone());
+    }
+}
+
+/// Merges layers by precedence: the first source to name a service address owns it; a second
+/// entry for the same address (or name) is not applied, and said so.
+fn merge(layers: &BTreeMap<Source, Layer>) -> (Catalog, Vec<Rejected>) {
+    let mut catalog = Catalog::default();
+    let mut owners: BTreeMap<ServiceAddr, String> = BTreeMap::new();
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for (source, layer) in layers {
+        for (key, service) in &layer.entries {
+            let here = format!("{}:{key}", source.name());
+            if let Some(owner) = owners.get(&service.addr) {
+                if owner.split(':').next() == Some(source.name()) {
+                    rejected.push(Rejected {
+                        key: here,
+                        reason: format!("vip: {} is already {owner}'s address", service.addr),
+                    });
+                }
+                // A lower-precedence source naming the same address is simply overridden.
+                continue;
+            }
+            if let Some(owner) = names.get(&service.name) {
+                rejected.push(Rejected {
+                    key: here,
+                    reason: format!("name: {:?} is already used by {owner}", service.name),
+                });
+                continue;
+            }
+            owners.insert(service.addr, here.clone());
+            names.insert(service.name.clone(), here);
+            catalog.services.insert(service.addr, service.clone());
+        }
+    }
+    (catalog, rejected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Algorithm, Mode, Protocol};
+
+    fn svc(name: &str, vip: &str) -> Service {
+        Service {
+            name: name.into(),
+            addr: ServiceAddr {
+                vip: vip.parse().unwrap(),
+                protocol: Protocol::Tcp,
+            },
+            mode: Mode::Kernel,
+            algorithm: Algorithm::RoundRobin,
+            affinity: None,
+            backends: vec![],
+        }
+    }
+
+    #[test]
+    fn higher_precedence_wins_the_address() {
+        let (r, rx) = Registry::open(None);
+        r.replace(
+            Source::Etcd,
+            [("a".into(), svc("from-etcd", "10.96.0.1:80"))].into(),
+            &[],
+        );
+        r.replace(
+            Source::File,
+            [("a".into(), svc("from-file", "10.96.0.1:80"))].into(),
+            &[],
+        );
+        let c = rx.borrow().clone();
+        assert_eq!(c.services.values().next().unwrap().name, "from-file");
+        assert_eq!(c.services.len(), 1);
+    }
+
+    #[test]
+    fn a_rejected_entry_keeps_its_last_good_state() {
+        let (r, rx) = Registry::open(None);
+        r.replace(
+            Source::Etcd,
+            [("k1".into(), svc("one", "10.96.0.1:80"))].into(),
+            &[],
+        );
+        let bad = Rejected {
+            key: "k1".into(),
+            reason: "vip: bad".into(),
+        };
+        r.replace(Source::Etcd, BTreeMap::new(), &[bad]);
+        assert_eq!(rx.borrow().services.len(), 1);
+        assert_eq!(r.status()[0].rejected_total, 1);
+    }
+
+    #[test]
+    fn a_duplicate_address_within_a_source_is_not_applied() {
+        let (r, rx) = Registry::open(None);
+        r.replace(
+            Source::Etcd,
+            [
+                ("a".into(), svc("one", "10.96.0.1:80")),
+                ("b".into(), svc("two", "10.96.0.1:80")),
+            ]
+            .into(),
+            &[],
+        );
+        assert_eq!(rx.borrow().services.values().next().unwrap().name, "one");
+    }
+}
