@@ -58,6 +58,87 @@ pub enum Algorithm {
     RoundRobin,
     /// Consistent hashing on the client: a client keeps its backend while the set changes.
     Maglev,
+    /// Proxy mode: power of two choices on active connections (Envoy's least_request).
+    LeastConnections,
+    /// Proxy mode: power of two choices on peak-EWMA connect latency (linkerd2-proxy).
+    PeakEwma,
+    /// Proxy mode: consistent hashing on a ring (Envoy's ring_hash).
+    RingHash,
+}
+
+impl Algorithm {
+    /// Algorithms only the forwarder can run: they need load or latency the kernel does not see.
+    pub fn proxy_only(self) -> bool {
+        matches!(
+            self,
+            Algorithm::LeastConnections | Algorithm::PeakEwma | Algorithm::RingHash
+        )
+    }
+
+    pub fn hashes_client(self) -> bool {
+        matches!(self, Algorithm::Maglev | Algorithm::RingHash)
+    }
+}
+
+/// What a consistent-hash service hashes (proxy mode; the kernel hashes the client's network
+/// namespace and bound address).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    #[default]
+    ClientIp,
+    ClientIpPort,
+}
+
+/// How the forwarder moves bytes for a service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BytePath {
+    /// Userspace copy with bounded buffers.
+    #[default]
+    Copy,
+    /// `splice(2)` through a pipe: no copy into userspace.
+    Splice,
+}
+
+/// Per-service forwarding policy (proxy mode). `None` fields take the agent's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Policy {
+    pub connect_timeout: Option<Duration>,
+    pub retries: Option<u32>,
+    /// Open connections allowed; more are refused at once and counted.
+    pub max_connections: Option<u32>,
+    /// How long a drained or removed backend's connections may run on.
+    pub drain_timeout: Option<Duration>,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    pub hash_key: HashKey,
+    pub byte_path: BytePath,
+    pub health: Option<HealthCheck>,
+    /// Consecutive failures that eject a backend.
+    pub outlier_failures: Option<u32>,
+    /// First ejection time; each further one lasts that much longer, capped.
+    pub outlier_ejection: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Probe {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers with `status`.
+    Http { path: String, status: u16 },
+}
+
+/// Active health checking (HAProxy's semantics: every `interval`, `rise` successes mark a
+/// backend up, `fall` failures mark it down).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 /// A backend's administrative state (HAProxy's names).
@@ -103,6 +184,8 @@ pub struct Service {
     /// Session affinity by client, with its timeout.
     pub affinity: Option<Duration>,
     pub backends: Vec<Backend>,
+    #[serde(default)]
+    pub policy: Policy,
 }
 
 impl Service {
@@ -146,6 +229,10 @@ pub enum Invalid {
     AffinityTimeout,
     #[error("mode: proxy mode is for TCP; UDP services use kernel mode")]
     UdpProxy,
+    #[error("algorithm: {0:?} needs mode = \"proxy\" (the kernel does not see load or latency)")]
+    ProxyOnly(Algorithm),
+    #[error("health: interval, timeout, rise and fall must be positive, timeout at most interval")]
+    Health,
 }
 
 fn family(addr: &SocketAddr) -> &'static str {
@@ -173,6 +260,18 @@ impl Service {
         }
         if self.mode == Mode::Proxy && self.addr.protocol == Protocol::Udp {
             return Err(Invalid::UdpProxy);
+        }
+        if self.mode == Mode::Kernel && self.algorithm.proxy_only() {
+            return Err(Invalid::ProxyOnly(self.algorithm));
+        }
+        if let Some(h) = &self.policy.health
+            && (h.interval.is_zero()
+                || h.timeout.is_zero()
+                || h.timeout > h.interval
+                || h.rise == 0
+                || h.fall == 0)
+        {
+            return Err(Invalid::Health);
         }
         if let Some(t) = self.affinity
             && (t < Duration::from_secs(1) || t > Duration::from_secs(86_400))
@@ -223,6 +322,7 @@ mod tests {
             mode: Mode::Kernel,
             algorithm: Algorithm::RoundRobin,
             affinity: None,
+            policy: Policy::default(),
             backends: vec![Backend {
                 addr: "10.0.0.1:8080".parse().unwrap(),
                 weight: 1,

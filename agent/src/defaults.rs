@@ -32,3 +32,74 @@ pub const KERNEL_LOG: &str = "info";
 
 /// Where the last-known-good catalog lives.
 pub const STATE_DIR: &str = "/var/lib/switchyard";
+
+/// Active health checks (HAProxy: `inter 2s`, `rise 2`, `fall 3`; its timeout defaults to the
+/// interval, ours is shorter so a hung backend is seen within one interval).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const HEALTH_RISE: u32 = 2;
+pub const HEALTH_FALL: u32 = 3;
+
+/// How long a drained backend's connections run on before they are closed. Envoy, kube-proxy
+/// and ztunnel have no such deadline (connections are stranded or cut at once); HAProxy drains
+/// without one. Five minutes lets typical long-lived connections finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Passive outlier ejection (Envoy: 5 consecutive errors, 30 s × times ejected, capped at
+/// 300 s, at most 10 % ejected). Our share cap is higher: a node agent's services are often
+/// 2–5 backends, where 10 % would allow no ejection at all.
+pub const OUTLIER_CONSECUTIVE_FAILURES: u32 = 5;
+pub const OUTLIER_BASE_EJECTION: Duration = Duration::from_secs(30);
+pub const OUTLIER_MAX_EJECTION: Duration = Duration::from_secs(300);
+pub const OUTLIER_MAX_EJECTED_PERCENT: u32 = 50;
+
+/// Below this share of healthy backends, a service ignores health and ejection and balances
+/// over all of them (Envoy's panic threshold is 50 %), so a mass failure never empties it.
+pub const PANIC_THRESHOLD_PERCENT: u32 = 50;
+
+/// Retry budget: retries allowed in flight as a share of active connections, with a floor
+/// (Envoy: 20 %, minimum 3).
+pub const RETRY_BUDGET_PERCENT: u32 = 20;
+pub const RETRY_BUDGET_MIN: u32 = 3;
+
+/// Peak-EWMA (linkerd2-proxy): a new backend's assumed latency, and the decay time.
+pub const EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// Ring hash points per unit of weight. Envoy sizes its ring from the total (minimum 1024
+/// entries), so every change reshapes it a little; fixed points per backend keep the clients of
+/// unchanged backends where they are. Four backends of weight 1 make Envoy's 1024.
+pub const RING_POINTS_PER_WEIGHT: usize = 256;
+
+/// Slow start: a backend returning from ejection or a failed health check ramps its weight up
+/// over this long (HAProxy's `slowstart`; off by default there, on here because a node agent's
+/// retries and P2C would otherwise send a recovering backend its full share at once).
+pub const SLOW_START: Duration = Duration::from_secs(10);
+
+/// The etcd source. Key prefix when the config names none (one service per key below it).
+pub const ETCD_PREFIX: &str = "/switchyard/services/";
+/// Connect timeout per member (etcd's clientv3 `DialTimeout` is commonly 5 s; members are in
+/// the cluster's own network, and a short timeout moves on to the next member sooner).
+pub const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on one request (the range read, opening the watch): a member that accepts the
+/// connection but never answers must not stall the source.
+pub const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keepalive on the watch connection: a silently dead member is noticed within about
+/// interval + timeout. etcd refuses pings more often than every 5 s (`--grpc-keepalive-min-time`).
+pub const ETCD_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const ETCD_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reconnect backoff of the network sources (etcd; DNS after a failed lookup): doubled on each
+/// failure from the first to the last value, with jitter (Kubernetes' reflector: 800 ms to
+/// 30 s). Short enough that a restarted etcd is followed again within seconds.
+pub const SOURCE_RETRY_MIN: Duration = Duration::from_millis(250);
+pub const SOURCE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The DNS source re-resolves when the answer's TTL runs out, but not more often than the
+/// first value (a TTL of 0 would mean a query loop) nor less often than the second (a record
+/// with a day's TTL still gets looked at). CoreDNS's cache caps at 1 h; we watch closer.
+pub const DNS_MIN_REFRESH: Duration = Duration::from_secs(1);
+pub const DNS_MAX_REFRESH: Duration = Duration::from_secs(300);
+/// One lookup's timeout and attempts (glibc's resolver: 5 s and 2).
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DNS_ATTEMPTS: usize = 2;

@@ -20,6 +20,7 @@ pub mod config;
 pub mod datapath;
 pub mod defaults;
 pub mod forwarder;
+pub mod health;
 pub mod reconcile;
 pub mod registry;
 pub mod run;

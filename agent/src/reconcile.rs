@@ -5,7 +5,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    time::Duration,
+    sync::Arc,
 };
 
 use switchyard_common::{
@@ -21,7 +21,8 @@ use crate::{
     balance::smooth_weighted_order,
     catalog::{Algorithm, BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
     datapath::{KernelMaps, MapsError, addr::to_words},
-    forwarder::{SharedTable, Table},
+    forwarder::{Defaults, SharedTable, Table},
+    health::Board,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +100,8 @@ pub struct Changes {
 pub struct Reconciler {
     maps: KernelMaps,
     table: SharedTable,
-    connect_timeout: Duration,
-    retries: u32,
+    board: Arc<Board>,
+    defaults: Defaults,
     applied: HashMap<ServiceAddr, Applied>,
     service_ids: IdPool,
     backend_ids: IdPool,
@@ -114,14 +115,14 @@ impl Reconciler {
     pub fn new(
         maps: KernelMaps,
         table: SharedTable,
-        connect_timeout: Duration,
-        retries: u32,
+        board: Arc<Board>,
+        defaults: Defaults,
     ) -> Self {
         Reconciler {
             maps,
             table,
-            connect_timeout,
-            retries,
+            board,
+            defaults,
             applied: HashMap::new(),
             service_ids: IdPool::new(kmaps::MAX_SERVICES),
             backend_ids: IdPool::new(kmaps::MAX_BACKENDS),
@@ -190,26 +191,26 @@ impl Reconciler {
         &self.maps
     }
 
-    /// Makes the kernel and the forwarder match `catalog`.
+    /// Makes the kernel and the forwarder match `catalog`. Backends that active health checks
+    /// hold down are left out of the kernel's choices (the forwarder sees their health itself).
     pub fn apply(&mut self, catalog: &Catalog) -> Result<Changes, ReconcileError> {
         let mut changes = Changes::default();
+        let kernel_view = without_down(catalog, &self.board.down());
+        let kernel_view = &kernel_view;
         // The forwarder learns of new proxy services before the kernel sends it their clients,
         // and forgets removed ones only after the kernel stops.
         let previous = self.table.load();
-        let mut widened = Catalog::default();
-        for (k, s) in catalog.services.iter().chain(
-            self.applied
-                .iter()
-                .filter(|(k, _)| !catalog.services.contains_key(k) && previous.contains(k))
-                .map(|(k, a)| (k, &a.service)),
-        ) {
-            widened.services.insert(*k, s.clone());
+        let mut widened = catalog.clone();
+        for (k, a) in &self.applied {
+            if a.service.mode == Mode::Proxy && !catalog.services.contains_key(k) {
+                widened.services.insert(*k, a.service.clone());
+            }
         }
         self.table.store(Table::build(
             &widened,
             &previous,
-            self.connect_timeout,
-            self.retries,
+            &self.board,
+            self.defaults,
         ));
 
         let gone: Vec<ServiceAddr> = self
@@ -222,7 +223,7 @@ impl Reconciler {
             self.remove(&key)?;
             changes.removed += 1;
         }
-        for (key, service) in &catalog.services {
+        for (key, service) in &kernel_view.services {
             match self.applied.get(key) {
                 Some(a) if &a.service == service => {}
                 Some(_) => {
@@ -235,12 +236,7 @@ impl Reconciler {
                 }
             }
         }
-        let table = Table::build(
-            catalog,
-            &self.table.load(),
-            self.connect_timeout,
-            self.retries,
-        );
+        let table = Table::build(catalog, &self.table.load(), &self.board, self.defaults);
         self.table.store(table);
         if changes != Changes::default() {
             info!(
@@ -322,7 +318,9 @@ impl Reconciler {
             algorithm: match service.algorithm {
                 Algorithm::Random | Algorithm::WeightedRandom => kmaps::algorithm::RANDOM,
                 Algorithm::RoundRobin => kmaps::algorithm::ROUND_ROBIN,
-                Algorithm::Maglev => kmaps::algorithm::MAGLEV,
+                Algorithm::Maglev | Algorithm::RingHash => kmaps::algorithm::MAGLEV,
+                // Proxy-only algorithms: the kernel only redirects, any slot order will do.
+                Algorithm::LeastConnections | Algorithm::PeakEwma => kmaps::algorithm::RANDOM,
             },
             flags: if service.affinity.is_some() {
                 kmaps::service_flags::AFFINITY
@@ -386,6 +384,23 @@ impl Reconciler {
     }
 }
 
+/// The catalog as the kernel should see it: backends held down by health checks are out of
+/// service (`maint`), so no slot points at them and affinity lets go of them.
+fn without_down(catalog: &Catalog, down: &HashSet<(ServiceAddr, SocketAddr)>) -> Catalog {
+    if down.is_empty() {
+        return catalog.clone();
+    }
+    let mut view = catalog.clone();
+    for (addr, s) in view.services.iter_mut() {
+        for b in s.backends.iter_mut() {
+            if down.contains(&(*addr, b.addr)) {
+                b.state = BackendState::Maint;
+            }
+        }
+    }
+    view
+}
+
 fn service_key(addr: &ServiceAddr) -> ServiceKey {
     ServiceKey {
         addr: to_words(addr.vip.ip()),
@@ -426,7 +441,9 @@ fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
     let divisor = usable.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
     let weights: Vec<u32> = usable.iter().map(|&(_, w)| w / divisor).collect();
     match service.algorithm {
-        Algorithm::Random => usable.iter().map(|&(i, _)| ids[i]).collect(),
+        Algorithm::Random | Algorithm::LeastConnections | Algorithm::PeakEwma => {
+            usable.iter().map(|&(i, _)| ids[i]).collect()
+        }
         Algorithm::WeightedRandom => usable
             .iter()
             .zip(&weights)
@@ -438,7 +455,7 @@ fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
             .map(|k| ids[usable[k].0])
             .take(MAX_SLOTS_PER_SERVICE as usize)
             .collect(),
-        Algorithm::Maglev => {
+        Algorithm::Maglev | Algorithm::RingHash => {
             let keys: Vec<u64> = usable
                 .iter()
                 .map(|&(i, _)| {
@@ -474,6 +491,7 @@ mod tests {
             mode: Mode::Kernel,
             algorithm,
             affinity: None,
+            policy: Default::default(),
             backends: weights
                 .iter()
                 .enumerate()

@@ -12,7 +12,8 @@ use tracing::{info, warn};
 use crate::{
     config::AgentConfig,
     datapath, defaults,
-    forwarder::{Forwarder, OrigDst, SharedTable},
+    forwarder::{Defaults, Forwarder, OrigDst, SharedTable},
+    health::{Board, check::Checker},
     reconcile::Reconciler,
     registry::{Registry, Source, file},
 };
@@ -36,16 +37,22 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
 
     let (datapath, maps, orig) = datapath::load(&config.datapath)?;
     let table = SharedTable::default();
+    let board = Arc::new(Board::default());
     let mut reconciler = Reconciler::new(
         maps,
         table.clone(),
-        config.forwarder.connect_timeout,
-        config.forwarder.retries,
+        board.clone(),
+        Defaults {
+            connect_timeout: config.forwarder.connect_timeout,
+            retries: config.forwarder.retries,
+        },
     );
+    let mut checker = Checker::default();
     reconciler.set_settings(&config.forwarder.listen, defaults::OWN_MARK)?;
     reconciler.adopt()?;
-    let first = catalogs.borrow_and_update().clone();
-    reconciler.apply(&first)?;
+    let mut catalog = catalogs.borrow_and_update().clone();
+    checker.reconcile(&catalog, &board, defaults::OWN_MARK);
+    reconciler.apply(&catalog)?;
 
     let forwarder = Arc::new(Forwarder {
         table,
@@ -69,6 +76,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         .await
         .unwrap_or_default();
     let watcher = tokio::spawn(file::watch(registry.clone(), config_path.to_owned(), text));
+    let _sources = crate::registry::start_sources(&registry, &config);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -80,9 +88,16 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
                 if changed.is_err() {
                     break "registry closed";
                 }
-                let catalog = catalogs.borrow_and_update().clone();
+                catalog = catalogs.borrow_and_update().clone();
+                checker.reconcile(&catalog, &board, defaults::OWN_MARK);
                 if let Err(e) = reconciler.apply(&catalog) {
                     warn!("catalog not fully applied: {e}");
+                }
+            }
+            _ = board.changed.notified() => {
+                // A health verdict changed: the kernel's choices follow.
+                if let Err(e) = reconciler.apply(&catalog) {
+                    warn!("health change not fully applied: {e}");
                 }
             }
         }

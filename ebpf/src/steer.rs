@@ -71,7 +71,13 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
 
     let proxied = svc.mode == mode::PROXY && key.proto == PROTO_TCP;
     let target = if proxied {
-        forwarder(&vip)
+        // Nothing usable (all drained, in maintenance or down): refuse here rather than hand
+        // the forwarder a connection it can only reset.
+        if svc.slot_count == 0 {
+            None
+        } else {
+            forwarder(&vip)
+        }
     } else {
         let client = client_addr(sk, v6);
         pick_backend(ctx, &svc, &client)

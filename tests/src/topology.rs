@@ -19,6 +19,8 @@ use crate::{Cgroup, Netns, Process, process::Place, unique};
 
 pub const BACKEND_PORT: u16 = 8080;
 pub const FORWARDER_PORT: u16 = 15001;
+/// Each backend's slow sink (reads 1 MB/s): for backpressure tests.
+pub const SINK_PORT: u16 = 9090;
 
 /// The agent's directories for one world: `pins` (a bpffs the agent mounts) and `state` (its
 /// last-known-good). On drop, `switchyard cleanup` empties and unmounts the pins, whatever state
@@ -147,9 +149,15 @@ impl Topology {
     }
 
     fn start_backend(&self, i: usize) -> anyhow::Result<Process> {
+        self.start_backend_with(i, &[])
+    }
+
+    fn start_backend_with(&self, i: usize, extra: &[&str]) -> anyhow::Result<Process> {
         let host = 11 + i as u8;
         let mut cmd = Command::new(crate::binary("SY_PROBE_BIN", "sy-probe"));
         cmd.args(["serve", "--name", &Self::backend_name(i)]);
+        cmd.args(["--sink", &SocketAddr::new(v4(host), SINK_PORT).to_string()]);
+        cmd.args(extra);
         for ip in [v4(host), v6(host)] {
             let a = SocketAddr::new(ip, BACKEND_PORT).to_string();
             cmd.args(["--tcp", &a, "--udp", &a]);
@@ -184,9 +192,37 @@ impl Topology {
     }
 
     pub fn restart_backend(&mut self, i: usize) -> anyhow::Result<()> {
+        self.restart_backend_with(i, &[])
+    }
+
+    /// Restarts backend `i` with extra `sy-probe serve` arguments (e.g. `--delay-ms 200`).
+    pub fn restart_backend_with(&mut self, i: usize, extra: &[&str]) -> anyhow::Result<()> {
         self.kill_backend(i);
-        self.backends[i] = Some(self.start_backend(i)?);
+        self.backends[i] = Some(self.start_backend_with(i, extra)?);
         Ok(())
+    }
+
+    /// Runs `sy-probe <args>` from pod `pod` inside the steered cgroup, without waiting.
+    pub fn probe(&self, pod: usize, args: &[&str]) -> anyhow::Result<Process> {
+        let mut cmd = Command::new(crate::binary("SY_PROBE_BIN", "sy-probe"));
+        cmd.args(args);
+        let place = Place {
+            netns: Some(&self.pods[pod]),
+            cgroup: Some(self.pods_cgroup.as_path()),
+        };
+        Process::spawn("sy-probe", cmd, place)
+    }
+
+    /// Runs `sy-probe <args>` from pod `pod` (steered) to completion; returns what it printed.
+    pub fn probe_output(&self, pod: usize, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let mut p = self.probe(pod, args)?;
+        let status = p.wait_exit(Duration::from_secs(120))?;
+        anyhow::ensure!(
+            status.success(),
+            "sy-probe {args:?} failed: {}",
+            p.output().join("\n")
+        );
+        Ok(p.output())
     }
 
     /// An agent config for this world: attach to the pods' cgroup, forward on the node

@@ -38,6 +38,15 @@ pub fn smooth_weighted_order(weights: &[u32]) -> Vec<usize> {
         fn usable(&self) -> bool {
             self.0 > 0
         }
+        fn active(&self) -> u64 {
+            0
+        }
+        fn latency(&self) -> f64 {
+            0.0
+        }
+        fn key(&self) -> u64 {
+            0
+        }
     }
     let items: Vec<W> = weights.iter().map(|&w| W(w)).collect();
     let total: u64 = weights.iter().map(|&w| w as u64).sum();

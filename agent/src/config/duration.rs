@@ -42,6 +42,10 @@ impl<'de> serde::Deserialize<'de> for HumanDuration {
                     .map(|s| HumanDuration(Duration::from_secs(s)))
                     .map_err(|_| E::custom("a duration cannot be negative"))
             }
+            // JSON numbers (the etcd source's entries) arrive unsigned.
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(HumanDuration(Duration::from_secs(v)))
+            }
         }
         d.deserialize_any(V)
     }

@@ -5,6 +5,7 @@
 //! the file is applied.
 
 mod duration;
+mod sources;
 
 use std::{
     collections::HashMap,
@@ -21,9 +22,13 @@ use serde::{
 use toml::Spanned;
 
 pub use duration::{HumanDuration, parse as parse_duration};
+pub use sources::{DnsConfig, DnsRecord, EtcdConfig, EtcdTls};
 
 use crate::{
-    catalog::{Algorithm, Backend, BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
+    catalog::{
+        Algorithm, Backend, BackendState, BytePath, Catalog, HashKey, HealthCheck, Mode, Policy,
+        Probe, Protocol, Service, ServiceAddr,
+    },
     defaults,
 };
 
@@ -96,6 +101,10 @@ pub struct ForwarderConfig {
 pub struct RegistryConfig {
     /// Where the last-known-good catalog is kept; `None`: memory only.
     pub state_dir: Option<PathBuf>,
+    /// `[registry.etcd]`: services under a key prefix, watched.
+    pub etcd: Option<EtcdConfig>,
+    /// `[[registry.dns]]`: services whose backends a DNS name gives, re-resolved by TTL.
+    pub dns: Vec<DnsConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -134,12 +143,17 @@ struct RawRegistry {
     /// `""` turns saving off.
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
+    etcd: Option<Spanned<sources::RawEtcd>>,
+    #[serde(default)]
+    dns: Vec<Spanned<sources::RawDns>>,
 }
 
 impl Default for RawRegistry {
     fn default() -> Self {
         RawRegistry {
             state_dir: default_state_dir(),
+            etcd: None,
+            dns: Vec::new(),
         }
     }
 }
@@ -174,10 +188,147 @@ struct RawService {
     affinity_timeout: Option<HumanDuration>,
     #[serde(default)]
     backends: Vec<RawBackend>,
+    // Forwarding policy (proxy mode).
+    connect_timeout: Option<HumanDuration>,
+    retries: Option<u32>,
+    max_connections: Option<u32>,
+    drain_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    hash_key: HashKey,
+    #[serde(default)]
+    byte_path: BytePath,
+    health: Option<RawHealth>,
+    outlier_failures: Option<u32>,
+    outlier_ejection: Option<HumanDuration>,
+}
+
+/// `health = { kind = "http", path = "/healthz", status = 200, interval = "2s", … }`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default = "tcp_probe")]
+    kind: String,
+    path: Option<String>,
+    status: Option<u16>,
+    interval: Option<HumanDuration>,
+    timeout: Option<HumanDuration>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+fn tcp_probe() -> String {
+    "tcp".into()
+}
+
+impl RawHealth {
+    fn into_check(self) -> Result<HealthCheck, String> {
+        let probe = match self.kind.as_str() {
+            "tcp" => Probe::Tcp,
+            "http" => Probe::Http {
+                path: self.path.unwrap_or_else(|| "/".into()),
+                status: self.status.unwrap_or(200),
+            },
+            other => return Err(format!("health.kind: `{other}` is not tcp or http")),
+        };
+        Ok(HealthCheck {
+            probe,
+            interval: self.interval.map_or(defaults::HEALTH_INTERVAL, |d| d.0),
+            timeout: self.timeout.map_or(defaults::HEALTH_TIMEOUT, |d| d.0),
+            rise: self.rise.unwrap_or(defaults::HEALTH_RISE),
+            fall: self.fall.unwrap_or(defaults::HEALTH_FALL),
+        })
+    }
 }
 
 fn tcp() -> Protocol {
     Protocol::Tcp
+}
+
+/// `affinity_timeout` alone turns affinity on; `affinity = true` alone takes the default.
+fn affinity(on: bool, timeout: Option<HumanDuration>) -> Option<Duration> {
+    match (on, timeout) {
+        (_, Some(t)) => Some(t.0),
+        (true, None) => Some(defaults::AFFINITY_TIMEOUT),
+        (false, None) => None,
+    }
+}
+
+/// What every entry must satisfy, whichever source it comes from: the service's own rules
+/// ([`Service::validate`]) and, for proxy mode, a forwarder address of the vip's family.
+pub fn check_service(service: &Service, listen: &[SocketAddr]) -> Result<(), String> {
+    service.validate().map_err(|e| e.to_string())?;
+    if service.mode == Mode::Proxy
+        && !listen
+            .iter()
+            .any(|l| l.is_ipv4() == service.addr.vip.is_ipv4())
+    {
+        return Err("mode: proxy needs a forwarder.listen address of the vip's family".into());
+    }
+    Ok(())
+}
+
+impl RawService {
+    /// The one way from an entry as written (a TOML `[[service]]` table, an etcd JSON value)
+    /// to a checked service, so every source accepts the same entries and names the same field.
+    fn into_service(self, listen: &[SocketAddr]) -> Result<Service, String> {
+        let raw = self;
+        let health = match raw.health {
+            Some(h) => Some(h.into_check()?),
+            None => None,
+        };
+        let policy = Policy {
+            connect_timeout: raw.connect_timeout.map(|d| d.0),
+            retries: raw.retries,
+            max_connections: raw.max_connections,
+            drain_timeout: raw.drain_timeout.map(|d| d.0),
+            idle_timeout: raw.idle_timeout.map(|d| d.0),
+            hash_key: raw.hash_key,
+            byte_path: raw.byte_path,
+            health,
+            outlier_failures: raw.outlier_failures,
+            outlier_ejection: raw.outlier_ejection.map(|d| d.0),
+        };
+        let service = Service {
+            policy,
+            name: raw.name,
+            addr: ServiceAddr {
+                vip: raw.vip,
+                protocol: raw.protocol,
+            },
+            mode: raw.mode,
+            algorithm: raw.algorithm,
+            affinity: affinity(raw.affinity, raw.affinity_timeout),
+            backends: raw.backends.into_iter().map(|b| b.0).collect(),
+        };
+        check_service(&service, listen)?;
+        Ok(service)
+    }
+}
+
+/// One service entry as JSON (an etcd value): the fields of a `[[service]]` table, through the
+/// same deserialization and checks as the file, so an error names the field the same way
+/// (`backends[0].address: …`, `backends[1]: port 0 is not a backend port`). `name` may be left
+/// out: `default_name` (the key's last part) is taken.
+pub fn service_from_json(
+    json: &[u8],
+    default_name: &str,
+    listen: &[SocketAddr],
+) -> Result<Service, String> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
+    let Some(fields) = value.as_object_mut() else {
+        return Err("not an object with the fields of a [[service]] table".into());
+    };
+    fields.entry("name").or_insert_with(|| default_name.into());
+    let raw: RawService = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        match path.as_str() {
+            "." => e.into_inner().to_string(),
+            _ => format!("{path}: {}", e.into_inner()),
+        }
+    })?;
+    raw.into_service(listen)
 }
 
 /// A backend is `"ip:port"` or `{ address = "ip:port", weight = 2, state = "drain" }`.
@@ -283,37 +434,9 @@ impl AgentConfig {
             let span = spanned.span();
             let raw = spanned.into_inner();
             let entry = format!("service[{index}] \"{}\"", raw.name);
-            let affinity = match (raw.affinity, raw.affinity_timeout) {
-                (_, Some(t)) => Some(t.0),
-                (true, None) => Some(defaults::AFFINITY_TIMEOUT),
-                (false, None) => None,
-            };
-            let service = Service {
-                name: raw.name.clone(),
-                addr: ServiceAddr {
-                    vip: raw.vip,
-                    protocol: raw.protocol,
-                },
-                mode: raw.mode,
-                algorithm: raw.algorithm,
-                affinity,
-                backends: raw.backends.into_iter().map(|b| b.0).collect(),
-            };
-            service
-                .validate()
-                .map_err(|e| invalid(span.clone(), entry.clone(), e.to_string()))?;
-            if service.mode == Mode::Proxy
-                && !forwarder
-                    .listen
-                    .iter()
-                    .any(|l| l.is_ipv4() == service.addr.vip.is_ipv4())
-            {
-                return Err(invalid(
-                    span,
-                    entry,
-                    "mode: proxy needs a forwarder.listen address of the vip's family".into(),
-                ));
-            }
+            let service = raw
+                .into_service(&forwarder.listen)
+                .map_err(|e| invalid(span.clone(), entry.clone(), e))?;
             if let Some(first) = names.insert(service.name.clone(), index) {
                 return Err(invalid(
                     span,
@@ -330,6 +453,45 @@ impl AgentConfig {
             }
             catalog.services.insert(service.addr, service);
         }
+
+        let etcd = match raw.registry.etcd {
+            Some(spanned) => {
+                let span = spanned.span();
+                let etcd = spanned
+                    .into_inner()
+                    .check()
+                    .map_err(|e| invalid(span, "registry.etcd".into(), e))?;
+                Some(etcd)
+            }
+            None => None,
+        };
+        let mut dns = Vec::new();
+        let mut dns_names: HashMap<String, usize> = HashMap::new();
+        for (index, spanned) in raw.registry.dns.into_iter().enumerate() {
+            let span = spanned.span();
+            let raw = spanned.into_inner();
+            let entry = format!("registry.dns[{index}] \"{}\"", raw.name);
+            let d = raw
+                .check(&forwarder.listen)
+                .map_err(|e| invalid(span.clone(), entry.clone(), e))?;
+            let addr = d.service.addr;
+            let clash = if let Some(first) = dns_names.insert(d.service.name.clone(), index) {
+                Some(format!("name: already used by registry.dns[{first}]"))
+            } else if names.contains_key(&d.service.name) {
+                Some("name: already used by a [[service]]".into())
+            } else if catalog.services.contains_key(&addr)
+                || dns.iter().any(|o: &DnsConfig| o.service.addr == addr)
+            {
+                Some(format!("vip: {addr} is already another service's address"))
+            } else {
+                None
+            };
+            if let Some(reason) = clash {
+                return Err(invalid(span, entry, reason));
+            }
+            dns.push(d);
+        }
+
         Ok(AgentConfig {
             datapath: DatapathConfig {
                 cgroup: PathBuf::from(raw.datapath.cgroup),
@@ -340,6 +502,8 @@ impl AgentConfig {
             registry: RegistryConfig {
                 state_dir: (!raw.registry.state_dir.as_os_str().is_empty())
                     .then_some(raw.registry.state_dir),
+                etcd,
+                dns,
             },
             catalog,
         })

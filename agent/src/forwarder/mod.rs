@@ -1,25 +1,28 @@
 //! The userspace forwarder: accepts connections the kernel redirected to it, recovers their
-//! original service address, connects to a backend (retrying others) and copies bytes both ways.
+//! original service address, connects to a backend (retrying others) and moves bytes both ways
+//! until both sides are done, the connection idles out, or its backend's drain deadline passes.
 
+mod copy;
 mod origdst;
 pub mod table;
 mod upstream;
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
-use tokio::{
-    io::copy_bidirectional_with_sizes,
-    net::{TcpListener, TcpStream},
-};
+use switchyard_common::hash::mix64;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+pub use copy::{CopyError, Moved};
 pub use origdst::OrigDst;
-pub use table::{SharedTable, Table};
+pub use table::{Defaults, SharedTable, Table};
+pub use upstream::connect_marked;
 
-use crate::defaults;
+use crate::{catalog::HashKey, defaults};
 
 pub struct Forwarder {
     pub table: SharedTable,
@@ -41,7 +44,7 @@ impl Forwarder {
                 Err(e) => {
                     // Out of descriptors and the like: back off briefly rather than spin.
                     warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
@@ -54,30 +57,154 @@ impl Forwarder {
         };
         let Some(service) = self.table.load().get(&vip) else {
             debug!(%peer, %vip, "original destination is not a proxy-mode service");
-            return;
+            return refuse(client);
         };
-        let upstream = match upstream::connect(&service, self.own_mark).await {
-            Ok(u) => u,
-            Err(e) => {
-                warn!(service = %service.name, %peer, "refused: {e}");
-                return;
+        let shared = &service.shared;
+        if let Some(max) = service.max_connections
+            && shared.active.load(Ordering::Relaxed) >= max as u64
+        {
+            shared.refused_limit.fetch_add(1, Ordering::Relaxed);
+            debug!(service = %service.name, %peer, "refused: connection limit {max} reached");
+            return refuse(client);
+        }
+        let hash = client_hash(peer, service.hash_key);
+        let mut attempts = upstream::Attempts::new(&service);
+        let upstream = loop {
+            let u = match upstream::connect(&service, hash, self.own_mark, &mut attempts).await {
+                Ok(u) => u,
+                Err(e) => {
+                    shared.refused_no_backend.fetch_add(1, Ordering::Relaxed);
+                    warn!(service = %service.name, %peer, "refused: {e}");
+                    return refuse(client);
+                }
+            };
+            if attempts.may_retry(&service) && upstream::dead_on_arrival(&client, &u.stream).await {
+                let b = &service.backends[u.backend];
+                b.health.counters.resets.fetch_add(1, Ordering::Relaxed);
+                b.health.failure(
+                    service.outlier_failures,
+                    service.outlier_ejection,
+                    service.may_eject(),
+                );
+                debug!(service = %service.name, backend = %b.addr, "closed before the first byte: trying another");
+                continue;
             }
+            break u;
         };
         let backend = &service.backends[upstream.backend];
-        backend.stats.opened.fetch_add(1, Ordering::Relaxed);
-        backend.stats.active.fetch_add(1, Ordering::Relaxed);
+        debug!(service = %service.name, %peer, backend = %backend.addr, hash, "connected");
+        let counters = &backend.health.counters;
+        counters.opened.fetch_add(1, Ordering::Relaxed);
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        shared.active.fetch_add(1, Ordering::Relaxed);
         let _ = client.set_nodelay(true);
         let mut server = upstream.stream;
-        let result = copy_bidirectional_with_sizes(
-            &mut client,
-            &mut server,
-            defaults::COPY_BUFFER,
-            defaults::COPY_BUFFER,
-        )
-        .await;
-        backend.stats.active.fetch_sub(1, Ordering::Relaxed);
-        if let Err(e) = result {
-            debug!(service = %service.name, backend = %backend.addr, "connection ended: {e}");
+        let moved = Moved::default();
+        // The backend's response time feeds peak-EWMA balancing as soon as it is known.
+        let answered = |m: &Moved| {
+            if let Some(t) = m.response_time() {
+                backend.health.observe(t);
+            }
+        };
+        let result = tokio::select! {
+            r = copy::bidirectional(
+                &mut client,
+                &mut server,
+                service.byte_path,
+                defaults::COPY_BUFFER,
+                service.idle_timeout,
+                &moved,
+                &answered,
+            ) => r,
+            _ = backend.health.drain_deadline() => {
+                counters.drained_closed.fetch_add(1, Ordering::Relaxed);
+                info!(service = %service.name, backend = %backend.addr, %peer, "drain deadline: connection closed");
+                Ok(())
+            }
+        };
+        counters
+            .bytes_out
+            .fetch_add(moved.to_backend.load(Ordering::Relaxed), Ordering::Relaxed);
+        counters
+            .bytes_in
+            .fetch_add(moved.to_client.load(Ordering::Relaxed), Ordering::Relaxed);
+        counters.active.fetch_sub(1, Ordering::Relaxed);
+        counters.closed.fetch_add(1, Ordering::Relaxed);
+        shared.active.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {}
+            Err(CopyError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                counters.resets.fetch_add(1, Ordering::Relaxed);
+                debug!(service = %service.name, backend = %backend.addr, "connection reset: {e}");
+            }
+            Err(e) => {
+                debug!(service = %service.name, backend = %backend.addr, "connection ended: {e}")
+            }
+        }
+    }
+}
+
+/// Closes with a reset, so the client learns at once that nothing will answer.
+fn refuse(client: TcpStream) {
+    let _ = client.set_zero_linger();
+    drop(client);
+}
+
+fn client_hash(peer: SocketAddr, key: HashKey) -> u64 {
+    let ip = match peer.ip() {
+        IpAddr::V4(v4) => u32::from(v4) as u64,
+        IpAddr::V6(v6) => {
+            let b = u128::from(v6);
+            (b >> 64) as u64 ^ b as u64
+        }
+    };
+    match key {
+        HashKey::ClientIp => mix64(ip),
+        HashKey::ClientIpPort => mix64(ip ^ mix64(peer.port() as u64)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::{Candidate, Ring};
+
+    struct K(u64);
+    impl Candidate for K {
+        fn weight(&self) -> u32 {
+            1
+        }
+        fn usable(&self) -> bool {
+            true
+        }
+        fn active(&self) -> u64 {
+            0
+        }
+        fn latency(&self) -> f64 {
+            0.0
+        }
+        fn key(&self) -> u64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn ring_with_real_keys_keeps_survivors() {
+        let key = |h: u8| {
+            let ip = crate::datapath::addr::to_words(IpAddr::from([10, 77, 0, h]));
+            switchyard_common::maglev::backend_key(&ip, 8080)
+        };
+        let all = [K(key(11)), K(key(12)), K(key(13)), K(key(14))];
+        let three = [K(key(11)), K(key(12)), K(key(14))];
+        let (r4, r3) = (Ring::build(&all), Ring::build(&three));
+        for c in 100..140u8 {
+            let h = client_hash(
+                SocketAddr::new(IpAddr::from([10, 77, 0, c]), 5555),
+                HashKey::ClientIp,
+            );
+            let b = all[r4.pick(&all, h).unwrap()].0;
+            let a = three[r3.pick(&three, h).unwrap()].0;
+            assert!(b == key(13) || a == b, "client {c} moved");
         }
     }
 }

@@ -1,62 +1,154 @@
-//! What the forwarder knows of the proxy-mode services. Replaced whole by the reconciler;
-//! per-backend statistics carry over from one table to the next.
+//! What the forwarder knows of the proxy-mode services. Rebuilt whole by the reconciler; the
+//! per-backend health and counters are the node-wide [`Board`]'s, so they carry over.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{
     balance::{Balancer, Candidate},
-    catalog::{BackendState, Catalog, Mode, Protocol, ServiceAddr},
+    catalog::{BackendState, BytePath, Catalog, HashKey, Mode, Protocol, ServiceAddr},
+    defaults,
+    health::{BackendHealth, Board, Verdict},
 };
-
-/// Counters of one backend of one service, kept across catalog changes.
-#[derive(Debug, Default)]
-pub struct UpstreamStats {
-    pub active: AtomicU64,
-    pub opened: AtomicU64,
-    pub connect_failures: AtomicU64,
-}
 
 pub struct Upstream {
     pub addr: SocketAddr,
     pub weight: u32,
     pub state: BackendState,
-    pub stats: Arc<UpstreamStats>,
+    pub health: Arc<BackendHealth>,
+    key: u64,
+}
+
+impl Upstream {
+    /// Not held down by an active check, not ejected.
+    fn healthy(&self, now: Instant) -> bool {
+        self.health.verdict() != Verdict::Down && !self.health.is_ejected(now)
+    }
+
+    fn admitted(&self) -> bool {
+        self.state == BackendState::Ready && self.weight > 0
+    }
+}
+
+/// Service-wide state shared by all its connections (survives table rebuilds).
+#[derive(Debug, Default)]
+pub struct ServiceShared {
+    pub active: AtomicU64,
+    pub retries_in_flight: AtomicU32,
+    pub refused_limit: AtomicU64,
+    pub refused_no_backend: AtomicU64,
+    pub retries: AtomicU64,
 }
 
 pub struct ProxyService {
     pub name: String,
+    pub addr: ServiceAddr,
     pub backends: Vec<Upstream>,
     pub balancer: Balancer,
     pub connect_timeout: Duration,
     pub retries: u32,
+    pub max_connections: Option<u32>,
+    pub idle_timeout: Option<Duration>,
+    pub hash_key: HashKey,
+    pub byte_path: BytePath,
+    pub outlier_failures: u32,
+    pub outlier_ejection: Duration,
+    pub shared: Arc<ServiceShared>,
 }
 
 /// One upstream as a balancing candidate for one attempt.
 pub struct Attempt<'a> {
     pub upstream: &'a Upstream,
     pub tried: bool,
+    /// Panic mode: health and ejection are ignored (too few healthy backends).
+    pub panic: bool,
+    pub now: Instant,
 }
 
 impl Candidate for Attempt<'_> {
     fn weight(&self) -> u32 {
-        self.upstream.weight
+        self.upstream
+            .health
+            .effective_weight(self.upstream.weight, self.now, defaults::SLOW_START)
     }
     fn usable(&self) -> bool {
-        !self.tried && self.upstream.state == BackendState::Ready && self.upstream.weight > 0
+        !self.tried && self.upstream.admitted() && (self.panic || self.upstream.healthy(self.now))
+    }
+    fn active(&self) -> u64 {
+        self.upstream.health.counters.active.load(Ordering::Relaxed)
+    }
+    fn latency(&self) -> f64 {
+        self.upstream.health.latency_ns()
+    }
+    fn key(&self) -> u64 {
+        self.upstream.key
+    }
+}
+
+impl ProxyService {
+    /// Candidates for one attempt; panic mode when under the panic threshold of the admitted
+    /// backends are healthy.
+    pub fn candidates(&self, tried: &[bool]) -> Vec<Attempt<'_>> {
+        let now = Instant::now();
+        let admitted = self.backends.iter().filter(|u| u.admitted()).count();
+        let healthy = self
+            .backends
+            .iter()
+            .filter(|u| u.admitted() && u.healthy(now))
+            .count();
+        let panic =
+            admitted > 0 && healthy * 100 < admitted * defaults::PANIC_THRESHOLD_PERCENT as usize;
+        self.backends
+            .iter()
+            .zip(tried)
+            .map(|(upstream, &tried)| Attempt {
+                upstream,
+                tried,
+                panic,
+                now,
+            })
+            .collect()
+    }
+
+    /// Whether ejecting one more backend keeps the service within its ejection cap.
+    pub fn may_eject(&self) -> bool {
+        let now = Instant::now();
+        let total = self.backends.len().max(1);
+        let ejected = self
+            .backends
+            .iter()
+            .filter(|u| u.health.is_ejected(now))
+            .count();
+        (ejected + 1) * 100 <= total * defaults::OUTLIER_MAX_EJECTED_PERCENT as usize
+    }
+
+    /// A retry may start if retries in flight stay within the budget (Envoy's retry budget).
+    pub fn retry_allowed(&self) -> bool {
+        let active = self.shared.active.load(Ordering::Relaxed) as u32;
+        let budget =
+            (active * defaults::RETRY_BUDGET_PERCENT / 100).max(defaults::RETRY_BUDGET_MIN);
+        self.shared.retries_in_flight.load(Ordering::Relaxed) < budget
     }
 }
 
 #[derive(Default)]
 pub struct Table {
     services: HashMap<SocketAddr, Arc<ProxyService>>,
+    shared: HashMap<ServiceAddr, Arc<ServiceShared>>,
+}
+
+/// Agent-wide forwarding defaults a service may override.
+#[derive(Clone, Copy, Debug)]
+pub struct Defaults {
+    pub connect_timeout: Duration,
+    pub retries: u32,
 }
 
 impl Table {
@@ -64,56 +156,96 @@ impl Table {
         self.services.get(vip).cloned()
     }
 
-    /// The table for a catalog; statistics of backends present in `previous` carry over.
-    pub fn build(
-        catalog: &Catalog,
-        previous: &Table,
-        connect_timeout: Duration,
-        retries: u32,
-    ) -> Table {
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ProxyService>> {
+        self.services.values()
+    }
+
+    /// The table for a catalog. Drains start for backends set to drain or maint, and for
+    /// backends that left the catalog (their open connections still hold their health).
+    pub fn build(catalog: &Catalog, previous: &Table, board: &Board, defaults: Defaults) -> Table {
         let mut services = HashMap::new();
+        let mut shared = HashMap::new();
         for (addr, s) in &catalog.services {
             if s.mode != Mode::Proxy || addr.protocol != Protocol::Tcp {
                 continue;
             }
-            let old = previous.services.get(&addr.vip);
-            let backends = s
+            let drain_timeout = s.policy.drain_timeout.unwrap_or(defaults::DRAIN_TIMEOUT);
+            let backends: Vec<Upstream> = s
                 .backends
                 .iter()
-                .map(|b| Upstream {
-                    addr: b.addr,
-                    weight: b.weight,
-                    state: b.state,
-                    stats: old
-                        .and_then(|o| o.backends.iter().find(|u| u.addr == b.addr))
-                        .map(|u| u.stats.clone())
-                        .unwrap_or_default(),
+                .map(|b| {
+                    let health = board.get(*addr, b.addr);
+                    if b.state == BackendState::Ready {
+                        health.undrain();
+                    } else {
+                        health.drain(drain_timeout);
+                    }
+                    let ip = crate::datapath::addr::to_words(b.addr.ip());
+                    Upstream {
+                        addr: b.addr,
+                        weight: b.weight,
+                        state: b.state,
+                        health,
+                        key: switchyard_common::maglev::backend_key(&ip, b.addr.port()),
+                    }
                 })
                 .collect();
+            let now = Instant::now();
+            let balancer = {
+                let all: Vec<Attempt> = backends
+                    .iter()
+                    .map(|upstream| Attempt {
+                        upstream,
+                        tried: false,
+                        panic: true,
+                        now,
+                    })
+                    .collect();
+                Balancer::new(s.algorithm, &all)
+            };
+            let svc_shared = previous.shared.get(addr).cloned().unwrap_or_default();
+            shared.insert(*addr, svc_shared.clone());
             services.insert(
                 addr.vip,
                 Arc::new(ProxyService {
                     name: s.name.clone(),
+                    addr: *addr,
                     backends,
-                    balancer: Balancer::new(s.algorithm),
-                    connect_timeout,
-                    retries,
+                    balancer,
+                    connect_timeout: s.policy.connect_timeout.unwrap_or(defaults.connect_timeout),
+                    retries: s.policy.retries.unwrap_or(defaults.retries),
+                    max_connections: s.policy.max_connections,
+                    idle_timeout: s.policy.idle_timeout,
+                    hash_key: s.policy.hash_key,
+                    byte_path: s.policy.byte_path,
+                    outlier_failures: s
+                        .policy
+                        .outlier_failures
+                        .unwrap_or(defaults::OUTLIER_CONSECUTIVE_FAILURES),
+                    outlier_ejection: s
+                        .policy
+                        .outlier_ejection
+                        .unwrap_or(defaults::OUTLIER_BASE_EJECTION),
+                    shared: svc_shared,
                 }),
             );
         }
-        Table { services }
-    }
-
-    pub fn contains(&self, addr: &ServiceAddr) -> bool {
-        addr.protocol == Protocol::Tcp && self.services.contains_key(&addr.vip)
-    }
-
-    pub fn active_connections(&self) -> u64 {
-        self.services
-            .values()
-            .flat_map(|s| s.backends.iter())
-            .map(|u| u.stats.active.load(Ordering::Relaxed))
-            .sum()
+        // Backends gone from the catalog: drain what is still open, under the old service's
+        // deadline, then forget them.
+        let keep: HashSet<(ServiceAddr, SocketAddr)> = catalog
+            .services
+            .iter()
+            .flat_map(|(a, s)| s.backends.iter().map(move |b| (*a, b.addr)))
+            .collect();
+        for gone in board.retain(&keep) {
+            let timeout = catalog
+                .services
+                .get(&gone.service)
+                .and_then(|s| s.policy.drain_timeout)
+                .unwrap_or(defaults::DRAIN_TIMEOUT);
+            gone.drain(timeout);
+        }
+        Table { services, shared }
     }
 }
 

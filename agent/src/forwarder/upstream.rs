@@ -1,6 +1,7 @@
-//! Connecting to a backend, retrying on another one when a connect fails.
+//! Connecting to a backend: the balancer's choice first, then other backends, within the retry
+//! budget. Every outcome feeds the node-wide health (latency, outlier ejection).
 
-use std::{io, net::SocketAddr, os::fd::AsRawFd, sync::atomic::Ordering};
+use std::{io, net::SocketAddr, os::fd::AsRawFd, sync::atomic::Ordering, time::Instant};
 
 use tokio::{
     net::{TcpSocket, TcpStream},
@@ -8,7 +9,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::table::{Attempt, ProxyService};
+use super::table::ProxyService;
 
 /// A connected upstream and the index of its backend in the service.
 pub struct Connected {
@@ -20,7 +21,7 @@ pub struct Connected {
 pub enum ConnectError {
     #[error("no usable backend")]
     NoBackend,
-    #[error("all {attempts} attempts failed, last on {addr}: {source}")]
+    #[error("{attempts} attempts failed, last on {addr}: {source}")]
     Exhausted {
         attempts: u32,
         addr: SocketAddr,
@@ -28,66 +29,116 @@ pub enum ConnectError {
     },
 }
 
-/// Tries a backend chosen by the service's balancer, then up to `retries` *other* backends.
-pub async fn connect(service: &ProxyService, own_mark: u32) -> Result<Connected, ConnectError> {
-    let mut tried = vec![false; service.backends.len()];
+/// The attempts of one client connection: which backends were tried, and how many times.
+pub struct Attempts {
+    pub tried: Vec<bool>,
+    pub made: u32,
+}
+
+impl Attempts {
+    pub fn new(service: &ProxyService) -> Self {
+        Attempts {
+            tried: vec![false; service.backends.len()],
+            made: 0,
+        }
+    }
+
+    /// Whether another backend may still be tried.
+    pub fn may_retry(&self, service: &ProxyService) -> bool {
+        self.made <= service.retries && service.retry_allowed()
+    }
+}
+
+/// Tries the balancer's choice, then up to `retries` *other* backends while the retry budget
+/// allows. `client` is the client's hash for consistent-hash services.
+pub async fn connect(
+    service: &ProxyService,
+    client: u64,
+    own_mark: u32,
+    attempts: &mut Attempts,
+) -> Result<Connected, ConnectError> {
     let mut last: Option<(SocketAddr, io::Error)> = None;
-    let mut attempts = 0;
-    while attempts <= service.retries {
-        let candidates: Vec<Attempt> = service
-            .backends
-            .iter()
-            .zip(&tried)
-            .map(|(upstream, &tried)| Attempt { upstream, tried })
-            .collect();
-        let Some(i) = service.balancer.pick(&candidates) else {
+    loop {
+        let candidates = service.candidates(&attempts.tried);
+        let Some(i) = service.balancer.pick(&candidates, client) else {
             break;
         };
-        tried[i] = true;
-        attempts += 1;
+        drop(candidates);
+        attempts.tried[i] = true;
+        let retry = attempts.made > 0;
+        if retry {
+            service.shared.retries.fetch_add(1, Ordering::Relaxed);
+            service
+                .shared
+                .retries_in_flight
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        attempts.made += 1;
         let upstream = &service.backends[i];
-        match connect_one(upstream.addr, own_mark, service).await {
-            Ok(stream) => return Ok(Connected { stream, backend: i }),
+        let started = Instant::now();
+        let result = match timeout(
+            service.connect_timeout,
+            connect_marked(upstream.addr, own_mark),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                upstream
+                    .health
+                    .counters
+                    .connect_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+            }
+        };
+        if retry {
+            service
+                .shared
+                .retries_in_flight
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        match result {
+            Ok(stream) => {
+                upstream.health.success(started.elapsed());
+                return Ok(Connected { stream, backend: i });
+            }
             Err(e) => {
                 upstream
-                    .stats
+                    .health
+                    .counters
                     .connect_failures
                     .fetch_add(1, Ordering::Relaxed);
+                upstream.health.failure(
+                    service.outlier_failures,
+                    service.outlier_ejection,
+                    service.may_eject(),
+                );
                 debug!(service = %service.name, backend = %upstream.addr, "connect failed: {e}");
                 last = Some((upstream.addr, e));
             }
+        }
+        if attempts.made > service.retries || !service.retry_allowed() {
+            break;
         }
     }
     match last {
         None => Err(ConnectError::NoBackend),
         Some((addr, source)) => Err(ConnectError::Exhausted {
-            attempts,
+            attempts: attempts.made,
             addr,
             source,
         }),
     }
 }
 
-async fn connect_one(
-    addr: SocketAddr,
-    own_mark: u32,
-    service: &ProxyService,
-) -> io::Result<TcpStream> {
+/// Connects a socket marked as the agent's own, so the connect hooks never steer it.
+pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    set_mark(&socket, own_mark)?;
-    socket.set_nodelay(true)?;
-    match timeout(service.connect_timeout, socket.connect(addr)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-    }
-}
-
-/// Marks the socket as the agent's own, so the connect hooks never steer it.
-fn set_mark(socket: &TcpSocket, mark: u32) -> io::Result<()> {
     // SAFETY: a valid fd and a u32 option value.
     let rc = unsafe {
         libc::setsockopt(
@@ -98,9 +149,28 @@ fn set_mark(socket: &TcpSocket, mark: u32) -> io::Result<()> {
             size_of::<u32>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    socket.set_nodelay(true)?;
+    socket.connect(addr).await
 }
+
+/// Waits (briefly) for the first sign of life on a fresh upstream connection. A backend that
+/// closes or resets before either side sent a byte (it died between accept and its first byte)
+/// has served nothing, so another backend may take the client, as for a refused connect. Once
+/// the client has spoken, or the backend has, this is an ordinary connection.
+pub async fn dead_on_arrival(client: &TcpStream, server: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    let first = async {
+        tokio::select! {
+            biased;
+            r = server.peek(&mut byte) => matches!(r, Ok(0) | Err(_)),
+            _ = client.readable() => false,
+        }
+    };
+    timeout(FIRST_SIGN, first).await.unwrap_or(false)
+}
+
+/// How long to watch a new connection before handing it to the copy loop regardless.
+const FIRST_SIGN: std::time::Duration = std::time::Duration::from_secs(1);

@@ -153,6 +153,7 @@ mod tests {
                 mode: Mode::Proxy,
                 algorithm: Algorithm::Maglev,
                 affinity: None,
+                policy: Default::default(),
                 backends: vec![],
             },
         );

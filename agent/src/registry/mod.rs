@@ -10,8 +10,11 @@
 //! An entry that fails validation is rejected alone, with its reason logged and counted; the
 //! entry it would have replaced keeps its last good state.
 
+pub mod dns;
+pub mod etcd;
 pub mod file;
 pub mod lkg;
+mod retry;
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +31,8 @@ use crate::catalog::{Catalog, Service, ServiceAddr};
 
 /// Where entries come from. The order is the precedence: when two sources name the same
 /// service address, the earlier one wins. The local API is the operator's hand on the node;
-/// the node's own file comes next; then the control planes; DNS only fills in backends.
+/// the node's own file comes next; then the control planes; DNS, last, only fills in backends
+/// for addresses nobody else names (keep new variants before it unless they rank lower).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
@@ -37,6 +41,7 @@ pub enum Source {
     Etcd,
     Kubernetes,
     Consul,
+    Dns,
 }
 
 impl Source {
@@ -47,6 +52,7 @@ impl Source {
             Source::Etcd => "etcd",
             Source::Kubernetes => "kubernetes",
             Source::Consul => "consul",
+            Source::Dns => "dns",
         }
     }
 }
@@ -190,6 +196,40 @@ impl Registry {
         self.publish(&mut state);
     }
 
+    /// Why `entry` cannot join `source`'s layer under `key`: another key of the same source
+    /// already has its address or its name. Sources that edit entry by entry check this first
+    /// and reject the newcomer, so the entry already there keeps serving.
+    pub fn clash(&self, source: Source, key: &str, entry: &Service) -> Option<String> {
+        let state = self.lock();
+        let layer = state.layers.get(&source)?;
+        layer
+            .entries
+            .iter()
+            .filter(|(k, _)| k.as_str() != key)
+            .find_map(|(k, other)| {
+                if other.addr == entry.addr {
+                    Some(format!("vip: {} is already {k:?}'s address", entry.addr))
+                } else if other.name == entry.name {
+                    Some(format!("name: {:?} is already used by {k:?}", entry.name))
+                } else {
+                    None
+                }
+            })
+    }
+
+    /// Drops a source's whole layer: for a source no longer configured, whose last-known-good
+    /// entries would otherwise be served forever.
+    pub fn forget(&self, source: Source) {
+        let mut state = self.lock();
+        if state.layers.remove(&source).is_some() {
+            info!(
+                source = source.name(),
+                "source no longer configured: its saved entries are dropped"
+            );
+            self.publish(&mut state);
+        }
+    }
+
     /// Counts and logs one rejected entry without changing anything.
     pub fn reject(&self, source: Source, rejected: &Rejected) {
         warn!(source = source.name(), key = %rejected.key, "entry rejected: {}", rejected.reason);
@@ -260,6 +300,40 @@ impl Registry {
     }
 }
 
+/// The network sources' tasks; dropping this ends them.
+pub struct SourceTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for SourceTasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the network sources `config` names (etcd, DNS), each keeping its layer current in
+/// the background; the agent serves what it has (last-known-good included) meanwhile. The
+/// saved layer of a source no longer configured is dropped.
+pub fn start_sources(registry: &Registry, config: &crate::config::AgentConfig) -> SourceTasks {
+    let mut tasks = Vec::new();
+    let listen = config.forwarder.listen.clone();
+    match &config.registry.etcd {
+        Some(etcd) => tasks.push(tokio::spawn(etcd::run(
+            registry.clone(),
+            etcd.clone(),
+            listen,
+        ))),
+        None => registry.forget(Source::Etcd),
+    }
+    if config.registry.dns.is_empty() {
+        registry.forget(Source::Dns);
+    } else {
+        let dns = config.registry.dns.clone();
+        tasks.push(tokio::spawn(dns::run(registry.clone(), dns)));
+    }
+    SourceTasks(tasks)
+}
+
 /// Merges layers by precedence: the first source to name a service address owns it; a second
 /// entry for the same address (or name) is not applied, and said so.
 fn merge(layers: &BTreeMap<Source, Layer>) -> (Catalog, Vec<Rejected>) {
@@ -310,6 +384,7 @@ mod tests {
             mode: Mode::Kernel,
             algorithm: Algorithm::RoundRobin,
             affinity: None,
+            policy: Default::default(),
             backends: vec![],
         }
     }

@@ -30,6 +30,39 @@ enum Cmd {
         tcp: Vec<SocketAddr>,
         #[arg(long)]
         udp: Vec<SocketAddr>,
+        /// Wait this long before answering each TCP connection (a slow backend).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Also a slow sink here: sends the name, then reads at `sink_rate` bytes/s.
+        #[arg(long)]
+        sink: Option<SocketAddr>,
+        #[arg(long, default_value_t = 1_000_000)]
+        sink_rate: u64,
+    },
+    /// Hold one connection open; with `ping_ms`, send a line and read its echo that often.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100)]
+        ping_ms: u64,
+    },
+    /// Send `bytes` pseudo-random bytes, half-close, and check the echo is the same bytes.
+    Stream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Write as fast as the connection takes it for `seconds`; print how much it took.
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
     },
     /// Connect `count` times and tally who answered.
     Ask {
@@ -53,7 +86,28 @@ enum Cmd {
 
 fn main() -> io::Result<()> {
     match Cli::parse().command {
-        Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Cmd::Serve {
+            name,
+            tcp,
+            udp,
+            delay_ms,
+            sink,
+            sink_rate,
+        } => serve(
+            name,
+            tcp,
+            udp,
+            Duration::from_millis(delay_ms),
+            sink,
+            sink_rate,
+        ),
+        Cmd::Hold {
+            to,
+            seconds,
+            ping_ms,
+        } => hold(to, Duration::from_secs_f64(seconds), ping_ms),
+        Cmd::Stream { to, bytes, seed } => stream(to, bytes, seed),
+        Cmd::Flood { to, seconds } => flood(to, Duration::from_secs_f64(seconds)),
         Cmd::Ask {
             to,
             count,
@@ -76,7 +130,14 @@ fn main() -> io::Result<()> {
     }
 }
 
-fn serve(name: String, tcp: Vec<SocketAddr>, udp: Vec<SocketAddr>) -> io::Result<()> {
+fn serve(
+    name: String,
+    tcp: Vec<SocketAddr>,
+    udp: Vec<SocketAddr>,
+    delay: Duration,
+    sink: Option<SocketAddr>,
+    sink_rate: u64,
+) -> io::Result<()> {
     let mut threads = Vec::new();
     for addr in tcp {
         let l = TcpListener::bind(addr)?;
@@ -84,7 +145,20 @@ fn serve(name: String, tcp: Vec<SocketAddr>, udp: Vec<SocketAddr>) -> io::Result
         threads.push(std::thread::spawn(move || {
             for conn in l.incoming().flatten() {
                 let name = name.clone();
-                std::thread::spawn(move || answer(conn, &name));
+                std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    answer(conn, &name)
+                });
+            }
+        }));
+    }
+    if let Some(addr) = sink {
+        let l = TcpListener::bind(addr)?;
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || slow_sink(conn, &name, sink_rate));
             }
         }));
     }
@@ -220,4 +294,146 @@ fn error_kind(e: &io::Error) -> &'static str {
         io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
         _ => "other",
     }
+}
+
+/// Reads at most `rate` bytes a second, in 10 ms steps, so the sender must slow down.
+fn slow_sink(mut conn: TcpStream, name: &str, rate: u64) {
+    if conn.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let step = (rate / 100).max(1) as usize;
+    let mut buf = vec![0u8; step];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn connect_named(to: SocketAddr) -> io::Result<(TcpStream, String)> {
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte: nothing past the newline may be taken from the stream.
+    while (&stream).read(&mut byte)? == 1 && byte[0] != b'\n' {
+        name.push(byte[0]);
+    }
+    Ok((stream, String::from_utf8_lossy(&name).into_owned()))
+}
+
+fn hold(to: SocketAddr, seconds: Duration, ping_ms: u64) -> io::Result<()> {
+    let started = std::time::Instant::now();
+    let (mut stream, name) = connect_named(to)?;
+    println!("name {name}");
+    io::stdout().flush()?;
+    let mut line = [0u8; 5];
+    let outcome = loop {
+        if started.elapsed() >= seconds {
+            break "completed";
+        }
+        if ping_ms == 0 {
+            stream.set_read_timeout(Some(
+                seconds
+                    .saturating_sub(started.elapsed())
+                    .max(Duration::from_millis(1)),
+            ))?;
+            match stream.read(&mut line) {
+                Ok(0) => break "closed",
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(_) => break "closed",
+            }
+        }
+        std::thread::sleep(Duration::from_millis(ping_ms));
+        if stream.write_all(b"ping\n").is_err() || stream.read_exact(&mut line).is_err() {
+            break "closed";
+        }
+    };
+    println!("held {:.2} {outcome}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// xorshift64*: the same bytes on both ends for a seed.
+fn fill(state: &mut u64, buf: &mut [u8]) {
+    for b in buf {
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        *b = (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8;
+    }
+}
+
+fn stream(to: SocketAddr, bytes: u64, seed: u64) -> io::Result<()> {
+    let (stream, name) = connect_named(to)?;
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || -> io::Result<u64> {
+        let mut state = seed.max(1);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(buf.len() as u64) as usize;
+            fill(&mut state, &mut buf[..n]);
+            writer.write_all(&buf[..n])?;
+            sent += n as u64;
+        }
+        writer.shutdown(Shutdown::Write)?;
+        Ok(sent)
+    });
+    let mut reader = stream;
+    let mut state = seed.max(1);
+    let mut got = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    let mut first_bad: Option<u64> = None;
+    loop {
+        let n = reader.read(&mut got)?;
+        if n == 0 {
+            break;
+        }
+        fill(&mut state, &mut want[..n]);
+        if first_bad.is_none()
+            && let Some(i) = (0..n).find(|&i| got[i] != want[i])
+        {
+            first_bad = Some(received + i as u64);
+        }
+        received += n as u64;
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| io::Error::other("sender panicked"))??;
+    match first_bad {
+        None if received == sent => println!("stream ok {received} via {name}"),
+        None => println!("stream short sent={sent} received={received} via {name}"),
+        Some(at) => println!("stream corrupt at {at} sent={sent} received={received} via {name}"),
+    }
+    Ok(())
+}
+
+fn flood(to: SocketAddr, seconds: Duration) -> io::Result<()> {
+    let (mut stream, name) = connect_named(to)?;
+    stream.set_write_timeout(Some(Duration::from_millis(50)))?;
+    let buf = vec![0x5au8; 64 * 1024];
+    let started = std::time::Instant::now();
+    let mut written = 0u64;
+    while started.elapsed() < seconds {
+        match stream.write(&buf) {
+            Ok(n) => written += n as u64,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    println!("flood wrote {written} via {name}");
+    Ok(())
 }

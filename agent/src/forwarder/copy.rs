@@ -1,0 +1,263 @@
+//! Moving bytes between the client and the backend, both ways, with half-close (a FIN on one
+//! side becomes a `shutdown(SHUT_WR)` on the other while the other direction runs on), an idle
+//! timeout, and bounded memory: one buffer (or one pipe) per direction.
+//!
+//! Two paths: a userspace copy, and `splice(2)` through a pipe, where the bytes stay in the
+//! kernel. Both read only when the previous chunk was fully written, so a slow reader on one
+//! side slows the writer on the other (TCP backpressure end to end).
+
+use std::{
+    io,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
+
+use crate::catalog::BytePath;
+
+/// Bytes moved each way, and when the first bytes moved (milliseconds after the start, plus
+/// one; zero: not yet).
+#[derive(Debug, Default)]
+pub struct Moved {
+    pub to_backend: AtomicU64,
+    pub to_client: AtomicU64,
+    first_to_backend: AtomicU64,
+    first_to_client: AtomicU64,
+}
+
+impl Moved {
+    /// How long the backend took to answer: from the client's first bytes (or the start, for
+    /// protocols where the server speaks first) to the backend's first bytes.
+    pub fn response_time(&self) -> Option<Duration> {
+        let answered = self.first_to_client.load(Ordering::Relaxed);
+        if answered == 0 {
+            return None;
+        }
+        let asked = match self.first_to_backend.load(Ordering::Relaxed) {
+            0 => 1,
+            t if t <= answered => t,
+            _ => 1,
+        };
+        Some(Duration::from_millis(answered - asked))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Copies until both directions have ended, one fails, or the connection is idle too long.
+/// `answered` runs once, when the backend's first bytes have reached the client.
+pub async fn bidirectional(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    path: BytePath,
+    buffer: usize,
+    idle: Option<Duration>,
+    moved: &Moved,
+    answered: &(dyn Fn(&Moved) + Sync),
+) -> Result<(), CopyError> {
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+    let both = async {
+        match path {
+            BytePath::Copy => {
+                let up = Direction {
+                    count: &moved.to_backend,
+                    first: &moved.first_to_backend,
+                    on_first: None,
+                };
+                let down = Direction {
+                    count: &moved.to_client,
+                    first: &moved.first_to_client,
+                    on_first: Some((answered, moved)),
+                };
+                tokio::try_join!(
+                    pump(&mut cr, &mut sw, buffer, up, &last, start),
+                    pump(&mut sr, &mut cw, buffer, down, &last, start),
+                )?;
+            }
+            BytePath::Splice => {
+                let up = Direction {
+                    count: &moved.to_backend,
+                    first: &moved.first_to_backend,
+                    on_first: None,
+                };
+                let down = Direction {
+                    count: &moved.to_client,
+                    first: &moved.first_to_client,
+                    on_first: Some((answered, moved)),
+                };
+                tokio::try_join!(
+                    splice_pump(&mut cr, &mut sw, up, &last, start),
+                    splice_pump(&mut sr, &mut cw, down, &last, start),
+                )?;
+            }
+        }
+        Ok::<(), io::Error>(())
+    };
+    let Some(idle) = idle else {
+        return Ok(both.await?);
+    };
+    let watchdog = async {
+        loop {
+            let seen = Duration::from_millis(last.load(Ordering::Relaxed));
+            let quiet = start.elapsed().saturating_sub(seen);
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    tokio::select! {
+        r = both => Ok(r?),
+        _ = watchdog => Err(CopyError::Idle(idle)),
+    }
+}
+
+fn touch(last: &AtomicU64, start: Instant) {
+    last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+}
+
+/// One direction's accounting.
+struct Direction<'a> {
+    count: &'a AtomicU64,
+    first: &'a AtomicU64,
+    on_first: Option<(&'a (dyn Fn(&Moved) + Sync), &'a Moved)>,
+}
+
+impl Direction<'_> {
+    fn moved(&mut self, n: usize, start: Instant) {
+        if self.count.fetch_add(n as u64, Ordering::Relaxed) == 0 {
+            self.first
+                .store(start.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+            if let Some((f, moved)) = self.on_first.take() {
+                f(moved);
+            }
+        }
+    }
+}
+
+async fn pump(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    buffer: usize,
+    mut dir: Direction<'_>,
+    last: &AtomicU64,
+    start: Instant,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; buffer];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: pass the FIN on, keep the other direction going.
+            to.shutdown().await?;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+        dir.moved(n, start);
+        touch(last, start);
+    }
+}
+
+/// A pipe for splicing, closed on drop.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills two fds we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        use std::os::fd::FromRawFd;
+        // SAFETY: fresh descriptors from pipe2.
+        Ok(unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on descriptors we hold.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// The pipe's capacity (64 KiB by default) bounds what is in flight in this direction.
+const SPLICE_CHUNK: usize = 64 * 1024;
+
+async fn splice_pump(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    mut dir: Direction<'_>,
+    last: &AtomicU64,
+    start: Instant,
+) -> io::Result<()> {
+    let pipe = Pipe::new()?;
+    let (src, dst): (&TcpStream, &TcpStream) = (from.as_ref(), to.as_ref());
+    loop {
+        // Socket → pipe.
+        let n = loop {
+            src.readable().await?;
+            match src.try_io(Interest::READABLE, || {
+                splice(src.as_raw_fd(), pipe.write.as_raw_fd(), SPLICE_CHUNK)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(());
+        }
+        // Pipe → socket, all of it, before reading more.
+        let mut left = n;
+        while left > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        dir.moved(n, start);
+        touch(last, start);
+    }
+}

@@ -1,0 +1,280 @@
+//! Per-backend health and counters, node-wide.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+use crate::{catalog::ServiceAddr, defaults};
+
+/// Counters of one backend of one service.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub active: AtomicU64,
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub connect_timeouts: AtomicU64,
+    pub resets: AtomicU64,
+    pub ejections: AtomicU64,
+    pub drained_closed: AtomicU64,
+    pub checks_passed: AtomicU64,
+    pub checks_failed: AtomicU64,
+}
+
+/// The active checks' verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Verdict {
+    /// Not checked (no health check configured) or not yet decided.
+    Unknown = 0,
+    Up = 1,
+    Down = 2,
+}
+
+#[derive(Debug, Default)]
+struct Outlier {
+    consecutive: u32,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+}
+
+#[derive(Debug)]
+struct Ewma {
+    cost_ns: f64,
+    stamp: Instant,
+}
+
+#[derive(Debug)]
+pub struct BackendHealth {
+    pub service: ServiceAddr,
+    pub addr: SocketAddr,
+    pub counters: Counters,
+    verdict: AtomicU8,
+    outlier: Mutex<Outlier>,
+    ewma: Mutex<Ewma>,
+    /// When the backend last became usable again (for slow start).
+    returned_at: Mutex<Option<Instant>>,
+    /// Set while the backend is draining (or removed): open connections close at this instant.
+    drain: watch::Sender<Option<Instant>>,
+}
+
+impl BackendHealth {
+    fn new(service: ServiceAddr, addr: SocketAddr) -> Self {
+        BackendHealth {
+            service,
+            addr,
+            counters: Counters::default(),
+            verdict: AtomicU8::new(Verdict::Unknown as u8),
+            outlier: Mutex::new(Outlier::default()),
+            ewma: Mutex::new(Ewma {
+                cost_ns: defaults::EWMA_DEFAULT_RTT.as_nanos() as f64,
+                stamp: Instant::now(),
+            }),
+            returned_at: Mutex::new(None),
+            drain: watch::channel(None).0,
+        }
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        match self.verdict.load(Ordering::Relaxed) {
+            1 => Verdict::Up,
+            2 => Verdict::Down,
+            _ => Verdict::Unknown,
+        }
+    }
+
+    /// Returns whether the verdict changed.
+    pub fn set_verdict(&self, v: Verdict) -> bool {
+        let old = self.verdict.swap(v as u8, Ordering::Relaxed);
+        if old == Verdict::Down as u8 && v == Verdict::Up {
+            self.mark_returned();
+        }
+        old != v as u8
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        let mut o = lock(&self.outlier);
+        match o.ejected_until {
+            Some(t) if now < t => true,
+            Some(_) => {
+                o.ejected_until = None;
+                drop(o);
+                info!(service = %self.service, backend = %self.addr, "ejection over: backend returns");
+                self.mark_returned();
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub fn ejected_until(&self) -> Option<Instant> {
+        lock(&self.outlier).ejected_until
+    }
+
+    fn mark_returned(&self) {
+        *lock(&self.returned_at) = Some(Instant::now());
+    }
+
+    /// Weight scaled down for a while after the backend returns, so a recovered backend is not
+    /// flooded at once (linear ramp over `slow_start`).
+    pub fn effective_weight(&self, weight: u32, now: Instant, slow_start: Duration) -> u32 {
+        let Some(since) = *lock(&self.returned_at) else {
+            return weight;
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= slow_start || slow_start.is_zero() {
+            return weight;
+        }
+        let share = elapsed.as_secs_f64() / slow_start.as_secs_f64();
+        ((weight as f64 * share).ceil() as u32).clamp(1, weight.max(1))
+    }
+
+    /// A connect succeeded after `rtt`.
+    pub fn success(&self, rtt: Duration) {
+        lock(&self.outlier).consecutive = 0;
+        self.observe(rtt);
+    }
+
+    /// A latency sample (connect time, or time to the first response byte).
+    pub fn observe(&self, rtt: Duration) {
+        let mut e = lock(&self.ewma);
+        let now = Instant::now();
+        let sample = rtt.as_nanos() as f64;
+        if sample > e.cost_ns {
+            // Peak: jump up at once, decay down slowly.
+            e.cost_ns = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(e.stamp).as_secs_f64();
+            let w = (-elapsed / defaults::EWMA_DECAY.as_secs_f64()).exp();
+            e.cost_ns = e.cost_ns * w + sample * (1.0 - w);
+        }
+        e.stamp = now;
+    }
+
+    /// A connect failed (or the backend reset a connection). Returns true if this failure
+    /// ejected the backend; `may_eject` says whether the service's ejection cap allows it.
+    /// Each ejection lasts `base` times the number of ejections so far, capped.
+    pub fn failure(&self, threshold: u32, base: Duration, may_eject: bool) -> bool {
+        let mut o = lock(&self.outlier);
+        o.consecutive += 1;
+        if o.consecutive < threshold || o.ejected_until.is_some() || !may_eject {
+            return false;
+        }
+        o.times_ejected += 1;
+        let time = (base * o.times_ejected).min(defaults::OUTLIER_MAX_EJECTION.max(base));
+        o.ejected_until = Some(Instant::now() + time);
+        o.consecutive = 0;
+        self.counters.ejections.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            service = %self.service,
+            backend = %self.addr,
+            seconds = time.as_secs(),
+            times = o.times_ejected,
+            "backend ejected after {threshold} consecutive failures"
+        );
+        true
+    }
+
+    /// The peak-EWMA cost, decayed for the time since the last sample: a backend avoided for
+    /// being slow is tried again once its cost has decayed (linkerd2-proxy does the same).
+    pub fn latency_ns(&self) -> f64 {
+        let e = lock(&self.ewma);
+        let elapsed = e.stamp.elapsed().as_secs_f64();
+        e.cost_ns * (-elapsed / defaults::EWMA_DECAY.as_secs_f64()).exp()
+    }
+
+    /// Starts (or keeps) a drain: open connections close at `now + timeout`.
+    pub fn drain(&self, timeout: Duration) {
+        self.drain.send_if_modified(|d| {
+            if d.is_some() {
+                return false;
+            }
+            *d = Some(Instant::now() + timeout);
+            true
+        });
+    }
+
+    /// Ends a drain (the backend is ready again).
+    pub fn undrain(&self) {
+        self.drain.send_if_modified(|d| d.take().is_some());
+    }
+
+    pub fn draining(&self) -> bool {
+        self.drain.borrow().is_some()
+    }
+
+    /// Resolves when this backend's drain deadline passes (never, if it is not draining).
+    pub async fn drain_deadline(&self) {
+        let mut rx = self.drain.subscribe();
+        loop {
+            let deadline = *rx.borrow_and_update();
+            match deadline {
+                Some(t) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t.into()) => return,
+                        changed = rx.changed() => if changed.is_err() { return },
+                    }
+                }
+                None => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every backend's health, node-wide, plus a signal for verdict changes the kernel must learn.
+#[derive(Default)]
+pub struct Board {
+    backends: Mutex<HashMap<(ServiceAddr, SocketAddr), Arc<BackendHealth>>>,
+    /// Fired when an active check's verdict changes.
+    pub changed: Notify,
+}
+
+impl Board {
+    pub fn get(&self, service: ServiceAddr, addr: SocketAddr) -> Arc<BackendHealth> {
+        lock(&self.backends)
+            .entry((service, addr))
+            .or_insert_with(|| Arc::new(BackendHealth::new(service, addr)))
+            .clone()
+    }
+
+    /// Forgets backends no longer in the catalog; connections still holding one keep it (and
+    /// its drain deadline) until they close.
+    pub fn retain(&self, keep: &HashSet<(ServiceAddr, SocketAddr)>) -> Vec<Arc<BackendHealth>> {
+        let mut map = lock(&self.backends);
+        let gone: Vec<(ServiceAddr, SocketAddr)> =
+            map.keys().filter(|k| !keep.contains(k)).copied().collect();
+        gone.iter().filter_map(|k| map.remove(k)).collect()
+    }
+
+    /// Backends the active checks hold down: the kernel stops choosing them.
+    pub fn down(&self) -> HashSet<(ServiceAddr, SocketAddr)> {
+        lock(&self.backends)
+            .iter()
+            .filter(|(_, h)| h.verdict() == Verdict::Down)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    pub fn all(&self) -> Vec<Arc<BackendHealth>> {
+        lock(&self.backends).values().cloned().collect()
+    }
+}
