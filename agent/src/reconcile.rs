@@ -95,6 +95,9 @@ pub struct Changes {
     pub added: usize,
     pub updated: usize,
     pub removed: usize,
+    /// Backends that left a UDP service's usable set: connected sockets pinned to them must be
+    /// disconnected (see `datapath::udp`).
+    pub udp_gone: Vec<SocketAddr>,
 }
 
 pub struct Reconciler {
@@ -187,6 +190,11 @@ impl Reconciler {
         })
     }
 
+    /// Cgroups and ports the hooks must leave alone.
+    pub fn set_opt_out(&mut self, cgroups: &[u64], ports: &[u16]) -> Result<(), MapsError> {
+        self.maps.set_opt_out(cgroups, ports)
+    }
+
     pub fn maps(&self) -> &KernelMaps {
         &self.maps
     }
@@ -220,10 +228,26 @@ impl Reconciler {
             .copied()
             .collect();
         for key in gone {
+            if let Some(a) = self.applied.get(&key)
+                && key.protocol == Protocol::Udp
+            {
+                changes.udp_gone.extend(a.service.usable().map(|b| b.addr));
+            }
             self.remove(&key)?;
             changes.removed += 1;
         }
         for (key, service) in &kernel_view.services {
+            if let Some(a) = self.applied.get(key)
+                && key.protocol == Protocol::Udp
+            {
+                let now: HashSet<SocketAddr> = service.usable().map(|b| b.addr).collect();
+                changes.udp_gone.extend(
+                    a.service
+                        .usable()
+                        .map(|b| b.addr)
+                        .filter(|b| !now.contains(b)),
+                );
+            }
             match self.applied.get(key) {
                 Some(a) if &a.service == service => {}
                 Some(_) => {

@@ -49,6 +49,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     );
     let mut checker = Checker::default();
     reconciler.set_settings(&config.forwarder.listen, defaults::OWN_MARK)?;
+    reconciler.set_opt_out(&datapath.opt_out_cgroups, &config.datapath.exclude_ports)?;
     reconciler.adopt()?;
     let mut catalog = catalogs.borrow_and_update().clone();
     checker.reconcile(&catalog, &board, defaults::OWN_MARK);
@@ -90,14 +91,16 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
                 }
                 catalog = catalogs.borrow_and_update().clone();
                 checker.reconcile(&catalog, &board, defaults::OWN_MARK);
-                if let Err(e) = reconciler.apply(&catalog) {
-                    warn!("catalog not fully applied: {e}");
+                match reconciler.apply(&catalog) {
+                    Ok(changes) => unpin_udp(&datapath, &reconciler, &changes.udp_gone),
+                    Err(e) => warn!("catalog not fully applied: {e}"),
                 }
             }
             _ = board.changed.notified() => {
                 // A health verdict changed: the kernel's choices follow.
-                if let Err(e) = reconciler.apply(&catalog) {
-                    warn!("health change not fully applied: {e}");
+                match reconciler.apply(&catalog) {
+                    Ok(changes) => unpin_udp(&datapath, &reconciler, &changes.udp_gone),
+                    Err(e) => warn!("health change not fully applied: {e}"),
                 }
             }
         }
@@ -137,4 +140,29 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// Disconnects connected UDP sockets still pinned to backends that left (see `datapath::udp`).
+fn unpin_udp(
+    datapath: &datapath::Datapath,
+    reconciler: &Reconciler,
+    gone: &[std::net::SocketAddr],
+) {
+    if gone.is_empty() {
+        return;
+    }
+    let maps = reconciler.maps();
+    let steered = |cookie, peer| maps.steered_udp(cookie, peer);
+    let mut destroyed = 0;
+    tokio::task::block_in_place(|| {
+        for ns in datapath::udp::namespaces(&datapath.cgroup) {
+            match datapath::udp::destroy_in(&ns, gone, &steered) {
+                Ok(n) => destroyed += n,
+                Err(e) => warn!(netns = %ns.display(), "cannot disconnect UDP sockets: {e}"),
+            }
+        }
+    });
+    if destroyed > 0 {
+        info!(sockets = destroyed, backends = ?gone, "disconnected UDP sockets pinned to departed backends");
+    }
 }

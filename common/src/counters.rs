@@ -20,10 +20,16 @@ pub enum Counter {
     AffinityHit = 6,
     /// Connects skipped because the socket belongs to the agent itself.
     SkippedOwn = 7,
+    /// UDP datagrams sent to a service address and translated (`sendmsg4/6`).
+    SendTranslated = 8,
+    /// UDP replies shown as coming from the service address (`recvmsg4/6`).
+    RecvTranslated = 9,
+    /// Connects or sends left alone because the cgroup or the port is opted out.
+    OptedOut = 10,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Connect,
         Counter::ServiceHit,
         Counter::Translated,
@@ -32,6 +38,9 @@ impl Counter {
         Counter::OrigDstAnswered,
         Counter::AffinityHit,
         Counter::SkippedOwn,
+        Counter::SendTranslated,
+        Counter::RecvTranslated,
+        Counter::OptedOut,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -44,6 +53,9 @@ impl Counter {
             Counter::OrigDstAnswered => "orig_dst_answered",
             Counter::AffinityHit => "affinity_hit",
             Counter::SkippedOwn => "skipped_own",
+            Counter::SendTranslated => "send_translated",
+            Counter::RecvTranslated => "recv_translated",
+            Counter::OptedOut => "opted_out",
         }
     }
 }

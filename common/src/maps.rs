@@ -49,6 +49,10 @@ pub const MAX_SLOTS_PER_SERVICE: u32 = 65_536;
 /// removing one of N backends moves about 1/N of clients for N up to a few dozen.
 pub const MAGLEV_KERNEL_SIZE: u32 = 4_093;
 pub const MAX_AFFINITY: u32 = 65_536;
+/// Opted-out cgroups and ports (a sidecar's cgroup, a mesh's ports).
+pub const MAX_OPT_OUT: u32 = 1_024;
+/// Cgroup depth searched for an opted-out ancestor.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
 /// Connections between `connect()` and the forwarder's `accept()`, or alive and tracked.
 pub const MAX_TRACKED_SOCKETS: u32 = 262_144;
 
@@ -156,6 +160,18 @@ pub struct SockTuple {
     pub remote_port: u16,
 }
 
+/// A UDP socket and the backend it talked to on a service's behalf: replies from that backend
+/// are shown to the application as coming from the service address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
 /// What a steered socket was aimed at, kept by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,6 +195,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockTuple {}
     unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for RevKey {}
 }
 
 #[cfg(test)]
@@ -199,5 +216,6 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SockTuple>(), 36);
         assert_eq!(size_of::<OrigDst>(), 24);
+        assert_eq!(size_of::<RevKey>(), 32);
     }
 }

@@ -6,6 +6,8 @@
 //!   under the connection's 4-tuple.
 //! - `getsockopt`: answer the forwarder's `SO_ORIGINAL_DST` from that entry.
 //! - `getpeername4/6`: show the application the service address it asked for.
+//! - `sendmsg4/6`, `recvmsg4/6`: the same for unconnected UDP, per datagram; replies appear to
+//!   come from the service address.
 #![no_std]
 #![no_main]
 
@@ -26,6 +28,26 @@ pub fn sy_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn sy_connect6(ctx: SockAddrContext) -> i32 {
     steer::connect::<true>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sy_sendmsg4(ctx: SockAddrContext) -> i32 {
+    steer::sendmsg::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sy_sendmsg6(ctx: SockAddrContext) -> i32 {
+    steer::sendmsg::<true>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sy_recvmsg4(ctx: SockAddrContext) -> i32 {
+    origdst::recvmsg::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sy_recvmsg6(ctx: SockAddrContext) -> i32 {
+    origdst::recvmsg::<true>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]

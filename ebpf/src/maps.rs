@@ -32,6 +32,15 @@ pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_
 /// 4-tuple → original destination of a proxied connection, until the forwarder reads it.
 #[map]
 pub static ORIG_DST: LruHashMap<SockTuple, Endpoint> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+/// (UDP socket cookie, backend) → service address, for `recvmsg` reverse translation.
+#[map]
+pub static REV_NAT: LruHashMap<RevKey, Endpoint> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+/// Cgroup ids whose processes (and their descendants') are never steered.
+#[map]
+pub static OPT_OUT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(MAX_OPT_OUT, 0);
+/// Destination ports never steered.
+#[map]
+pub static OPT_OUT_PORTS: HashMap<u32, u8> = HashMap::pinned(MAX_OPT_OUT, 0);
 #[map]
 pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map]

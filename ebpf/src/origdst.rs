@@ -194,3 +194,41 @@ pub fn getpeername<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     sa.user_port = orig.vip.port.to_be() as u32;
     1
 }
+
+/// A UDP reply from a backend this socket reached through a service address is shown as coming
+/// from the service address (runs only when the application asks for the source).
+#[inline(always)]
+pub fn recvmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let from = if V6 {
+        [
+            volatile(&sa.user_ip6[0]),
+            volatile(&sa.user_ip6[1]),
+            volatile(&sa.user_ip6[2]),
+            volatile(&sa.user_ip6[3]),
+        ]
+    } else {
+        v4_mapped(volatile(&sa.user_ip4))
+    };
+    let key = RevKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: from,
+        port: u16::from_be(volatile(&sa.user_port) as u16),
+        _pad: [0; 6],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(vip) = (unsafe { REV_NAT.get(&key) }).copied() else {
+        return 1;
+    };
+    if V6 {
+        sa.user_ip6[0] = vip.addr[0];
+        sa.user_ip6[1] = vip.addr[1];
+        sa.user_ip6[2] = vip.addr[2];
+        sa.user_ip6[3] = vip.addr[3];
+    } else {
+        sa.user_ip4 = vip.addr[3];
+    }
+    sa.user_port = vip.port.to_be() as u32;
+    bump(Counter::RecvTranslated);
+    1
+}

@@ -2,8 +2,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
     },
     programs::SockAddrContext,
     EbpfContext,
@@ -34,8 +34,19 @@ struct Target {
 /// the verifier rejects context reads at computed offsets.
 #[inline(always)]
 pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
-    let v6 = V6;
     bump(Counter::Connect);
+    steer::<V6, false>(ctx)
+}
+
+/// An unconnected UDP `sendto()`: translated per datagram, like a connect.
+#[inline(always)]
+pub fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    steer::<V6, true>(ctx)
+}
+
+#[inline(always)]
+fn steer<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
+    let v6 = V6;
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let sk = unsafe { sa.__bindgen_anon_1.sk };
@@ -68,6 +79,10 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     bump(Counter::ServiceHit);
+    if opted_out(key.port) {
+        bump(Counter::OptedOut);
+        return ALLOW;
+    }
 
     let proxied = svc.mode == mode::PROXY && key.proto == PROTO_TCP;
     let target = if proxied {
@@ -96,18 +111,28 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         // An IPv4 socket cannot reach an IPv6 backend; the agent never writes such a pair.
         return ALLOW;
     }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let vip_endpoint = Endpoint {
+        addr: vip,
+        port: key.port,
+        _pad: 0,
+    };
     if key.proto == PROTO_TCP {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let orig = OrigDst {
-            vip: Endpoint {
-                addr: vip,
-                port: key.port,
-                _pad: 0,
-            },
+            vip: vip_endpoint,
             mode: svc.mode,
             _pad: [0; 3],
         };
         let _ = SOCK_ORIG.insert(cookie, orig, 0);
+    } else {
+        // Replies from this backend on this socket are shown as coming from the service.
+        let rev = RevKey {
+            cookie,
+            addr: target.addr,
+            port: target.port,
+            _pad: [0; 6],
+        };
+        let _ = REV_NAT.insert(rev, vip_endpoint, 0);
     }
     if v6 {
         sa.user_ip6[0] = target.addr[0];
@@ -119,12 +144,33 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     }
     // user_port is a be16 held in a u32 and must be written 4 bytes wide.
     sa.user_port = target.port.to_be() as u32;
-    if proxied {
+    if SEND {
+        bump(Counter::SendTranslated);
+    } else if proxied {
         bump(Counter::Redirected);
     } else {
         bump(Counter::Translated);
     }
     ALLOW
+}
+
+/// A sidecar's cgroup (or one of its ancestors) or a mesh's port is left alone.
+#[inline(always)]
+fn opted_out(port: u16) -> bool {
+    // SAFETY: lookups only.
+    if unsafe { OPT_OUT_PORTS.get(&(port as u32)) }.is_some() {
+        return true;
+    }
+    for level in 0..MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if unsafe { OPT_OUT_CGROUPS.get(&id) }.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 /// The node forwarder for this family; v4-mapped service addresses use the IPv4 forwarder.

@@ -259,6 +259,19 @@ impl Topology {
         steered: bool,
         extra: &[&str],
     ) -> anyhow::Result<Tally> {
+        let cgroup = steered.then_some(self.pods_cgroup.as_path());
+        self.ask_in(pod, cgroup, to, count, extra)
+    }
+
+    /// `sy-probe ask` from pod `pod`, in `cgroup` (none: the test's own).
+    pub fn ask_in(
+        &self,
+        pod: usize,
+        cgroup: Option<&std::path::Path>,
+        to: SocketAddr,
+        count: usize,
+        extra: &[&str],
+    ) -> anyhow::Result<Tally> {
         let mut cmd = Command::new(crate::binary("SY_PROBE_BIN", "sy-probe"));
         cmd.args([
             "ask",
@@ -270,7 +283,7 @@ impl Topology {
         cmd.args(extra);
         let place = Place {
             netns: Some(&self.pods[pod]),
-            cgroup: steered.then_some(self.pods_cgroup.as_path()),
+            cgroup,
         };
         let mut p = Process::spawn("sy-probe ask", cmd, place)?;
         let status = p.wait_exit(Duration::from_secs(120))?;

@@ -4,6 +4,7 @@
 //! A file is taken whole or not at all: any error names the line and the field, and nothing of
 //! the file is applied.
 
+mod control;
 mod duration;
 mod sources;
 
@@ -21,6 +22,7 @@ use serde::{
 };
 use toml::Spanned;
 
+pub use control::{ApiConfig, MetricsConfig};
 pub use duration::{HumanDuration, parse as parse_duration};
 pub use sources::{DnsConfig, DnsRecord, EtcdConfig, EtcdTls};
 
@@ -86,6 +88,11 @@ pub struct DatapathConfig {
     /// `None`: `/sys/fs/bpf/switchyard`, or `/run/switchyard/bpffs` where `/sys/fs/bpf` is not
     /// a bpffs.
     pub pin_dir: Option<PathBuf>,
+    /// Cgroups (with everything below them) whose connections are never steered: a sidecar
+    /// mesh's, say. Relative to the cgroup v2 mount, or absolute.
+    pub exclude_cgroups: Vec<PathBuf>,
+    /// Destination ports never steered.
+    pub exclude_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -112,6 +119,10 @@ pub struct AgentConfig {
     pub datapath: DatapathConfig,
     pub forwarder: ForwarderConfig,
     pub registry: RegistryConfig,
+    /// `[api]`: the local API's Unix socket.
+    pub api: ApiConfig,
+    /// `[metrics]`: the Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// The services the file names.
     pub catalog: Catalog,
 }
@@ -124,6 +135,10 @@ struct RawConfig {
     forwarder: RawForwarder,
     #[serde(default)]
     registry: RawRegistry,
+    #[serde(default)]
+    api: control::RawApi,
+    #[serde(default)]
+    metrics: control::RawMetrics,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
 }
@@ -135,6 +150,10 @@ struct RawDatapath {
     #[serde(default)]
     kernel_log: KernelLog,
     pin_dir: Option<PathBuf>,
+    #[serde(default)]
+    exclude_cgroups: Vec<PathBuf>,
+    #[serde(default)]
+    exclude_ports: Vec<u16>,
 }
 
 #[derive(Deserialize)]
@@ -331,6 +350,24 @@ pub fn service_from_json(
     raw.into_service(listen)
 }
 
+/// One backend as JSON, as a `backends` list holds it (`"ip:port"` or
+/// `{"address": "ip:port", "weight": 2, "state": "drain"}`), through the same deserialization as
+/// the file; the error names the field (`weight: invalid type: …`). The backend is not checked
+/// against its service here: the caller checks the service it joins.
+pub fn backend_from_json(json: &[u8]) -> Result<Backend, String> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let raw: RawBackend = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        match path.as_str() {
+            "." => e.into_inner().to_string(),
+            _ => format!("{path}: {}", e.into_inner()),
+        }
+    })?;
+    de.end()
+        .map_err(|e| format!("trailing characters after the backend: {e}"))?;
+    Ok(raw.0)
+}
+
 /// A backend is `"ip:port"` or `{ address = "ip:port", weight = 2, state = "drain" }`.
 struct RawBackend(Backend);
 
@@ -428,6 +465,13 @@ impl AgentConfig {
             });
         }
 
+        let parse_error = |message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let api = raw.api.check().map_err(parse_error)?;
+        let metrics = raw.metrics.check().map_err(parse_error)?;
+
         let mut catalog = Catalog::default();
         let mut names: HashMap<String, usize> = HashMap::new();
         for (index, spanned) in raw.services.into_iter().enumerate() {
@@ -497,6 +541,8 @@ impl AgentConfig {
                 cgroup: PathBuf::from(raw.datapath.cgroup),
                 kernel_log: raw.datapath.kernel_log,
                 pin_dir: raw.datapath.pin_dir,
+                exclude_cgroups: raw.datapath.exclude_cgroups,
+                exclude_ports: raw.datapath.exclude_ports,
             },
             forwarder,
             registry: RegistryConfig {
@@ -505,6 +551,8 @@ impl AgentConfig {
                 etcd,
                 dns,
             },
+            api,
+            metrics,
             catalog,
         })
     }

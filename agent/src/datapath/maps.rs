@@ -6,7 +6,10 @@ use aya::{
 };
 use switchyard_common::{
     counters::Counter,
-    maps::{Backend, BackendId, Endpoint, ServiceKey, ServiceValue, Settings, SlotKey, SockTuple},
+    maps::{
+        Backend, BackendId, Endpoint, RevKey, ServiceKey, ServiceValue, Settings, SlotKey,
+        SockTuple,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,9 @@ pub struct KernelMaps {
     backends: HashMap<MapData, BackendId, Backend>,
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
+    rev_nat: HashMap<MapData, RevKey, Endpoint>,
+    opt_out_cgroups: HashMap<MapData, u64, u8>,
+    opt_out_ports: HashMap<MapData, u32, u8>,
 }
 
 impl KernelMaps {
@@ -65,6 +71,9 @@ impl KernelMaps {
             backends: take(ebpf, "BACKENDS")?,
             settings: take(ebpf, "SETTINGS")?,
             counters: take(ebpf, "COUNTERS")?,
+            rev_nat: take(ebpf, "REV_NAT")?,
+            opt_out_cgroups: take(ebpf, "OPT_OUT_CGROUPS")?,
+            opt_out_ports: take(ebpf, "OPT_OUT_PORTS")?,
         })
     }
 
@@ -127,6 +136,40 @@ impl KernelMaps {
             slots,
             backends,
         })
+    }
+
+    /// Makes the opted-out cgroup ids and ports exactly these (the maps are pinned: entries a
+    /// previous configuration left are removed).
+    pub fn set_opt_out(&mut self, cgroups: &[u64], ports: &[u16]) -> Result<(), MapsError> {
+        let old: Vec<u64> = self.opt_out_cgroups.keys().filter_map(Result::ok).collect();
+        for id in old.iter().filter(|id| !cgroups.contains(id)) {
+            gone_ok("OPT_OUT_CGROUPS", self.opt_out_cgroups.remove(id))?;
+        }
+        for id in cgroups {
+            op("OPT_OUT_CGROUPS", self.opt_out_cgroups.insert(id, 1, 0))?;
+        }
+        let old: Vec<u32> = self.opt_out_ports.keys().filter_map(Result::ok).collect();
+        for p in old
+            .iter()
+            .filter(|p| !ports.iter().any(|q| *q as u32 == **p))
+        {
+            gone_ok("OPT_OUT_PORTS", self.opt_out_ports.remove(p))?;
+        }
+        for &p in ports {
+            op("OPT_OUT_PORTS", self.opt_out_ports.insert(p as u32, 1, 0))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the hooks steered this UDP socket to `backend` (a `REV_NAT` entry exists).
+    pub fn steered_udp(&self, cookie: u64, backend: std::net::SocketAddr) -> bool {
+        let key = RevKey {
+            cookie,
+            addr: super::addr::to_words(backend.ip()),
+            port: backend.port(),
+            _pad: [0; 6],
+        };
+        self.rev_nat.get(&key, 0).is_ok()
     }
 
     /// Kernel counters summed over CPUs.

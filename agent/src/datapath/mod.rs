@@ -11,6 +11,7 @@ pub mod host;
 mod log;
 pub mod maps;
 pub mod pin;
+pub mod udp;
 
 use std::{
     fs::File,
@@ -70,14 +71,20 @@ pub struct Datapath {
     pub pin_dir: PathBuf,
     /// Where the steering hooks are attached.
     pub cgroup: PathBuf,
+    /// Ids of the opted-out cgroups (their directories' inode numbers).
+    pub opt_out_cgroups: Vec<u64>,
     /// Whether the forwarder's `getsockopt(SO_ORIGINAL_DST)` is answered by the hook; if not,
     /// the forwarder reads [`OrigDstTable`] itself.
     pub getsockopt_hook: bool,
 }
 
-const SOCK_ADDR_HOOKS: [&str; 4] = [
+const SOCK_ADDR_HOOKS: [&str; 8] = [
     "sy_connect4",
     "sy_connect6",
+    "sy_sendmsg4",
+    "sy_sendmsg6",
+    "sy_recvmsg4",
+    "sy_recvmsg6",
     "sy_getpeername4",
     "sy_getpeername6",
 ];
@@ -105,6 +112,14 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
 
     // Cgroup attachments are made as BPF links, which coexist with other programs on the same
     // cgroup whatever the mode; the kernel refuses flags on link creation, so `Single` it is.
+    let mut opt_out_cgroups = Vec::new();
+    for c in &cfg.exclude_cgroups {
+        use std::os::unix::fs::MetadataExt;
+        let path = host::resolve_cgroup(&mount, c)?;
+        let meta =
+            std::fs::metadata(&path).map_err(|source| DatapathError::Cgroup { path, source })?;
+        opt_out_cgroups.push(meta.ino());
+    }
     let target = open_cgroup(&cgroup)?;
     let links_dir = pin::links_dir(&pin_dir);
     let mut links = Vec::new();
@@ -157,6 +172,7 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
             _ebpf: ebpf,
             _links: links,
             pin_dir,
+            opt_out_cgroups,
             cgroup,
             getsockopt_hook,
         },

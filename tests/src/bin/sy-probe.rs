@@ -57,6 +57,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// DNS-style UDP queries: each answered with the backend's name. `connected`: one
+    /// connected socket (reconnecting when the agent aborts it); else `sendto`/`recvfrom`.
+    UdpAsk {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long)]
+        connected: bool,
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Write as fast as the connection takes it for `seconds`; print how much it took.
     Flood {
         #[arg(long)]
@@ -108,6 +122,19 @@ fn main() -> io::Result<()> {
         } => hold(to, Duration::from_secs_f64(seconds), ping_ms),
         Cmd::Stream { to, bytes, seed } => stream(to, bytes, seed),
         Cmd::Flood { to, seconds } => flood(to, Duration::from_secs_f64(seconds)),
+        Cmd::UdpAsk {
+            to,
+            count,
+            connected,
+            interval_ms,
+            timeout_ms,
+        } => udp_ask(
+            to,
+            count,
+            connected,
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::Ask {
             to,
             count,
@@ -435,5 +462,87 @@ fn flood(to: SocketAddr, seconds: Duration) -> io::Result<()> {
         }
     }
     println!("flood wrote {written} via {name}");
+    Ok(())
+}
+
+fn udp_socket(to: SocketAddr, timeout: Duration) -> io::Result<UdpSocket> {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()
+    } else {
+        "[::]:0".parse()
+    }
+    .map_err(|_| io::Error::other("bad bind address"))?;
+    let s = UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// Prints `answer NAME` as each reply comes (and `aborted` when the agent disconnects the
+/// socket), `from ADDR` for the first reply's source, then the tally.
+fn udp_ask(
+    to: SocketAddr,
+    count: usize,
+    connected: bool,
+    interval: Duration,
+    timeout: Duration,
+) -> io::Result<()> {
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    let mut sock = udp_socket(to, timeout)?;
+    if connected {
+        sock.connect(to)?;
+    }
+    let mut buf = [0u8; 512];
+    let mut shown_from = false;
+    let mut i = 0;
+    while i < count {
+        let sent = if connected {
+            sock.send(b"q")
+        } else {
+            sock.send_to(b"q", to)
+        };
+        let reply = sent.and_then(|_| {
+            if connected {
+                sock.recv(&mut buf).map(|n| (n, to))
+            } else {
+                sock.recv_from(&mut buf)
+            }
+        });
+        match reply {
+            Ok((n, from)) => {
+                let name = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if !shown_from {
+                    println!("from {from}");
+                    shown_from = true;
+                }
+                println!("answer {name}");
+                *tally.entry(name).or_default() += 1;
+            }
+            // The agent unpinned this socket: a blocked recv() sees ECONNABORTED, a later send()
+            // finds it disconnected. Either way: connect again through the hook, ask again.
+            Err(e)
+                if connected
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED | libc::EDESTADDRREQ | libc::ENOTCONN)
+                    ) =>
+            {
+                println!("aborted");
+                sock = udp_socket(to, timeout)?;
+                sock.connect(to)?;
+                continue;
+            }
+            Err(e) => {
+                *tally
+                    .entry(format!("error:{}", error_kind(&e)))
+                    .or_default() += 1
+            }
+        }
+        io::stdout().flush()?;
+        i += 1;
+        std::thread::sleep(interval);
+    }
+    for (k, v) in tally {
+        println!("{k} {v}");
+    }
     Ok(())
 }
