@@ -103,3 +103,40 @@ pub const DNS_MAX_REFRESH: Duration = Duration::from_secs(300);
 /// One lookup's timeout and attempts (glibc's resolver: 5 s and 2).
 pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DNS_ATTEMPTS: usize = 2;
+
+/// The local API's Unix socket, and its mode: owner only, as HAProxy's admin-level stats socket
+/// is usually set (`mode 600 level admin`). `[api] group` opens it to a group (mode 0660).
+pub const API_SOCKET: &str = "/run/switchyard/api.sock";
+pub const API_MODE: u32 = 0o600;
+/// Largest request body the API reads (a service with thousands of backends fits); larger is
+/// refused with 413 before it is read.
+pub const API_MAX_BODY: usize = 1 << 20;
+/// A client has this long to send its request head (also the idle time between keep-alive
+/// requests) and then this long for its body: one that connects and sends nothing, or trickles,
+/// is cut off (hyper's default head timeout is 30 s; a local admin tool answers within ms).
+pub const API_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const API_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once per listener (API, metrics); more wait in the listen backlog.
+pub const API_MAX_CONNECTIONS: usize = 64;
+/// No connection lives longer than this, whatever it does (keep-alive included).
+pub const API_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How long `switchyard ctl` waits for the agent's answer.
+pub const CTL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Prometheus endpoint (`/metrics`, `/healthz`, `/readyz`). Loopback by default, as Envoy's
+/// admin (9901) and ztunnel's admin; ztunnel serves metrics on 15020, linkerd2-proxy on 4191.
+pub const METRICS_LISTEN: &str = "127.0.0.1:9479";
+
+/// The Consul source: the local Consul agent's HTTP API, as Consul's own clients default to.
+pub const CONSUL_ADDRESS: &str = "http://127.0.0.1:8500";
+/// How long one blocking query waits for a change (Consul's default is 5 min, its cap 10 min;
+/// consul-template uses 1 min). Shorter: a half-dead connection is noticed within about this.
+pub const CONSUL_WAIT: Duration = Duration::from_secs(60);
+/// Largest Consul answer read (a catalog of thousands of services fits).
+pub const CONSUL_MAX_BODY: usize = 16 << 20;
+/// Each Consul request may take the wait, plus Consul's jitter (up to wait/16), plus this.
+pub const CONSUL_REQUEST_SLACK: Duration = Duration::from_secs(10);
+
+/// The Kubernetes source counts as live again this long after its last watch error (kube's
+/// watcher resumes silently; a resumed watch that fails again within this shows at once).
+pub const KUBE_LIVE_AFTER: Duration = Duration::from_secs(10);

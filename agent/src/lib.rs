@@ -11,16 +11,22 @@
 //!   mode) or to the forwarder (proxy mode).
 //! - [`forwarder`] accepts redirected connections, recovers the original service address,
 //!   picks a backend with [`balance`], connects (retrying others) and copies bytes.
+//! - [`api`] is the local API on a Unix socket (services, backends, live state, registry);
+//!   [`ctl`] is its client, `switchyard ctl`. [`metrics`] serves Prometheus, `/healthz`,
+//!   `/readyz`.
 //! - [`defaults`] holds every default, with the peers' values beside ours.
 
+pub mod api;
 pub mod balance;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod datapath;
 pub mod defaults;
 pub mod forwarder;
 pub mod health;
+pub mod metrics;
 pub mod reconcile;
 pub mod registry;
 pub mod run;

@@ -19,7 +19,9 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
+        // The control side; the forwarder runs its own threads (forwarder::workers).
         Command::Agent { config } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()?
             .block_on(run::agent(&config)),
@@ -43,5 +45,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        // The client's own exit status: 0 done, 1 refused, 2 unreachable or bad usage.
+        Command::Ctl(args) => std::process::exit(switchyard::ctl::run(args)),
     }
 }

@@ -2,17 +2,13 @@
 
 use std::{path::Path, sync::Arc};
 
-use anyhow::Context as _;
-use tokio::{
-    net::TcpListener,
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
     config::AgentConfig,
     datapath, defaults,
-    forwarder::{Defaults, Forwarder, OrigDst, SharedTable},
+    forwarder::{Defaults, Forwarder, OrigDst, SharedTable, workers},
     health::{Board, check::Checker},
     reconcile::Reconciler,
     registry::{Registry, Source, file},
@@ -22,14 +18,12 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     // Read and check everything before touching the kernel: a bad file changes nothing.
     let config = AgentConfig::load(config_path)?;
 
-    // Listen before the kernel can send anyone here.
-    let mut listeners = Vec::new();
-    for addr in &config.forwarder.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("forwarder cannot listen on {addr}"))?;
-        listeners.push(l);
-    }
+    // Listen before the kernel can send anyone here: one listener per forwarder thread.
+    let threads = match config.forwarder.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let listeners = workers::bind(&config.forwarder.listen, threads)?;
 
     // The registry serves the last-known-good at once; the file is the first source to answer.
     let (registry, mut catalogs) = Registry::open(config.registry.state_dir.clone());
@@ -63,10 +57,25 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         },
         own_mark: defaults::OWN_MARK,
     });
-    let tasks: Vec<_> = listeners
-        .into_iter()
-        .map(|l| tokio::spawn(forwarder.clone().serve(l)))
-        .collect();
+    workers::start(listeners, forwarder.clone())?;
+
+    // ── Local API and Prometheus metrics (issue 6; see api/, metrics/) ──────────────────────
+    // Served until this function returns (dropping the guards stops them and removes the
+    // socket). Ready: the programs are attached and the first catalog is applied (just above).
+    let live = crate::api::Live {
+        registry: registry.clone(),
+        board: board.clone(),
+        table: forwarder.table.clone(),
+    };
+    let api = crate::api::Api::new(live.clone(), config.forwarder.listen.clone());
+    let _api = crate::api::start(&config.api, api)?;
+    let kernel = reconciler.maps().counters_handle()?;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics = crate::metrics::Metrics::new(live, Some(kernel), ready.clone());
+    let _metrics = crate::metrics::start(&config.metrics, metrics).await?;
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    // ─────────────────────────────────────────────────────────────────────────────────────────
+
     info!(
         services = config.catalog.services.len(),
         cgroup = %datapath.cgroup.display(),
@@ -106,14 +115,12 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         }
     };
     watcher.abort();
+    registry.flush();
     info!(
         pin_dir = %datapath.pin_dir.display(),
         "{which}: stopping; kernel-mode services keep working (programs and maps stay pinned; \
          `switchyard cleanup` removes them)"
     );
-    for t in tasks {
-        t.abort();
-    }
     if let Ok(counters) = reconciler.maps().counters() {
         let summary: Vec<String> = counters
             .iter()

@@ -4,13 +4,16 @@
 //! drop guard): a child cgroup v2 (never the root), a "node" network namespace with a bridge,
 //! "pod" and "backend" namespaces joined to it by veth pairs with no route anywhere else, real
 //! backends (`sy-probe serve`), the servers the registry sources follow (etcd, dnsmasq:
-//! [`servers`]), and the agent as a real process. Nothing it starts is ended but by its PID.
+//! [`servers`]; stand-ins for the Kubernetes API and Consul, which cannot run here: [`standin`]), and
+//! the agent as a real process. Nothing it starts is ended but by its PID.
 
 pub mod agent;
 pub mod cgroup;
+pub mod control;
 pub mod netns;
 pub mod process;
 pub mod servers;
+pub mod standin;
 pub mod topology;
 
 use std::path::PathBuf;

@@ -45,6 +45,8 @@ pub struct Etcd<'a> {
     members: Vec<Option<Process>>,
     /// Where each member takes clients now (see [`Etcd::restart_on`]).
     clients: Vec<SocketAddr>,
+    /// Clients speak TLS and show a certificate (see [`Etcd::start_tls`]).
+    tls: bool,
     // Last, so the members are stopped before their data goes.
     dir: TempDir,
 }
@@ -52,12 +54,26 @@ pub struct Etcd<'a> {
 impl<'a> Etcd<'a> {
     /// Starts `members` members and waits until the cluster answers.
     pub fn start(netns: &'a Netns, members: usize) -> anyhow::Result<Self> {
+        Self::start_with(netns, members, false)
+    }
+
+    /// Like [`Etcd::start`], but clients must speak TLS and show a certificate signed by a CA
+    /// made for the occasion (files `ca.pem`, `server.pem`, `client.pem` and their `.key`s).
+    pub fn start_tls(netns: &'a Netns, members: usize) -> anyhow::Result<Self> {
+        Self::start_with(netns, members, true)
+    }
+
+    fn start_with(netns: &'a Netns, members: usize, tls: bool) -> anyhow::Result<Self> {
         let mut etcd = Etcd {
             netns,
             members: (0..members).map(|_| None).collect(),
             clients: (0..members).map(Self::client_addr).collect(),
+            tls,
             dir: TempDir::new("sy-etcd-")?,
         };
+        if tls {
+            make_certificates(etcd.dir.path())?;
+        }
         // Members of a new cluster wait for each other: start all, then wait for each.
         for i in 0..members {
             etcd.members[i] = Some(etcd.spawn(i)?);
@@ -76,28 +92,60 @@ impl<'a> Etcd<'a> {
         format!("http://127.0.0.1:{}", 23791 + 10 * i as u16)
     }
 
-    /// Every member's usual client address, as the agent's `endpoints` list.
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    /// A file of the TLS set (`ca.pem`, `client.key`, …).
+    pub fn tls_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Every member's usual client URL, as the agent's `endpoints` list.
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len())
-            .map(|i| Self::client_addr(i).to_string())
+            .map(|i| format!("{}://{}", self.scheme(), Self::client_addr(i)))
             .collect()
     }
 
-    /// `[registry.etcd]` for an agent config: all members, the given key prefix.
+    /// `[registry.etcd]` for an agent config: all members, the given key prefix (and the CA
+    /// and client certificate, for TLS).
     pub fn agent_section(&self, prefix: &str) -> String {
         let endpoints: Vec<String> = self.endpoints().iter().map(|e| format!("{e:?}")).collect();
-        format!(
+        let mut section = format!(
             "[registry.etcd]\nendpoints = [{}]\nprefix = {prefix:?}\nconnect_timeout = \"1s\"\n",
             endpoints.join(", ")
-        )
+        );
+        if self.tls {
+            for (field, file) in [
+                ("ca", "ca.pem"),
+                ("cert", "client.pem"),
+                ("key", "client.key"),
+            ] {
+                section += &format!(
+                    "{field} = {:?}\n",
+                    self.tls_file(file).display().to_string()
+                );
+            }
+        }
+        section
     }
 
     fn spawn(&self, i: usize) -> anyhow::Result<Process> {
         let cluster: Vec<String> = (0..self.members.len())
             .map(|m| format!("m{m}={}", Self::peer_url(m)))
             .collect();
-        let client = format!("http://{}", self.clients[i]);
+        let client = format!("{}://{}", self.scheme(), self.clients[i]);
         let mut cmd = Command::new("etcd");
+        if self.tls {
+            cmd.arg("--cert-file")
+                .arg(self.tls_file("server.pem"))
+                .arg("--key-file")
+                .arg(self.tls_file("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(self.tls_file("ca.pem"))
+                .arg("--client-cert-auth");
+        }
         cmd.arg("--name")
             .arg(format!("m{i}"))
             .arg("--data-dir")
@@ -129,7 +177,7 @@ impl<'a> Etcd<'a> {
         let deadline = Instant::now() + START;
         let endpoint = self.clients[i].to_string();
         loop {
-            match self.ctl_at(&[endpoint.as_str()], &["endpoint", "health"]) {
+            match self.ctl_at(&[endpoint.as_str()], &["endpoint", "health"], None) {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => return Err(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -176,7 +224,7 @@ impl<'a> Etcd<'a> {
         let live: Vec<&str> = live.iter().map(String::as_str).collect();
         let deadline = Instant::now() + START;
         loop {
-            match self.ctl_at(&live, args) {
+            match self.ctl_at(&live, args, None) {
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("etcdctl failed, trying again: {e}");
                     std::thread::sleep(Duration::from_millis(200));
@@ -186,10 +234,36 @@ impl<'a> Etcd<'a> {
         }
     }
 
-    fn ctl_at(&self, endpoints: &[&str], args: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = Command::new("etcdctl");
+    /// `etcdctl` at `endpoints`, reading `stdin` if given.
+    fn ctl_at(
+        &self,
+        endpoints: &[&str],
+        args: &[&str],
+        stdin: Option<&Path>,
+    ) -> anyhow::Result<String> {
+        let mut cmd = match stdin {
+            Some(input) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "exec etcdctl \"$@\" < \"$SY_STDIN\"", "etcdctl"])
+                    .env("SY_STDIN", input);
+                sh
+            }
+            None => Command::new("etcdctl"),
+        };
+        if self.tls {
+            cmd.arg("--cacert")
+                .arg(self.tls_file("ca.pem"))
+                .arg("--cert")
+                .arg(self.tls_file("client.pem"))
+                .arg("--key")
+                .arg(self.tls_file("client.key"));
+        }
+        let urls: Vec<String> = endpoints
+            .iter()
+            .map(|e| format!("{}://{e}", self.scheme()))
+            .collect();
         cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .arg(format!("--endpoints={}", urls.join(",")))
             .args(["--command-timeout=5s", "--dial-timeout=2s"])
             .args(args);
         let mut p = Process::spawn(
@@ -216,6 +290,23 @@ impl<'a> Etcd<'a> {
         self.ctl(&["del", key]).map(drop)
     }
 
+    /// One transaction of `requests` (`put KEY VALUE`, `del KEY`; no spaces inside a value):
+    /// all of them at one revision.
+    pub fn txn(&self, requests: &[String]) -> anyhow::Result<()> {
+        let input = self.dir.path().join(unique("txn-"));
+        // etcdctl's interactive form: compares, a blank line, requests, a blank line, the
+        // requests on failure, a blank line.
+        fs::write(&input, format!("\n{}\n\n\n", requests.join("\n")))?;
+        let live: Vec<String> = (0..self.members.len())
+            .filter(|&i| self.members[i].is_some())
+            .map(|i| self.clients[i].to_string())
+            .collect();
+        let live: Vec<&str> = live.iter().map(String::as_str).collect();
+        let out = self.ctl_at(&live, &["txn"], Some(&input))?;
+        anyhow::ensure!(out.contains("SUCCESS"), "etcdctl txn: {out}");
+        Ok(())
+    }
+
     /// The cluster's current revision.
     pub fn revision(&self) -> anyhow::Result<i64> {
         let out = self.ctl(&["get", "--write-out=json", "--limit=1", "/"])?;
@@ -237,6 +328,51 @@ impl<'a> Etcd<'a> {
     }
 }
 
+/// A CA, a server certificate for the loopback addresses the members use, and a client
+/// certificate, with `openssl` (P-256 keys: quick to make, and rustls takes them).
+fn make_certificates(dir: &Path) -> anyhow::Result<()> {
+    // Each command's arguments, split on spaces (none has one).
+    let openssl = |command: &str| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(command.split(' '))
+            .current_dir(dir)
+            .output()
+            .context("cannot run openssl")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {command}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    openssl(&format!(
+        "req -x509 {key} -keyout ca.key -out ca.pem -days 1 -subj /CN=sy-test-ca"
+    ))?;
+    for (name, usage, san) in [
+        (
+            "server",
+            "serverAuth,clientAuth",
+            "IP:127.0.0.1,IP:127.0.0.2",
+        ),
+        ("client", "clientAuth", "DNS:switchyard"),
+    ] {
+        fs::write(
+            dir.join(format!("{name}.ext")),
+            format!("subjectAltName={san}\nextendedKeyUsage={usage}\n"),
+        )?;
+        openssl(&format!(
+            "req {key} -keyout {name}.key -out {name}.csr -subj /CN={name}"
+        ))?;
+        openssl(&format!(
+            "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+             -extfile {name}.ext -out {name}.pem"
+        ))?;
+    }
+    Ok(())
+}
+
 impl Drop for Etcd<'_> {
     fn drop(&mut self) {
         for m in &mut self.members {
@@ -247,8 +383,8 @@ impl Drop for Etcd<'_> {
     }
 }
 
-/// dnsmasq answering from a hosts file (and `--srv-host` records) on `127.0.0.1:5353` inside
-/// `netns`, with a TTL of `ttl` seconds on every answer.
+/// dnsmasq answering for `example.test` from a hosts file (and `--srv-host` records) on
+/// `127.0.0.1:5353` inside `netns`, with a TTL of `ttl` seconds on every answer.
 pub struct Dnsmasq<'a> {
     netns: &'a Netns,
     process: Option<Process>,
@@ -273,6 +409,8 @@ impl<'a> Dnsmasq<'a> {
             "--no-resolv",
             "--no-hosts",
             "--no-poll",
+            // Authoritative for the test domain: a name not in the hosts file is NXDOMAIN.
+            "--local=/example.test/",
             "--listen-address=127.0.0.1",
             "--bind-interfaces",
             "--port=5353",

@@ -19,6 +19,8 @@ use crate::{Cgroup, Netns, Process, process::Place, unique};
 
 pub const BACKEND_PORT: u16 = 8080;
 pub const FORWARDER_PORT: u16 = 15001;
+/// The agent's metrics port on the node address.
+pub const METRICS_PORT: u16 = 9479;
 /// Each backend's slow sink (reads 1 MB/s): for backpressure tests.
 pub const SINK_PORT: u16 = 9090;
 
@@ -232,13 +234,27 @@ impl Topology {
         format!(
             "[datapath]\ncgroup = {:?}\nkernel_log = \"debug\"\npin_dir = {:?}\n\n\
              [registry]\nstate_dir = {:?}\n\n\
+             [api]\nsocket = {:?}\n\n[metrics]\nlisten = \"{}\"\n\n\
              [forwarder]\nlisten = [\"{}\", \"{}\"]\n\n{services}",
             cgroup.display().to_string(),
             self.run.pins().display().to_string(),
             self.run.state().display().to_string(),
+            self.api_socket().display().to_string(),
+            self.metrics(),
             self.forwarder(false),
             self.forwarder(true),
         )
+    }
+
+    /// The agent's API socket in this world (`[api] socket`).
+    pub fn api_socket(&self) -> PathBuf {
+        self.run.root.join("api.sock")
+    }
+
+    /// Where the agent serves metrics (`[metrics] listen`): the node address, inside the node
+    /// namespace (reach it from there: [`Netns::enter`], or a process placed there).
+    pub fn metrics(&self) -> SocketAddr {
+        SocketAddr::new(v4(1), METRICS_PORT)
     }
 
     /// `sy-probe ask` from pod `pod`, inside the steered cgroup.

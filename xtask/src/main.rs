@@ -1,5 +1,6 @@
 //! `cargo xtask …`: the project's tasks, each installing what it needs first.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -32,6 +33,14 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Benchmark direct, kernel mode, proxy mode, HAProxy and nginx side by side (wrk,
+    /// iperf3, redis-benchmark); print ratios, write target/bench/result.json and a chart, and
+    /// regenerate the README's benchmark section.
+    Bench {
+        /// About a minute: 1 s per case, one repetition; leaves the README alone.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,5 +62,6 @@ fn task(task: Task) -> anyhow::Result<()> {
         }
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
+        Task::Bench { quick } => bench::run(quick),
     }
 }

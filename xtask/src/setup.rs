@@ -17,7 +17,8 @@ pub enum Needs {
     Demo,
     /// Also every test's servers and tools.
     Test,
-    /// Also the benchmark's peers, backends and load generators.
+    /// The demo's world and the benchmark's peers, backends and load generators (not the
+    /// tests' servers: a level beside `Test`, not above it).
     Bench,
 }
 
@@ -27,9 +28,25 @@ const BUILD_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    // etcd-client compiles etcd's gRPC protos: protoc and the well-known types it imports.
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 const DEMO_PACKAGES: &[&str] = &["iproute2"];
-const TEST_PACKAGES: &[&str] = &[];
+/// The registry sources' servers: etcd (and `etcdctl` to write keys; `openssl` makes its TLS
+/// test certificates), and dnsmasq for DNS (`dnsmasq-base`: the binary alone, without a system
+/// service that would take port 53); podman builds the agent's image (with runc: crun refuses
+/// hybrid cgroup hosts).
+const TEST_PACKAGES: &[&str] = &[
+    "etcd-server",
+    "etcd-client",
+    "openssl",
+    "dnsmasq-base",
+    "podman",
+    "runc",
+    // promtool and a real Prometheus server for the metrics tests.
+    "prometheus",
+];
 /// The peers Switchyard is measured against (HAProxy, nginx `stream`), the backends (nginx,
 /// iperf3, redis-server) and the load generators (wrk, iperf3, redis-benchmark).
 const BENCH_PACKAGES: &[&str] = &[
@@ -65,10 +82,10 @@ pub fn run(needs: Needs) -> anyhow::Result<()> {
     if needs >= Needs::Demo {
         packages.extend(DEMO_PACKAGES);
     }
-    if needs >= Needs::Test {
+    if needs == Needs::Test {
         packages.extend(TEST_PACKAGES);
     }
-    if needs >= Needs::Bench {
+    if needs == Needs::Bench {
         packages.extend(BENCH_PACKAGES);
     }
     debian(&packages)?;

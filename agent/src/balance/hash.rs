@@ -7,8 +7,20 @@ use switchyard_common::{hash::mix64, maglev};
 
 use super::Candidate;
 
-/// Maglev table size in the forwarder (prime, the paper's and Envoy's default).
+/// Maglev table sizes in the forwarder (primes). The paper wants the table well over 100× the
+/// backends for even shares; Envoy always uses 65537. Sizing to the backends keeps a node with
+/// thousands of hashed services at kilobytes per service instead of a quarter megabyte.
+pub const MAGLEV_SIZES: [usize; 4] = [1_021, 4_093, 16_381, 65_537];
+
+/// The largest table: services of more than 655 backends.
 pub const MAGLEV_SIZE: usize = 65_537;
+
+fn maglev_size(backends: usize) -> usize {
+    MAGLEV_SIZES
+        .into_iter()
+        .find(|&m| m >= backends * 100)
+        .unwrap_or(MAGLEV_SIZE)
+}
 
 pub struct Maglev {
     table: Vec<u32>,
@@ -18,7 +30,7 @@ impl Maglev {
     pub fn build<C: Candidate>(candidates: &[C]) -> Self {
         let keys: Vec<u64> = candidates.iter().map(|c| c.key()).collect();
         let weights: Vec<u32> = candidates.iter().map(|c| c.weight()).collect();
-        let mut table = vec![0u32; MAGLEV_SIZE];
+        let mut table = vec![0u32; maglev_size(weights.iter().filter(|&&w| w > 0).count())];
         let mut next = vec![0u64; keys.len()];
         if !maglev::populate(&mut table, &keys, &weights, &mut next) {
             table.clear();
@@ -27,11 +39,8 @@ impl Maglev {
     }
 
     pub fn pick<C: Candidate>(&self, candidates: &[C], client: u64) -> Option<usize> {
-        walk(
-            &self.table,
-            (mix64(client) % MAGLEV_SIZE as u64) as usize,
-            candidates,
-        )
+        let size = self.table.len().max(1) as u64;
+        walk(&self.table, (mix64(client) % size) as usize, candidates)
     }
 }
 

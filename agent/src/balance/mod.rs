@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use crate::catalog::Algorithm;
 
-pub use hash::{MAGLEV_SIZE, Maglev, Ring};
+pub use hash::{Maglev, Ring};
 pub use weighted::smooth_weighted_order;
 
 /// What a balancer sees of one backend.

@@ -4,6 +4,7 @@
 //! A file is taken whole or not at all: any error names the line and the field, and nothing of
 //! the file is applied.
 
+mod clusters;
 mod control;
 mod duration;
 mod sources;
@@ -24,6 +25,7 @@ use toml::Spanned;
 
 pub use control::{ApiConfig, MetricsConfig};
 pub use duration::{HumanDuration, parse as parse_duration};
+pub use clusters::{ConsulConfig, KubernetesConfig};
 pub use sources::{DnsConfig, DnsRecord, EtcdConfig, EtcdTls};
 
 use crate::{
@@ -102,6 +104,8 @@ pub struct ForwarderConfig {
     pub listen: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub retries: u32,
+    /// Forwarder threads; 0: one per CPU the agent may run on.
+    pub threads: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -112,6 +116,10 @@ pub struct RegistryConfig {
     pub etcd: Option<EtcdConfig>,
     /// `[[registry.dns]]`: services whose backends a DNS name gives, re-resolved by TTL.
     pub dns: Vec<DnsConfig>,
+    /// `[registry.kubernetes]`: Services and EndpointSlices, watched.
+    pub kubernetes: Option<KubernetesConfig>,
+    /// `[registry.consul]`: services with a VIP tag or meta key, by blocking queries.
+    pub consul: Option<ConsulConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +173,8 @@ struct RawRegistry {
     etcd: Option<Spanned<sources::RawEtcd>>,
     #[serde(default)]
     dns: Vec<Spanned<sources::RawDns>>,
+    kubernetes: Option<Spanned<clusters::RawKubernetes>>,
+    consul: Option<Spanned<clusters::RawConsul>>,
 }
 
 impl Default for RawRegistry {
@@ -173,6 +183,8 @@ impl Default for RawRegistry {
             state_dir: default_state_dir(),
             etcd: None,
             dns: Vec::new(),
+            kubernetes: None,
+            consul: None,
         }
     }
 }
@@ -188,6 +200,8 @@ struct RawForwarder {
     listen: Vec<SocketAddr>,
     connect_timeout: Option<HumanDuration>,
     retries: Option<u32>,
+    #[serde(default)]
+    threads: usize,
 }
 
 #[derive(Deserialize)]
@@ -446,6 +460,7 @@ impl AgentConfig {
                 .connect_timeout
                 .map_or(defaults::CONNECT_TIMEOUT, |d| d.0),
             retries: raw.forwarder.retries.unwrap_or(defaults::CONNECT_RETRIES),
+            threads: raw.forwarder.threads,
         };
         if raw
             .datapath
@@ -536,6 +551,30 @@ impl AgentConfig {
             dns.push(d);
         }
 
+        let kubernetes = match raw.registry.kubernetes {
+            Some(spanned) => {
+                let span = spanned.span();
+                let env_node = std::env::var("NODE_NAME").ok();
+                let k = spanned
+                    .into_inner()
+                    .check(env_node)
+                    .map_err(|e| invalid(span, "registry.kubernetes".into(), e))?;
+                Some(k)
+            }
+            None => None,
+        };
+        let consul = match raw.registry.consul {
+            Some(spanned) => {
+                let span = spanned.span();
+                let c = spanned
+                    .into_inner()
+                    .check()
+                    .map_err(|e| invalid(span, "registry.consul".into(), e))?;
+                Some(c)
+            }
+            None => None,
+        };
+
         Ok(AgentConfig {
             datapath: DatapathConfig {
                 cgroup: PathBuf::from(raw.datapath.cgroup),
@@ -550,6 +589,8 @@ impl AgentConfig {
                     .then_some(raw.registry.state_dir),
                 etcd,
                 dns,
+                kubernetes,
+                consul,
             },
             api,
             metrics,

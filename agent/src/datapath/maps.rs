@@ -182,6 +182,49 @@ impl KernelMaps {
             })
             .collect()
     }
+
+    /// A read-only handle on the counters for the metrics task (issue 6): its own descriptor
+    /// on the same map, so the reconciler keeps the maps it writes to itself.
+    pub fn counters_handle(&self) -> Result<KernelCounters, MapsError> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let map = |source| MapsError::Map {
+            name: "COUNTERS",
+            source,
+        };
+        let fd = self
+            .counters
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|io_error| {
+                map(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                }
+                .into())
+            })?;
+        let data = MapData::from_fd(fd).map_err(map)?;
+        let array = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map)?;
+        Ok(KernelCounters(array))
+    }
+}
+
+/// The kernel counters, readable from any task (see [`KernelMaps::counters_handle`]).
+pub struct KernelCounters(PerCpuArray<MapData, u64>);
+
+impl KernelCounters {
+    /// Counters summed over CPUs.
+    pub fn read(&self) -> Result<Vec<(Counter, u64)>, MapsError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let per_cpu = op("COUNTERS", self.0.get(&(c as u32), 0))?;
+                Ok((c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
 }
 
 /// The original-destination table, for a forwarder that cannot use `getsockopt` (an agent in

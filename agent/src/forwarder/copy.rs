@@ -160,9 +160,13 @@ async fn pump(
     last: &AtomicU64,
     start: Instant,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; buffer];
+    // Start small (most connections are short) and grow for bulk transfers.
+    let mut buf = vec![0u8; buffer.min(FIRST_BUFFER)];
     loop {
         let n = from.read(&mut buf).await?;
+        if n == buf.len() && buf.len() < buffer {
+            buf.resize((buf.len() * 2).min(buffer), 0);
+        }
         if n == 0 {
             // Half-close: pass the FIN on, keep the other direction going.
             to.shutdown().await?;
@@ -173,6 +177,9 @@ async fn pump(
         touch(last, start);
     }
 }
+
+/// First buffer of a direction; it doubles, up to the configured size, while reads fill it.
+const FIRST_BUFFER: usize = 16 * 1024;
 
 /// A pipe for splicing, closed on drop.
 struct Pipe {

@@ -6,6 +6,7 @@ mod copy;
 mod origdst;
 pub mod table;
 mod upstream;
+pub mod workers;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -94,6 +95,7 @@ impl Forwarder {
         let backend = &service.backends[upstream.backend];
         debug!(service = %service.name, %peer, backend = %backend.addr, hash, "connected");
         let counters = &backend.health.counters;
+        let connected_at = std::time::Instant::now(); // metrics: connection duration (issue 6)
         counters.opened.fetch_add(1, Ordering::Relaxed);
         counters.active.fetch_add(1, Ordering::Relaxed);
         shared.active.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +132,7 @@ impl Forwarder {
             .fetch_add(moved.to_client.load(Ordering::Relaxed), Ordering::Relaxed);
         counters.active.fetch_sub(1, Ordering::Relaxed);
         counters.closed.fetch_add(1, Ordering::Relaxed);
+        counters.timings.closed(connected_at); // metrics: connection duration (issue 6)
         shared.active.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(()) => {}

@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     balance::{Balancer, Candidate},
-    catalog::{BackendState, BytePath, Catalog, HashKey, Mode, Protocol, ServiceAddr},
+    catalog::{BackendState, BytePath, Catalog, HashKey, Mode, Protocol, Service, ServiceAddr},
     defaults,
     health::{BackendHealth, Board, Verdict},
 };
@@ -48,6 +48,8 @@ pub struct ServiceShared {
 }
 
 pub struct ProxyService {
+    /// The catalog entry this was built from: an unchanged entry reuses the whole service.
+    spec: Service,
     pub name: String,
     pub addr: ServiceAddr,
     pub backends: Vec<Upstream>,
@@ -169,6 +171,15 @@ impl Table {
             if s.mode != Mode::Proxy || addr.protocol != Protocol::Tcp {
                 continue;
             }
+            // Unchanged: keep it whole (its balancer state, its hash tables). A catalog of
+            // thousands of services changes one at a time.
+            if let Some(old) = previous.services.get(&addr.vip)
+                && old.spec == *s
+            {
+                shared.insert(*addr, old.shared.clone());
+                services.insert(addr.vip, old.clone());
+                continue;
+            }
             let drain_timeout = s.policy.drain_timeout.unwrap_or(defaults::DRAIN_TIMEOUT);
             let backends: Vec<Upstream> = s
                 .backends
@@ -208,6 +219,7 @@ impl Table {
             services.insert(
                 addr.vip,
                 Arc::new(ProxyService {
+                    spec: s.clone(),
                     name: s.name.clone(),
                     addr: *addr,
                     backends,

@@ -101,6 +101,8 @@ pub async fn connect(
         match result {
             Ok(stream) => {
                 upstream.health.success(started.elapsed());
+                let timings = &upstream.health.counters.timings; // metrics (issue 6)
+                timings.connected(started.elapsed());
                 return Ok(Connected { stream, backend: i });
             }
             Err(e) => {
@@ -164,9 +166,10 @@ pub async fn dead_on_arrival(client: &TcpStream, server: &TcpStream) -> bool {
     let mut byte = [0u8; 1];
     let first = async {
         tokio::select! {
+            // The client speaking first is the common case: check it first.
             biased;
-            r = server.peek(&mut byte) => matches!(r, Ok(0) | Err(_)),
             _ = client.readable() => false,
+            r = server.peek(&mut byte) => matches!(r, Ok(0) | Err(_)),
         }
     };
     timeout(FIRST_SIGN, first).await.unwrap_or(false)

@@ -30,6 +30,8 @@ pub struct Counters {
     pub drained_closed: AtomicU64,
     pub checks_passed: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// Connect latency and connection duration histograms (issue 6: metrics).
+    pub timings: crate::metrics::Timings,
 }
 
 /// The active checks' verdict.
@@ -44,7 +46,6 @@ pub enum Verdict {
 
 #[derive(Debug, Default)]
 struct Outlier {
-    consecutive: u32,
     ejected_until: Option<Instant>,
     times_ejected: u32,
 }
@@ -61,6 +62,11 @@ pub struct BackendHealth {
     pub addr: SocketAddr,
     pub counters: Counters,
     verdict: AtomicU8,
+    /// Fast path of `is_ejected`: nonzero while an ejection may be running (no lock taken
+    /// on every connection when nothing is ejected).
+    ejected: std::sync::atomic::AtomicBool,
+    /// Consecutive failures; reset by every success without a lock.
+    consecutive: std::sync::atomic::AtomicU32,
     outlier: Mutex<Outlier>,
     ewma: Mutex<Ewma>,
     /// When the backend last became usable again (for slow start).
@@ -76,6 +82,8 @@ impl BackendHealth {
             addr,
             counters: Counters::default(),
             verdict: AtomicU8::new(Verdict::Unknown as u8),
+            ejected: std::sync::atomic::AtomicBool::new(false),
+            consecutive: std::sync::atomic::AtomicU32::new(0),
             outlier: Mutex::new(Outlier::default()),
             ewma: Mutex::new(Ewma {
                 cost_ns: defaults::EWMA_DEFAULT_RTT.as_nanos() as f64,
@@ -104,11 +112,15 @@ impl BackendHealth {
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {
+        if !self.ejected.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut o = lock(&self.outlier);
         match o.ejected_until {
             Some(t) if now < t => true,
             Some(_) => {
                 o.ejected_until = None;
+                self.ejected.store(false, Ordering::Relaxed);
                 drop(o);
                 info!(service = %self.service, backend = %self.addr, "ejection over: backend returns");
                 self.mark_returned();
@@ -142,7 +154,7 @@ impl BackendHealth {
 
     /// A connect succeeded after `rtt`.
     pub fn success(&self, rtt: Duration) {
-        lock(&self.outlier).consecutive = 0;
+        self.consecutive.store(0, Ordering::Relaxed);
         self.observe(rtt);
     }
 
@@ -166,15 +178,19 @@ impl BackendHealth {
     /// ejected the backend; `may_eject` says whether the service's ejection cap allows it.
     /// Each ejection lasts `base` times the number of ejections so far, capped.
     pub fn failure(&self, threshold: u32, base: Duration, may_eject: bool) -> bool {
+        let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        if consecutive < threshold || !may_eject {
+            return false;
+        }
         let mut o = lock(&self.outlier);
-        o.consecutive += 1;
-        if o.consecutive < threshold || o.ejected_until.is_some() || !may_eject {
+        if o.ejected_until.is_some() {
             return false;
         }
         o.times_ejected += 1;
         let time = (base * o.times_ejected).min(defaults::OUTLIER_MAX_EJECTION.max(base));
         o.ejected_until = Some(Instant::now() + time);
-        o.consecutive = 0;
+        self.ejected.store(true, Ordering::Relaxed);
+        self.consecutive.store(0, Ordering::Relaxed);
         self.counters.ejections.fetch_add(1, Ordering::Relaxed);
         warn!(
             service = %self.service,

@@ -64,15 +64,19 @@ pub async fn run(registry: Registry, entries: Vec<DnsConfig>) {
 
 async fn follow(registry: Registry, entry: DnsConfig) {
     let name = entry.service.name.clone();
-    let resolver = match resolver(entry.nameserver) {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(service = %name, "dns: {e}; this entry is not followed");
-            registry.set_live(Source::Dns, false, Some(format!("{name}: {e}")));
-            return;
+    let mut retry = Backoff::default();
+    refresh_saved(&registry, &entry);
+    let resolver = loop {
+        match resolver(entry.nameserver) {
+            Ok(r) => break r,
+            Err(e) => {
+                let wait = retry.next();
+                warn!(service = %name, "dns: {e}; retrying in {wait:?}");
+                registry.set_live(Source::Dns, false, Some(format!("{name}: {e}")));
+                tokio::time::sleep(wait).await;
+            }
         }
     };
-    let mut retry = Backoff::default();
     let mut applied: Option<Vec<Backend>> = None;
     loop {
         let wait = match resolve(&resolver, &entry).await {
@@ -122,6 +126,25 @@ async fn follow(registry: Registry, entry: DnsConfig) {
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// A saved entry (last-known-good) takes the configured service's settings at once, with its
+/// saved backends, so an edited vip or mode does not wait for the first answer. Saved backends
+/// that no longer fit (another family) are dropped with the entry.
+fn refresh_saved(registry: &Registry, entry: &DnsConfig) {
+    let name = &entry.service.name;
+    let Some(saved) = registry.entries(Source::Dns).remove(name) else {
+        return;
+    };
+    let mut service = entry.service.clone();
+    service.backends = saved.backends.clone();
+    if service == saved {
+        return;
+    }
+    match service.validate() {
+        Ok(()) => registry.put(Source::Dns, name, Some(service)),
+        Err(_) => registry.put(Source::Dns, name, None),
     }
 }
 

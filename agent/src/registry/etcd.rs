@@ -12,12 +12,12 @@
 use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, path::PathBuf};
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, KeyValue, TlsOptions,
-    WatchOptions,
+    Certificate, Client, ConnectOptions, Event, EventType, GetOptions, Identity, KeyValue,
+    TlsOptions, WatchOptions,
 };
 use tracing::{info, warn};
 
-use super::{Registry, Rejected, Source, retry::Backoff};
+use super::{Registry, Rejected, Source, clash, retry::Backoff};
 use crate::{
     catalog::Service,
     config::{EtcdConfig, service_from_json},
@@ -140,10 +140,9 @@ impl Follower {
                 }
                 continue;
             }
-            for event in response.events() {
-                let Some(kv) = event.kv() else { continue };
-                self.apply(event.event_type(), kv);
-                self.revision = Some(kv.mod_revision());
+            self.apply(response.events());
+            if let Some(last) = response.events().iter().filter_map(|e| e.kv()).next_back() {
+                self.revision = Some(last.mod_revision());
             }
         }
     }
@@ -213,18 +212,9 @@ impl Follower {
         let mut rejected = Vec::new();
         for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let checked = self.parse(&key, kv.value()).and_then(|s| {
-                match entries
-                    .values()
-                    .find(|o| o.addr == s.addr || o.name == s.name)
-                {
-                    Some(o) if o.addr == s.addr => {
-                        Err(format!("vip: {} is already {:?}'s address", s.addr, o.name))
-                    }
-                    Some(o) => Err(format!("name: {:?} is already used", o.name)),
-                    None => Ok(s),
-                }
-            });
+            let checked = self
+                .parse(&key, kv.value())
+                .and_then(|s| clash(&entries, &key, &s).map_or(Ok(s), Err));
             match checked {
                 Ok(service) => {
                     entries.insert(key, service);
@@ -243,35 +233,56 @@ impl Follower {
         Ok(revision)
     }
 
-    /// One watch event: the key's new state, or its rejection (its last good state stays).
-    fn apply(&self, kind: EventType, kv: &KeyValue) {
-        let key = String::from_utf8_lossy(kv.key());
-        let checked = match kind {
-            EventType::Delete => {
-                info!(key = %key, revision = kv.mod_revision(), "etcd: key deleted");
-                self.registry.put(Source::Etcd, &key, None);
-                return;
-            }
-            EventType::Put => self.parse(&key, kv.value()).and_then(|s| {
-                match self.registry.clash(Source::Etcd, &key, &s) {
-                    Some(reason) => Err(reason),
-                    None => Ok(s),
+    /// One watch response's events, applied together as the revisions made them: a
+    /// transaction that moves an address from one key to another is not seen half done. A key
+    /// whose new value does not parse or check (or takes an address or name another key keeps)
+    /// is rejected and keeps its last good state.
+    fn apply(&self, events: &[Event]) {
+        // The last event of each key is its state now.
+        let mut latest: BTreeMap<String, Result<Option<Service>, String>> = BTreeMap::new();
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let change = match event.event_type() {
+                EventType::Delete => {
+                    info!(key = %key, revision = kv.mod_revision(), "etcd: key deleted");
+                    Ok(None)
                 }
-            }),
-        };
-        match checked {
-            Ok(service) => {
-                info!(key = %key, revision = kv.mod_revision(), "etcd: key applied");
-                self.registry.put(Source::Etcd, &key, Some(service));
-            }
-            Err(reason) => self.registry.reject(
-                Source::Etcd,
-                &Rejected {
-                    key: key.into_owned(),
-                    reason,
-                },
-            ),
+                EventType::Put => self.parse(&key, kv.value()).map(Some),
+            };
+            latest.insert(key, change);
         }
+        let mut next = self.registry.entries(Source::Etcd);
+        let mut before = BTreeMap::new();
+        for (key, change) in &latest {
+            if change.is_ok()
+                && let Some(old) = next.remove(key)
+            {
+                before.insert(key.clone(), old);
+            }
+        }
+        let mut rejected = Vec::new();
+        for (key, change) in latest {
+            let service = match change {
+                Ok(Some(service)) => service,
+                Ok(None) => continue,
+                Err(reason) => {
+                    rejected.push(Rejected { key, reason });
+                    continue;
+                }
+            };
+            // Keys outside this batch keep what they have; within it, the first key wins.
+            if let Some(reason) = clash(&next, &key, &service) {
+                if let Some(old) = before.remove(&key) {
+                    next.insert(key.clone(), old);
+                }
+                rejected.push(Rejected { key, reason });
+                continue;
+            }
+            info!(key = %key, "etcd: key applied");
+            next.insert(key, service);
+        }
+        self.registry.replace(Source::Etcd, next, &rejected);
     }
 
     fn parse(&self, key: &str, value: &[u8]) -> Result<Service, String> {

@@ -181,3 +181,72 @@ mod tests {
         assert!(s.load().unwrap().is_none());
     }
 }
+
+/// Saves in the background, latest state first: a burst of changes (a control plane catching
+/// up) costs one write, and no write, fsync included, delays a change reaching the kernel.
+#[derive(Clone)]
+pub struct Saver {
+    shared: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+pub struct Pending {
+    next: Option<BTreeMap<Source, Layer>>,
+    busy: bool,
+}
+
+impl Saver {
+    pub fn start(store: Store) -> Saver {
+        let shared: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)> = Default::default();
+        let theirs = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sy-lkg".into())
+            .spawn(move || {
+                let (lock, wake) = &*theirs;
+                loop {
+                    let layers = {
+                        let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        while p.next.is_none() {
+                            p = wake.wait(p).unwrap_or_else(|e| e.into_inner());
+                        }
+                        p.busy = true;
+                        p.next.take()
+                    };
+                    if let Some(layers) = layers
+                        && let Err(e) = store.save(&layers)
+                    {
+                        tracing::warn!("last-known-good not saved: {e}");
+                    }
+                    let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    p.busy = false;
+                    wake.notify_all();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("last-known-good saver not started: {e}");
+        }
+        Saver { shared }
+    }
+
+    /// Queues `layers` for saving, replacing whatever was queued.
+    pub fn save(&self, layers: BTreeMap<Source, Layer>) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).next = Some(layers);
+        wake.notify_all();
+    }
+
+    /// Waits until everything queued is on disk (at shutdown).
+    pub fn flush(&self) {
+        let (lock, wake) = &*self.shared;
+        let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while p.next.is_some() || p.busy {
+            let (g, timeout) = wake
+                .wait_timeout(p, std::time::Duration::from_secs(5))
+                .unwrap_or_else(|e| e.into_inner());
+            p = g;
+            if timeout.timed_out() {
+                return;
+            }
+        }
+    }
+}

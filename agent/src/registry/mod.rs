@@ -10,11 +10,14 @@
 //! An entry that fails validation is rejected alone, with its reason logged and counted; the
 //! entry it would have replaced keeps its last good state.
 
+pub mod consul;
 pub mod dns;
 pub mod etcd;
 pub mod file;
+pub mod kubernetes;
 pub mod lkg;
 mod retry;
+mod settings;
 
 use std::{
     collections::BTreeMap,
@@ -98,7 +101,7 @@ pub struct SourceStatus {
 struct State {
     layers: BTreeMap<Source, Layer>,
     published: Arc<Catalog>,
-    lkg: Option<lkg::Store>,
+    lkg: Option<lkg::Saver>,
     /// Catalog versions published since start.
     version: u64,
 }
@@ -133,7 +136,7 @@ impl Registry {
         let mut state = State {
             layers,
             published: Arc::new(Catalog::default()),
-            lkg,
+            lkg: lkg.map(lkg::Saver::start),
             version: 0,
         };
         let (catalog, rejected) = merge(&state.layers);
@@ -194,27 +197,6 @@ impl Registry {
         }
         layer.last_sync = Some(SystemTime::now());
         self.publish(&mut state);
-    }
-
-    /// Why `entry` cannot join `source`'s layer under `key`: another key of the same source
-    /// already has its address or its name. Sources that edit entry by entry check this first
-    /// and reject the newcomer, so the entry already there keeps serving.
-    pub fn clash(&self, source: Source, key: &str, entry: &Service) -> Option<String> {
-        let state = self.lock();
-        let layer = state.layers.get(&source)?;
-        layer
-            .entries
-            .iter()
-            .filter(|(k, _)| k.as_str() != key)
-            .find_map(|(k, other)| {
-                if other.addr == entry.addr {
-                    Some(format!("vip: {} is already {k:?}'s address", entry.addr))
-                } else if other.name == entry.name {
-                    Some(format!("name: {:?} is already used by {k:?}", entry.name))
-                } else {
-                    None
-                }
-            })
     }
 
     /// Drops a source's whole layer: for a source no longer configured, whose last-known-good
@@ -286,18 +268,42 @@ impl Registry {
         for r in rejected {
             warn!(key = %r.key, "not applied: {}", r.reason);
         }
-        if let Some(store) = &state.lkg
-            && let Err(e) = store.save(&state.layers)
-        {
-            warn!("last-known-good not saved: {e}");
+        if *state.published != catalog {
+            state.version += 1;
+            state.published = Arc::new(catalog);
+            self.tx.send_replace(state.published.clone());
         }
-        if *state.published == catalog {
-            return;
+        // After the reconciler has it: the disk must not delay a change.
+        if let Some(saver) = &state.lkg {
+            saver.save(state.layers.clone());
         }
-        state.version += 1;
-        state.published = Arc::new(catalog);
-        self.tx.send_replace(state.published.clone());
     }
+
+    /// Waits until the last-known-good on disk is current (at shutdown).
+    pub fn flush(&self) {
+        let saver = self.lock().lkg.clone();
+        if let Some(s) = saver {
+            s.flush();
+        }
+    }
+}
+
+/// Why `entry` cannot join a source's `entries` under `key`: another key already has its
+/// address or its name. Sources check this entry by entry and reject the newcomer, so the
+/// entry already there keeps serving (and the rejection names the key and the field).
+pub fn clash(entries: &BTreeMap<String, Service>, key: &str, entry: &Service) -> Option<String> {
+    entries
+        .iter()
+        .filter(|(k, _)| k.as_str() != key)
+        .find_map(|(k, other)| {
+            if other.addr == entry.addr {
+                Some(format!("vip: {} is already {k:?}'s address", entry.addr))
+            } else if other.name == entry.name {
+                Some(format!("name: {:?} is already used by {k:?}", entry.name))
+            } else {
+                None
+            }
+        })
 }
 
 /// The network sources' tasks; dropping this ends them.
@@ -311,7 +317,7 @@ impl Drop for SourceTasks {
     }
 }
 
-/// Starts the network sources `config` names (etcd, DNS), each keeping its layer current in
+/// Starts the network sources `config` names (etcd, Kubernetes, Consul, DNS), each keeping its layer current in
 /// the background; the agent serves what it has (last-known-good included) meanwhile. The
 /// saved layer of a source no longer configured is dropped.
 pub fn start_sources(registry: &Registry, config: &crate::config::AgentConfig) -> SourceTasks {
@@ -321,9 +327,25 @@ pub fn start_sources(registry: &Registry, config: &crate::config::AgentConfig) -
         Some(etcd) => tasks.push(tokio::spawn(etcd::run(
             registry.clone(),
             etcd.clone(),
-            listen,
+            listen.clone(),
         ))),
         None => registry.forget(Source::Etcd),
+    }
+    match &config.registry.kubernetes {
+        Some(k) => tasks.push(tokio::spawn(kubernetes::run(
+            registry.clone(),
+            k.clone(),
+            listen.clone(),
+        ))),
+        None => registry.forget(Source::Kubernetes),
+    }
+    match &config.registry.consul {
+        Some(c) => tasks.push(tokio::spawn(consul::run(
+            registry.clone(),
+            c.clone(),
+            listen.clone(),
+        ))),
+        None => registry.forget(Source::Consul),
     }
     if config.registry.dns.is_empty() {
         registry.forget(Source::Dns);

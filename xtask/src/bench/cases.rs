@@ -1,0 +1,501 @@
+//! The workloads, the figures each yields, and how the load generators' output is read.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use super::{
+    Path, Plan, procstat,
+    world::{Service, World},
+};
+
+/// Concurrent connections of every client: enough to keep one core busy, few enough that
+/// latency means something.
+const CONNECTIONS: u32 = 32;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// wrk over kept-alive connections: the per-request cost of the path.
+    KeepAlive,
+    /// wrk with `Connection: close`: one new connection per request.
+    Close,
+    /// iperf3, one stream: bulk throughput of one connection.
+    Iperf1,
+    /// iperf3, four streams.
+    Iperf4,
+    /// redis-benchmark GET and SET: small request/response pairs over 3 backends.
+    Redis,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::KeepAlive,
+        Workload::Close,
+        Workload::Iperf1,
+        Workload::Iperf4,
+        Workload::Redis,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Workload::KeepAlive => "wrk keep-alive",
+            Workload::Close => "wrk Connection: close",
+            Workload::Iperf1 => "iperf3 1 stream",
+            Workload::Iperf4 => "iperf3 4 streams",
+            Workload::Redis => "redis-benchmark",
+        }
+    }
+
+    fn service(self) -> Service {
+        match self {
+            Workload::KeepAlive | Workload::Close => Service::Http,
+            Workload::Iperf1 | Workload::Iperf4 => Service::Iperf,
+            Workload::Redis => Service::Redis,
+        }
+    }
+}
+
+/// One figure of a case. The order is the table's.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    KeepAliveRps,
+    KeepAliveP50Ms,
+    KeepAliveP99Ms,
+    KeepAliveCpuUs,
+    CloseCps,
+    CloseP99Ms,
+    CloseCpuUs,
+    Iperf1Gbps,
+    Iperf1CpuMsPerGb,
+    Iperf4Gbps,
+    RedisGetRps,
+    RedisSetRps,
+    RedisCpuUs,
+    /// The largest resident size seen after any case (a maximum, not a median).
+    RssMib,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 14] = [
+        Metric::KeepAliveRps,
+        Metric::KeepAliveP50Ms,
+        Metric::KeepAliveP99Ms,
+        Metric::KeepAliveCpuUs,
+        Metric::CloseCps,
+        Metric::CloseP99Ms,
+        Metric::CloseCpuUs,
+        Metric::Iperf1Gbps,
+        Metric::Iperf1CpuMsPerGb,
+        Metric::Iperf4Gbps,
+        Metric::RedisGetRps,
+        Metric::RedisSetRps,
+        Metric::RedisCpuUs,
+        Metric::RssMib,
+    ];
+
+    /// The table's row: workload, then what is measured.
+    pub fn row(self) -> (&'static str, &'static str) {
+        match self {
+            Metric::KeepAliveRps => ("wrk keep-alive", "req/s"),
+            Metric::KeepAliveP50Ms => ("", "p50 ms"),
+            Metric::KeepAliveP99Ms => ("", "p99 ms"),
+            Metric::KeepAliveCpuUs => ("", "proxy CPU µs/req"),
+            Metric::CloseCps => ("wrk Connection: close", "conn/s"),
+            Metric::CloseP99Ms => ("", "p99 ms"),
+            Metric::CloseCpuUs => ("", "proxy CPU µs/conn"),
+            Metric::Iperf1Gbps => ("iperf3 1 stream", "Gbit/s"),
+            Metric::Iperf1CpuMsPerGb => ("", "proxy CPU ms/GB"),
+            Metric::Iperf4Gbps => ("iperf3 4 streams", "Gbit/s"),
+            Metric::RedisGetRps => ("redis-benchmark", "GET req/s"),
+            Metric::RedisSetRps => ("", "SET req/s"),
+            Metric::RedisCpuUs => ("", "proxy CPU µs/req"),
+            Metric::RssMib => ("proxy memory", "max RSS MiB"),
+        }
+    }
+
+    /// Throughput is better higher; latency, CPU and memory lower.
+    pub fn higher_is_better(self) -> bool {
+        matches!(
+            self,
+            Metric::KeepAliveRps
+                | Metric::CloseCps
+                | Metric::Iperf1Gbps
+                | Metric::Iperf4Gbps
+                | Metric::RedisGetRps
+                | Metric::RedisSetRps
+        )
+    }
+
+    pub fn format(self, v: f64) -> String {
+        match self {
+            Metric::KeepAliveRps | Metric::CloseCps | Metric::RedisGetRps | Metric::RedisSetRps => {
+                if v >= 10_000.0 {
+                    format!("{:.1}k", v / 1000.0)
+                } else {
+                    format!("{v:.0}")
+                }
+            }
+            Metric::Iperf1Gbps | Metric::Iperf4Gbps | Metric::KeepAliveP50Ms => format!("{v:.2}"),
+            Metric::KeepAliveP99Ms | Metric::CloseP99Ms => format!("{v:.2}"),
+            Metric::KeepAliveCpuUs | Metric::CloseCpuUs | Metric::RedisCpuUs => format!("{v:.1}"),
+            Metric::Iperf1CpuMsPerGb => format!("{v:.0}"),
+            Metric::RssMib => format!("{v:.1}"),
+        }
+    }
+}
+
+/// What one run of one case gave.
+#[derive(Default, Serialize)]
+pub struct Outcome {
+    pub metrics: BTreeMap<Metric, f64>,
+    /// Anything that makes the figures suspect (socket errors, non-2xx answers, a busy
+    /// machine).
+    pub notes: Vec<String>,
+    /// The share of the machine's CPU that went to work not ours during the case (other
+    /// builds, other benchmarks): the figures of a case with much of it are not comparable.
+    pub elsewhere: f64,
+}
+
+/// Above this share of the machine used elsewhere a case is noted as suspect.
+pub const ELSEWHERE_NOTE: f64 = 0.05;
+
+/// Runs `workload` once over `path`, charging the proxy's CPU to what was moved.
+pub fn run(world: &World, plan: &Plan, path: Path, workload: Workload) -> anyhow::Result<Outcome> {
+    let to = world.targets(path, workload.service());
+    let first = *to.first().context("no address to connect to")?;
+    let pid = world.proxy_pid(path);
+    let cpu_before = pid.map(procstat::cpu_seconds).transpose()?;
+    let elsewhere = procstat::Elsewhere::start();
+    let (mut out, work) = match workload {
+        Workload::KeepAlive | Workload::Close => {
+            wrk(world, plan.secs, first, workload == Workload::Close)?
+        }
+        Workload::Iperf1 | Workload::Iperf4 => iperf3(
+            world,
+            plan.secs,
+            first,
+            if workload == Workload::Iperf1 { 1 } else { 4 },
+        )?,
+        Workload::Redis => redis(world, plan.redis_requests, &to)?,
+    };
+    if let (Some(pid), Some(before)) = (pid, cpu_before) {
+        let cpu = procstat::cpu_seconds(pid)? - before;
+        let per = match workload {
+            Workload::KeepAlive => Some((Metric::KeepAliveCpuUs, 1e6)),
+            Workload::Close => Some((Metric::CloseCpuUs, 1e6)),
+            // `work` is bytes here: milliseconds per 10^9 bytes.
+            Workload::Iperf1 => Some((Metric::Iperf1CpuMsPerGb, 1e12)),
+            Workload::Iperf4 => None,
+            Workload::Redis => Some((Metric::RedisCpuUs, 1e6)),
+        };
+        if let Some((metric, scale)) = per
+            && work > 0.0
+        {
+            out.metrics.insert(metric, cpu * scale / work);
+        }
+        out.metrics
+            .insert(Metric::RssMib, procstat::rss_kib(pid) as f64 / 1024.0);
+    }
+    out.elsewhere = elsewhere.share();
+    if out.elsewhere > ELSEWHERE_NOTE {
+        out.notes.push(format!(
+            "{:.0}% of the machine's CPU went to other work",
+            out.elsewhere * 100.0
+        ));
+    }
+    Ok(out)
+}
+
+/// Runs clients side by side to completion (each killed by its guard if it overstays) and
+/// returns their outputs.
+fn clients(
+    world: &World,
+    program: &str,
+    args: &[Vec<String>],
+    budget: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let mut running = Vec::new();
+    for a in args {
+        running.push(world.client(program, program, a)?);
+    }
+    let mut outputs = Vec::new();
+    for mut p in running {
+        let status = p.wait_exit(budget)?;
+        let text = p.output().join("\n");
+        if !status.success() {
+            bail!("{program} failed ({status}): {}", tail(&text));
+        }
+        outputs.push(text);
+    }
+    Ok(outputs)
+}
+
+fn client(
+    world: &World,
+    program: &str,
+    args: &[String],
+    budget: Duration,
+) -> anyhow::Result<String> {
+    let mut out = clients(world, program, &[args.to_vec()], budget)?;
+    out.pop().context("no output")
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+/// wrk, one thread (one core), `CONNECTIONS` connections; returns the outcome and the request count.
+fn wrk(world: &World, secs: u32, to: SocketAddr, close: bool) -> anyhow::Result<(Outcome, f64)> {
+    let mut args: Vec<String> = ["-t1", "--latency", "--timeout", "5s"]
+        .map(String::from)
+        .to_vec();
+    args.push(format!("-c{CONNECTIONS}"));
+    args.push(format!("-d{secs}s"));
+    if close {
+        args.extend(["-H".into(), "Connection: close".into()]);
+    }
+    args.push(format!("http://{to}/index.html"));
+    let text = client(world, "wrk", &args, Duration::from_secs(secs as u64 + 30))?;
+    let w = parse_wrk(&text)?;
+    let mut out = Outcome::default();
+    let (rps, p50, p99) = if close {
+        (Metric::CloseCps, None, Metric::CloseP99Ms)
+    } else {
+        (
+            Metric::KeepAliveRps,
+            Some(Metric::KeepAliveP50Ms),
+            Metric::KeepAliveP99Ms,
+        )
+    };
+    out.metrics.insert(rps, w.rps);
+    if let Some(p50) = p50 {
+        out.metrics.insert(p50, w.p50_ms);
+    }
+    out.metrics.insert(p99, w.p99_ms);
+    if w.errors > 0 {
+        out.notes.push(format!("wrk: {} errors", w.errors));
+    }
+    Ok((out, w.requests))
+}
+
+#[derive(Debug, PartialEq)]
+pub struct Wrk {
+    pub rps: f64,
+    pub requests: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Socket errors plus non-2xx/3xx answers.
+    pub errors: u64,
+}
+
+pub fn parse_wrk(text: &str) -> anyhow::Result<Wrk> {
+    let mut rps = None;
+    let mut requests = None;
+    let (mut p50, mut p99) = (None, None);
+    let mut errors = 0;
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse().ok();
+        } else if let Some((n, _)) = line.split_once(" requests in ") {
+            requests = n.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("50%") {
+            p50 = parse_duration_ms(v.trim());
+        } else if let Some(v) = line.strip_prefix("99%") {
+            p99 = parse_duration_ms(v.trim());
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            errors += v
+                .split(',')
+                .filter_map(|f| f.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += v.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok(Wrk {
+        rps: rps.with_context(|| format!("no Requests/sec in wrk's output: {}", tail(text)))?,
+        requests: requests.context("no request count in wrk's output")?,
+        p50_ms: p50.context("no 50% latency in wrk's output")?,
+        p99_ms: p99.context("no 99% latency in wrk's output")?,
+        errors,
+    })
+}
+
+/// wrk's durations: `812.00us`, `1.23ms`, `2.00s`, `1.50m`.
+fn parse_duration_ms(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let scale = match unit {
+        "us" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        "m" => 60e3,
+        "h" => 3600e3,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+/// iperf3 client; returns the outcome and the bytes the server received.
+fn iperf3(
+    world: &World,
+    secs: u32,
+    to: SocketAddr,
+    streams: u32,
+) -> anyhow::Result<(Outcome, f64)> {
+    let args: Vec<String> = vec![
+        "-c".into(),
+        to.ip().to_string(),
+        "-p".into(),
+        to.port().to_string(),
+        "-t".into(),
+        secs.to_string(),
+        "-P".into(),
+        streams.to_string(),
+        "--json".into(),
+    ];
+    let text = client(
+        world,
+        "iperf3",
+        &args,
+        Duration::from_secs(secs as u64 + 30),
+    )?;
+    let (bps, bytes) = parse_iperf3(&text)?;
+    let metric = if streams == 1 {
+        Metric::Iperf1Gbps
+    } else {
+        Metric::Iperf4Gbps
+    };
+    let mut out = Outcome::default();
+    out.metrics.insert(metric, bps / 1e9);
+    Ok((out, bytes))
+}
+
+/// Bits per second and bytes as the receiving side counted them.
+pub fn parse_iperf3(text: &str) -> anyhow::Result<(f64, f64)> {
+    let (Some(start), Some(end)) = (text.find('{'), text.rfind('}')) else {
+        bail!("no JSON in iperf3's output: {}", tail(text));
+    };
+    let v: serde_json::Value = serde_json::from_str(&text[start..=end]).context("iperf3's JSON")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {e}");
+    }
+    let sum = &v["end"]["sum_received"];
+    let bps = sum["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.bits_per_second")?;
+    let bytes = sum["bytes"].as_f64().unwrap_or(0.0);
+    Ok((bps, bytes))
+}
+
+/// redis-benchmark, `CONNECTIONS` connections, GET and SET of `requests` each; returns the outcome and
+/// the request count. Given several addresses (the direct path to three backends), one client
+/// per address with its share of connections and requests, and their rates added up.
+fn redis(world: &World, requests: u32, to: &[SocketAddr]) -> anyhow::Result<(Outcome, f64)> {
+    let k = to.len().max(1) as u32;
+    let args: Vec<Vec<String>> = to
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let share = |total: u32| total / k + u32::from((i as u32) < total % k);
+            [
+                "-h",
+                &a.ip().to_string(),
+                "-p",
+                &a.port().to_string(),
+                "-c",
+                &share(CONNECTIONS).to_string(),
+                "-n",
+                &share(requests).to_string(),
+                "-t",
+                "get,set",
+                "--csv",
+            ]
+            .map(String::from)
+            .to_vec()
+        })
+        .collect();
+    let texts = clients(world, "redis-benchmark", &args, Duration::from_secs(120))?;
+    let mut out = Outcome::default();
+    for text in texts {
+        let rows = parse_redis(&text)?;
+        for (test, metric) in [("GET", Metric::RedisGetRps), ("SET", Metric::RedisSetRps)] {
+            let rps = rows
+                .get(test)
+                .with_context(|| format!("no {test} line in redis-benchmark's output"))?;
+            *out.metrics.entry(metric).or_default() += *rps;
+        }
+    }
+    Ok((out, 2.0 * requests as f64))
+}
+
+/// `"SET","52910.05",…` lines: test name to requests per second.
+pub fn parse_redis(text: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut rows = BTreeMap::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line
+            .split(',')
+            .map(|f| f.trim().trim_matches('"'))
+            .collect();
+        if let [name, rps, ..] = fields.as_slice()
+            && let Ok(rps) = rps.parse::<f64>()
+        {
+            rows.insert((*name).to_owned(), rps);
+        }
+    }
+    if rows.is_empty() {
+        bail!("no results in redis-benchmark's output: {}", tail(text));
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk() {
+        let text = "Running 5s test @ http://10.77.0.11:80/index.html
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   474.12us  101.22us   3.09ms   85.73%
+    Req/Sec    66.92k     3.36k   71.38k    74.00%
+  Latency Distribution
+     50%  460.00us
+     75%  510.00us
+     90%  580.00us
+     99%    1.81ms
+  333000 requests in 5.00s, 80.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  66600.00
+Transfer/sec:     16.00MB";
+        let w = parse_wrk(text).expect("parses");
+        assert_eq!(w.rps, 66600.0);
+        assert_eq!(w.requests, 333000.0);
+        assert!((w.p50_ms - 0.46).abs() < 1e-9);
+        assert!((w.p99_ms - 1.81).abs() < 1e-9);
+        assert_eq!(w.errors, 7);
+    }
+
+    #[test]
+    fn reads_redis_csv() {
+        let text = "\"test\",\"rps\",\"avg_latency_ms\"\n\"SET\",\"49504.95\",\"0.543\"\n\"GET\",\"51020.41\",\"0.501\"\n";
+        let rows = parse_redis(text).expect("parses");
+        assert_eq!(rows["SET"], 49504.95);
+        assert_eq!(rows["GET"], 51020.41);
+    }
+
+    #[test]
+    fn reads_iperf3_json_and_errors() {
+        let ok = "{\n \"end\": {\"sum_received\": {\"bytes\": 1000, \"bits_per_second\": 8e9}}\n}";
+        assert_eq!(parse_iperf3(ok).expect("parses"), (8e9, 1000.0));
+        let err = "{\"error\": \"unable to connect to server\"}";
+        assert!(parse_iperf3(err).is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! Turning runs into medians, ratios and goals, and showing them: a terminal table, Markdown for
+//! the README, and an SVG chart written by hand (no plotting dependency for one picture).
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::Serialize;
+
+use super::{Path, Run, cases::Metric};
+
+/// Medians per path and metric (the largest value for `RssMib`).
+#[derive(Serialize, Default)]
+pub struct Summary {
+    pub medians: BTreeMap<Path, BTreeMap<Metric, f64>>,
+}
+
+impl Summary {
+    pub fn of(runs: &[Run]) -> Summary {
+        let mut all: BTreeMap<(Path, Metric), Vec<f64>> = BTreeMap::new();
+        for run in runs {
+            for (m, v) in &run.metrics {
+                all.entry((run.path, *m)).or_default().push(*v);
+            }
+        }
+        let mut s = Summary::default();
+        for ((path, metric), mut values) in all {
+            values.sort_by(f64::total_cmp);
+            let v = if metric == Metric::RssMib {
+                values[values.len() - 1]
+            } else {
+                median(&values)
+            };
+            s.medians.entry(path).or_default().insert(metric, v);
+        }
+        s
+    }
+
+    pub fn get(&self, path: Path, metric: Metric) -> Option<f64> {
+        self.medians.get(&path)?.get(&metric).copied()
+    }
+
+    /// `path`'s figure over `reference`'s.
+    pub fn ratio(&self, path: Path, metric: Metric, reference: Path) -> Option<f64> {
+        let (a, b) = (self.get(path, metric)?, self.get(reference, metric)?);
+        (b > 0.0).then(|| a / b)
+    }
+}
+
+/// Of sorted, non-empty values.
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// Rows of cells, the first row the header; the first two columns are labels.
+pub struct Table(pub Vec<Vec<String>>);
+
+const DASH: &str = "–";
+
+pub fn values(s: &Summary) -> Table {
+    let mut rows = vec![
+        ["workload", "figure"]
+            .into_iter()
+            .map(String::from)
+            .chain(Path::ALL.iter().map(|p| p.label().to_owned()))
+            .collect::<Vec<_>>(),
+    ];
+    for m in Metric::ALL {
+        let (w, what) = m.row();
+        let mut row = vec![w.to_owned(), what.to_owned()];
+        row.extend(Path::ALL.iter().map(|p| {
+            s.get(*p, m)
+                .map(|v| m.format(v))
+                .unwrap_or_else(|| DASH.into())
+        }));
+        rows.push(row);
+    }
+    Table(rows)
+}
+
+/// The ratios people ask for: every path to the physical reference, and the two proxies in
+/// userspace to HAProxy.
+const RATIOS: [(Path, Path); 6] = [
+    (Path::Kernel, Path::Direct),
+    (Path::Proxy, Path::Direct),
+    (Path::Haproxy, Path::Direct),
+    (Path::Nginx, Path::Direct),
+    (Path::Proxy, Path::Haproxy),
+    (Path::Nginx, Path::Haproxy),
+];
+
+pub fn ratios(s: &Summary) -> Table {
+    let mut head = vec!["workload".to_owned(), "figure".to_owned()];
+    head.extend(
+        RATIOS
+            .iter()
+            .map(|(a, b)| format!("{} / {}", a.short(), b.short())),
+    );
+    let mut rows = vec![head];
+    for m in Metric::ALL {
+        let cells: Vec<String> = RATIOS
+            .iter()
+            .map(|(a, b)| {
+                s.ratio(*a, m, *b)
+                    .map(|r| format!("{r:.2}×"))
+                    .unwrap_or_else(|| DASH.into())
+            })
+            .collect();
+        if cells.iter().all(|c| c == DASH) {
+            continue;
+        }
+        let (w, what) = m.row();
+        let arrow = if m.higher_is_better() { "↑" } else { "↓" };
+        let mut row = vec![w.to_owned(), format!("{what} {arrow}")];
+        row.extend(cells);
+        rows.push(row);
+    }
+    Table(rows)
+}
+
+impl Table {
+    /// Aligned columns for a terminal: labels left, figures right.
+    pub fn terminal(&self) -> String {
+        let cols = self.0.iter().map(Vec::len).max().unwrap_or(0);
+        let width: Vec<usize> = (0..cols)
+            .map(|c| {
+                self.0
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.0 {
+            let mut line = String::from(" ");
+            for (c, cell) in row.iter().enumerate() {
+                let pad = width[c].saturating_sub(cell.chars().count());
+                if c < 2 {
+                    let _ = write!(line, " {cell}{}", " ".repeat(pad));
+                } else {
+                    let _ = write!(line, "  {}{cell}", " ".repeat(pad));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        for (i, row) in self.0.iter().enumerate() {
+            let _ = writeln!(out, "| {} |", row.join(" | "));
+            if i == 0 {
+                let align: Vec<&str> = (0..row.len())
+                    .map(|c| if c < 2 { "---" } else { "---:" })
+                    .collect();
+                let _ = writeln!(out, "| {} |", align.join(" | "));
+            }
+        }
+        out
+    }
+}
+
+/// One of issue 7's targets, judged (never asserted: a benchmark reports).
+#[derive(Serialize)]
+pub struct Goal {
+    pub goal: String,
+    pub pass: bool,
+    pub figure: String,
+}
+
+pub fn goals(s: &Summary) -> Vec<Goal> {
+    let ratio = |p, m, r| s.ratio(p, m, r);
+    let one = |goal: &str, r: Option<f64>, pass: fn(f64) -> bool| Goal {
+        goal: goal.to_owned(),
+        pass: r.is_some_and(pass),
+        figure: r.map_or_else(|| "no figure".into(), |r| format!("{r:.2}×")),
+    };
+    let mut g = vec![
+        one(
+            "kernel mode keep-alive req/s ≥ 0.98× direct",
+            ratio(Path::Kernel, Metric::KeepAliveRps, Path::Direct),
+            |r| r >= 0.98,
+        ),
+        one(
+            "kernel mode new connections/s ≥ 0.95× direct",
+            ratio(Path::Kernel, Metric::CloseCps, Path::Direct),
+            |r| r >= 0.95,
+        ),
+        one(
+            "proxy mode keep-alive req/s ≥ 1.3× HAProxy",
+            ratio(Path::Proxy, Metric::KeepAliveRps, Path::Haproxy),
+            |r| r >= 1.3,
+        ),
+        one(
+            "proxy mode iperf3 1 stream ≥ 2× HAProxy",
+            ratio(Path::Proxy, Metric::Iperf1Gbps, Path::Haproxy),
+            |r| r >= 2.0,
+        ),
+        one(
+            "proxy mode iperf3 4 streams ≥ 2× HAProxy",
+            ratio(Path::Proxy, Metric::Iperf4Gbps, Path::Haproxy),
+            |r| r >= 2.0,
+        ),
+    ];
+    let vs_h = ratio(Path::Proxy, Metric::CloseCps, Path::Haproxy);
+    let vs_n = ratio(Path::Proxy, Metric::CloseCps, Path::Nginx);
+    g.push(Goal {
+        goal: "proxy mode new connections/s ahead of HAProxy and nginx".into(),
+        pass: vs_h.is_some_and(|r| r > 1.0) && vs_n.is_some_and(|r| r > 1.0),
+        figure: match (vs_h, vs_n) {
+            (Some(h), Some(n)) => format!("{h:.2}× HAProxy, {n:.2}× nginx"),
+            _ => "no figure".into(),
+        },
+    });
+    g.push(one(
+        "proxy mode CPU per request ≤ 0.8× HAProxy (wrk keep-alive)",
+        ratio(Path::Proxy, Metric::KeepAliveCpuUs, Path::Haproxy),
+        |r| r <= 0.8,
+    ));
+    g
+}
+
+pub fn goals_text(goals: &[Goal], markdown: bool) -> String {
+    let mut out = String::new();
+    for g in goals {
+        let verdict = if g.pass { "PASS" } else { "MISS" };
+        if markdown {
+            let _ = writeln!(out, "- **{verdict}** {} ({})", g.goal, g.figure);
+        } else {
+            let _ = writeln!(out, "  {verdict}  {:<58} {}", g.goal, g.figure);
+        }
+    }
+    out
+}
+
+/// The throughput figures, each path as a fraction of direct, as grouped bars.
+pub fn svg(s: &Summary, subtitle: &str) -> String {
+    const W: f64 = 980.0;
+    const H: f64 = 460.0;
+    const LEFT: f64 = 60.0;
+    const RIGHT: f64 = 20.0;
+    const TOP: f64 = 80.0;
+    const BOTTOM: f64 = 70.0;
+    let metrics: Vec<Metric> = Metric::ALL
+        .into_iter()
+        .filter(|m| m.higher_is_better())
+        .collect();
+    let ratio = |p: Path, m: Metric| s.ratio(p, m, Path::Direct);
+    let top = metrics
+        .iter()
+        .flat_map(|m| Path::ALL.iter().filter_map(|p| ratio(*p, *m)))
+        .fold(1.0f64, f64::max);
+    let y_max = ((top * 1.1) / 0.25).ceil() * 0.25;
+    let plot_h = H - TOP - BOTTOM;
+    let plot_w = W - LEFT - RIGHT;
+    let y = |v: f64| TOP + plot_h * (1.0 - v / y_max);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" \
+         viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(o, "<rect width=\"{W}\" height=\"{H}\" fill=\"white\"/>");
+    let _ = writeln!(
+        o,
+        "<text x=\"{LEFT}\" y=\"24\" font-size=\"16\" font-weight=\"bold\">Throughput relative \
+         to a direct connection (higher is better)</text>"
+    );
+    let _ = writeln!(
+        o,
+        "<text x=\"{LEFT}\" y=\"42\" fill=\"#555\">{}</text>",
+        escape(subtitle)
+    );
+    for (i, p) in Path::ALL.iter().enumerate() {
+        let x = LEFT + i as f64 * 150.0;
+        let _ = writeln!(
+            o,
+            "<rect x=\"{x}\" y=\"54\" width=\"12\" height=\"12\" fill=\"{}\"/>\
+             <text x=\"{}\" y=\"64\">{}</text>",
+            p.color(),
+            x + 16.0,
+            p.label()
+        );
+    }
+    let mut v = 0.0;
+    while v <= y_max + 1e-9 {
+        let yy = y(v);
+        let (stroke, width) = if (v - 1.0).abs() < 1e-9 {
+            ("#333", 1.5)
+        } else {
+            ("#ddd", 1.0)
+        };
+        let _ = writeln!(
+            o,
+            "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"{stroke}\" \
+             stroke-width=\"{width}\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" \
+             fill=\"#555\">{v:.2}×</text>",
+            W - RIGHT,
+            LEFT - 6.0,
+            yy + 4.0
+        );
+        v += 0.25;
+    }
+    let group = plot_w / metrics.len() as f64;
+    let bar = group * 0.8 / Path::ALL.len() as f64;
+    for (g, m) in metrics.iter().enumerate() {
+        let x0 = LEFT + g as f64 * group + group * 0.1;
+        for (i, p) in Path::ALL.iter().enumerate() {
+            let x = x0 + i as f64 * bar;
+            let cx = x + bar / 2.0;
+            match ratio(*p, *m) {
+                Some(r) => {
+                    let yy = y(r.min(y_max));
+                    let _ = writeln!(
+                        o,
+                        "<rect x=\"{x:.1}\" y=\"{yy:.1}\" width=\"{:.1}\" height=\"{:.1}\" \
+                         fill=\"{}\"><title>{}: {}</title></rect>\
+                         <text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" \
+                         font-size=\"10\">{r:.2}</text>",
+                        bar - 2.0,
+                        TOP + plot_h - yy,
+                        p.color(),
+                        p.label(),
+                        s.get(*p, *m).map(|v| m.format(v)).unwrap_or_default(),
+                        yy - 3.0
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        o,
+                        "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" \
+                         font-size=\"10\">{DASH}</text>",
+                        TOP + plot_h - 3.0
+                    );
+                }
+            }
+        }
+        let (w, what) = m.row();
+        let w = if w.is_empty() {
+            // Continuation rows (redis SET) take their workload from the row above.
+            Metric::ALL
+                .iter()
+                .take_while(|x| *x != m)
+                .filter(|x| !x.row().0.is_empty())
+                .last()
+                .map_or("", |x| x.row().0)
+        } else {
+            w
+        };
+        let cx = x0 + group * 0.4;
+        let _ = writeln!(
+            o,
+            "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\
+             <text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+            TOP + plot_h + 20.0,
+            escape(w),
+            TOP + plot_h + 36.0,
+            escape(what)
+        );
+    }
+    o.push_str("</svg>\n");
+    o
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+pub const BEGIN: &str = "<!-- bench:begin -->";
+pub const END: &str = "<!-- bench:end -->";
+
+/// The README with `section` between the markers; the markers (and a `## Benchmark` heading,
+/// if there is none) are added at the end when absent. Nothing outside them changes.
+pub fn splice_readme(readme: &str, section: &str) -> String {
+    let section = format!("{BEGIN}\n{}\n{END}", section.trim_end());
+    if let (Some(b), Some(e)) = (readme.find(BEGIN), readme.find(END))
+        && b < e
+    {
+        return format!("{}{section}{}", &readme[..b], &readme[e + END.len()..]);
+    }
+    let heading = "## Benchmark";
+    if let Some(at) = readme.find(&format!("\n{heading}\n")) {
+        let after = at + heading.len() + 2;
+        return format!("{}\n{section}\n{}", &readme[..after], &readme[after..]);
+    }
+    let sep = if readme.ends_with("\n\n") {
+        ""
+    } else if readme.ends_with('\n') {
+        "\n"
+    } else {
+        "\n\n"
+    };
+    format!("{readme}{sep}{heading}\n\n{section}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
+    }
+
+    #[test]
+    fn readme_gets_heading_and_markers_once() {
+        let first = splice_readme("# X\n\ntext\n", "table 1");
+        assert_eq!(
+            first,
+            format!("# X\n\ntext\n\n## Benchmark\n\n{BEGIN}\ntable 1\n{END}\n")
+        );
+        let second = splice_readme(&first, "table 2\n");
+        assert_eq!(
+            second,
+            format!("# X\n\ntext\n\n## Benchmark\n\n{BEGIN}\ntable 2\n{END}\n")
+        );
+    }
+
+    #[test]
+    fn readme_heading_without_markers_gets_them_under_it() {
+        let r = splice_readme("# X\n\n## Benchmark\n\nold words\n", "t");
+        assert_eq!(
+            r,
+            format!("# X\n\n## Benchmark\n\n{BEGIN}\nt\n{END}\n\nold words\n")
+        );
+    }
+
+    #[test]
+    fn ratios_skip_rows_without_reference() {
+        let mut s = Summary::default();
+        s.medians
+            .entry(Path::Direct)
+            .or_default()
+            .insert(Metric::KeepAliveRps, 100.0);
+        s.medians
+            .entry(Path::Kernel)
+            .or_default()
+            .insert(Metric::KeepAliveRps, 99.0);
+        let t = ratios(&s);
+        assert_eq!(t.0.len(), 2);
+        assert_eq!(t.0[1][2], "0.99×");
+        let g = goals(&s);
+        assert!(g[0].pass);
+        assert!(!g[2].pass);
+        assert!(svg(&s, "x").contains("0.99"));
+    }
+}
