@@ -202,9 +202,10 @@ impl Reconciler {
     /// Makes the kernel and the forwarder match `catalog`. Backends that active health checks
     /// hold down are left out of the kernel's choices (the forwarder sees their health itself).
     pub fn apply(&mut self, catalog: &Catalog) -> Result<Changes, ReconcileError> {
+        let started = std::time::Instant::now();
         let mut changes = Changes::default();
         let kernel_view = without_down(catalog, &self.board.down());
-        let kernel_view = &kernel_view;
+        let kernel_view: &Catalog = &kernel_view;
         // The forwarder learns of new proxy services before the kernel sends it their clients,
         // and forgets removed ones only after the kernel stops.
         let previous = self.table.load();
@@ -268,6 +269,7 @@ impl Reconciler {
                 updated = changes.updated,
                 removed = changes.removed,
                 services = self.applied.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
                 "catalog applied"
             );
         }
@@ -410,9 +412,12 @@ impl Reconciler {
 
 /// The catalog as the kernel should see it: backends held down by health checks are out of
 /// service (`maint`), so no slot points at them and affinity lets go of them.
-fn without_down(catalog: &Catalog, down: &HashSet<(ServiceAddr, SocketAddr)>) -> Catalog {
+fn without_down<'a>(
+    catalog: &'a Catalog,
+    down: &HashSet<(ServiceAddr, SocketAddr)>,
+) -> std::borrow::Cow<'a, Catalog> {
     if down.is_empty() {
-        return catalog.clone();
+        return std::borrow::Cow::Borrowed(catalog);
     }
     let mut view = catalog.clone();
     for (addr, s) in view.services.iter_mut() {
@@ -422,7 +427,7 @@ fn without_down(catalog: &Catalog, down: &HashSet<(ServiceAddr, SocketAddr)>) ->
             }
         }
     }
-    view
+    std::borrow::Cow::Owned(view)
 }
 
 fn service_key(addr: &ServiceAddr) -> ServiceKey {

@@ -48,6 +48,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     let mut catalog = catalogs.borrow_and_update().clone();
     checker.reconcile(&catalog, &board, defaults::OWN_MARK);
     reconciler.apply(&catalog)?;
+    trim_heap();
 
     let forwarder = Arc::new(Forwarder {
         table,
@@ -101,7 +102,12 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
                 catalog = catalogs.borrow_and_update().clone();
                 checker.reconcile(&catalog, &board, defaults::OWN_MARK);
                 match reconciler.apply(&catalog) {
-                    Ok(changes) => unpin_udp(&datapath, &reconciler, &changes.udp_gone),
+                    Ok(changes) => {
+                        unpin_udp(&datapath, &reconciler, &changes.udp_gone);
+                        if changes.added + changes.updated + changes.removed >= 1_000 {
+                            trim_heap();
+                        }
+                    }
                     Err(e) => warn!("catalog not fully applied: {e}"),
                 }
             }
@@ -172,4 +178,11 @@ fn unpin_udp(
     if destroyed > 0 {
         info!(sockets = destroyed, backends = ?gone, "disconnected UDP sockets pinned to departed backends");
     }
+}
+
+/// Hands memory freed by a large catalog change (parse trees, old copies) back to the system:
+/// glibc keeps it in per-thread arenas otherwise, and the agent's RSS would show the peak.
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
 }

@@ -5,7 +5,8 @@
 //! "pod" and "backend" namespaces joined to it by veth pairs with no route anywhere else, real
 //! backends (`sy-probe serve`), the servers the registry sources follow (etcd, dnsmasq:
 //! [`servers`]; stand-ins for the Kubernetes API and Consul, which cannot run here: [`standin`]), and
-//! the agent as a real process. Nothing it starts is ended but by its PID.
+//! the agent as a real process, reached through its API socket, `switchyard ctl` and its metrics
+//! address ([`control`]). Nothing it starts is ended but by its PID.
 
 pub mod agent;
 pub mod cgroup;

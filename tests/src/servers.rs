@@ -330,7 +330,7 @@ impl<'a> Etcd<'a> {
 
 /// A CA, a server certificate for the loopback addresses the members use, and a client
 /// certificate, with `openssl` (P-256 keys: quick to make, and rustls takes them).
-fn make_certificates(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn make_certificates(dir: &Path) -> anyhow::Result<()> {
     // Each command's arguments, split on spaces (none has one).
     let openssl = |command: &str| -> anyhow::Result<()> {
         let out = Command::new("openssl")

@@ -193,6 +193,46 @@ fn a_consul_service_takes_its_vip_from_meta_and_a_bad_one_is_rejected_alone() ->
     Ok(())
 }
 
+#[test]
+fn consul_is_followed_over_https_with_its_ca_file_and_a_token_file() -> anyhow::Result<()> {
+    if !require_root("consul_is_followed_over_https_with_its_ca_file_and_a_token_file") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 2)?;
+    let consul = ConsulApi::start_tls(&topo.node, consul_addr())?;
+    consul.require_token(TOKEN);
+    const WEB: &str = "10.96.0.33:80";
+    for i in 0..2 {
+        consul.register(
+            "web",
+            Instance::new(
+                &format!("web-{i}"),
+                topo.backend(i, false),
+                &["switchyard-vip=10.96.0.33:80"],
+            ),
+        );
+    }
+    let dir = TempDir::new("sy-consul-token-")?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n"))?;
+    let ca = consul.ca().ok_or_else(|| anyhow::anyhow!("no CA"))?;
+    let _agent = Agent::start(
+        &topo,
+        &topo.agent_config(&format!(
+            "[registry.consul]\naddress = \"https://{}\"\nca = {:?}\ntoken_file = {:?}\n\
+             wait = \"10s\"\n",
+            consul.addr(),
+            ca.display().to_string(),
+            token_file.display().to_string(),
+        )),
+    )?;
+    wait_until(&topo, WEB, "on both", exactly(&[0, 1]))?;
+    consul.set_passing("web", "web-1", false);
+    wait_until(&topo, WEB, "off the failing instance", exactly(&[0]))?;
+    assert_eq!(consul.refused(), 0);
+    Ok(())
+}
+
 /// One address named by every source at once; the backend that answers tells who won.
 #[test]
 fn file_etcd_kubernetes_and_consul_take_an_address_by_precedence() -> anyhow::Result<()> {

@@ -338,10 +338,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         goals: &goals,
         runs: &runs,
     };
-    let json = out_dir.join("result.json");
+    // A smoke run must not overwrite the last full run's figures.
+    let suffix = if quick { "-quick" } else { "" };
+    let json = out_dir.join(format!("result{suffix}.json"));
     fs::write(&json, serde_json::to_string_pretty(&result)?)
         .with_context(|| format!("write {}", json.display()))?;
-    let subtitle = format!(
+    let busy = runs
+        .iter()
+        .filter(|r| r.elsewhere > cases::ELSEWHERE_NOTE)
+        .count();
+    let mut subtitle = format!(
         "{} · {date} · {}, {} cores · median of {} × {} s",
         plan.command(),
         machine.cpu,
@@ -349,17 +355,18 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         plan.repetitions,
         plan.secs
     );
+    if busy > 0 {
+        subtitle.push_str(&format!(
+            " · {busy} of {cases} cases disturbed by other work"
+        ));
+    }
     let chart = report::svg(&summary, &subtitle);
-    let svg = out_dir.join("chart.svg");
+    let svg = out_dir.join(format!("chart{suffix}.svg"));
     fs::write(&svg, &chart).with_context(|| format!("write {}", svg.display()))?;
     println!("\nwrote {} and {}", json.display(), svg.display());
     if quick {
         println!("--quick: README.md left alone (one short run is too rough to publish)");
     } else {
-        let busy = runs
-            .iter()
-            .filter(|r| r.elsewhere > cases::ELSEWHERE_NOTE)
-            .count();
         let caveat = match busy {
             0 => String::new(),
             n => format!(

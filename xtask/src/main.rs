@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the project's tasks, each installing what it needs first.
 
 mod bench;
+mod bench_registry;
 mod build;
 mod demo;
 mod setup;
@@ -33,6 +34,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Load 10,000 services × 10 backends from a file and from etcd (time, RSS), and time
+    /// etcd changes to the first new connection that uses them.
+    BenchRegistry {
+        /// Fewer propagation samples.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Benchmark direct, kernel mode, proxy mode, HAProxy and nginx side by side (wrk,
     /// iperf3, redis-benchmark); print ratios, write target/bench/result.json and a chart, and
     /// regenerate the README's benchmark section.
@@ -63,5 +71,6 @@ fn task(task: Task) -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
         Task::Bench { quick } => bench::run(quick),
+        Task::BenchRegistry { quick } => bench_registry::run(quick),
     }
 }

@@ -23,9 +23,9 @@ use serde::{
 };
 use toml::Spanned;
 
+pub use clusters::{ConsulConfig, KubernetesConfig};
 pub use control::{ApiConfig, MetricsConfig};
 pub use duration::{HumanDuration, parse as parse_duration};
-pub use clusters::{ConsulConfig, KubernetesConfig};
 pub use sources::{DnsConfig, DnsRecord, EtcdConfig, EtcdTls};
 
 use crate::{

@@ -133,11 +133,14 @@ fn touch(last: &AtomicU64, start: Instant) {
     last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
 }
 
+/// Told once, when the backend's first bytes have reached the client.
+type Answered<'a> = &'a (dyn Fn(&Moved) + Sync);
+
 /// One direction's accounting.
 struct Direction<'a> {
     count: &'a AtomicU64,
     first: &'a AtomicU64,
-    on_first: Option<(&'a (dyn Fn(&Moved) + Sync), &'a Moved)>,
+    on_first: Option<(Answered<'a>, &'a Moved)>,
 }
 
 impl Direction<'_> {

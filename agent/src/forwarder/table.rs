@@ -2,7 +2,7 @@
 //! per-backend health and counters are the node-wide [`Board`]'s, so they carry over.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, RwLock,
@@ -244,12 +244,13 @@ impl Table {
         }
         // Backends gone from the catalog: drain what is still open, under the old service's
         // deadline, then forget them.
-        let keep: HashSet<(ServiceAddr, SocketAddr)> = catalog
-            .services
-            .iter()
-            .flat_map(|(a, s)| s.backends.iter().map(move |b| (*a, b.addr)))
-            .collect();
-        for gone in board.retain(&keep) {
+        let listed = |service: &ServiceAddr, addr: &SocketAddr| {
+            catalog
+                .services
+                .get(service)
+                .is_some_and(|s| s.backends.iter().any(|b| b.addr == *addr))
+        };
+        for gone in board.retain(listed) {
             let timeout = catalog
                 .services
                 .get(&gone.service)

@@ -163,13 +163,15 @@ pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream
 /// has served nothing, so another backend may take the client, as for a refused connect. Once
 /// the client has spoken, or the backend has, this is an ordinary connection.
 pub async fn dead_on_arrival(client: &TcpStream, server: &TcpStream) -> bool {
-    let mut byte = [0u8; 1];
+    let (mut c, mut s) = ([0u8; 1], [0u8; 1]);
     let first = async {
         tokio::select! {
-            // The client speaking first is the common case: check it first.
+            // The client speaking first is the common case: check it first. A peek, not
+            // `readable()`: readiness may be reported spuriously, a peek only returns on data
+            // (or the client's EOF).
             biased;
-            _ = client.readable() => false,
-            r = server.peek(&mut byte) => matches!(r, Ok(0) | Err(_)),
+            _ = client.peek(&mut c) => false,
+            r = server.peek(&mut s) => matches!(r, Ok(0) | Err(_)),
         }
     };
     timeout(FIRST_SIGN, first).await.unwrap_or(false)

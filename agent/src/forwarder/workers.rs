@@ -53,7 +53,10 @@ pub fn start(
 }
 
 fn run(listeners: Vec<std::net::TcpListener>, forwarder: Arc<Forwarder>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return error!("forwarder thread cannot start: {e}"),
     };

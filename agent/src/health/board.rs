@@ -274,10 +274,15 @@ impl Board {
 
     /// Forgets backends no longer in the catalog; connections still holding one keep it (and
     /// its drain deadline) until they close.
-    pub fn retain(&self, keep: &HashSet<(ServiceAddr, SocketAddr)>) -> Vec<Arc<BackendHealth>> {
+    /// `keep` is asked about the board's entries only (a few per proxied or checked backend),
+    /// never about the whole catalog.
+    pub fn retain(
+        &self,
+        keep: impl Fn(&ServiceAddr, &SocketAddr) -> bool,
+    ) -> Vec<Arc<BackendHealth>> {
         let mut map = lock(&self.backends);
         let gone: Vec<(ServiceAddr, SocketAddr)> =
-            map.keys().filter(|k| !keep.contains(k)).copied().collect();
+            map.keys().filter(|(s, a)| !keep(s, a)).copied().collect();
         gone.iter().filter_map(|k| map.remove(k)).collect()
     }
 

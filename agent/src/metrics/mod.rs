@@ -181,7 +181,12 @@ fn service_label(service: &str) -> OneLabel<'_> {
 
 /// A per-backend counter: its name (without `switchyard_` and `_total`), help, unit, and where
 /// the board keeps it.
-type BackendCounter = (&'static str, &'static str, Option<Unit>, fn(&Counters) -> &AtomicU64);
+type BackendCounter = (
+    &'static str,
+    &'static str,
+    Option<Unit>,
+    fn(&Counters) -> &AtomicU64,
+);
 
 /// Per-backend counters exported as `switchyard_<name>_total`.
 const BACKEND_COUNTERS: [BackendCounter; 11] = [

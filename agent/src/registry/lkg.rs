@@ -182,8 +182,16 @@ mod tests {
     }
 }
 
-/// Saves in the background, latest state first: a burst of changes (a control plane catching
-/// up) costs one write, and no write, fsync included, delays a change reaching the kernel.
+/// Saves in the background, latest state first, at most once per [`MIN_INTERVAL`]: a burst of
+/// changes (a control plane catching up) costs one write, and no write, serialisation and fsync
+/// included, delays a change reaching the kernel or takes a core from the forwarder. A crash
+/// loses at most the last interval's changes; a clean stop flushes.
+pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where the saver gets the state to write: called at most once per [`MIN_INTERVAL`], so a
+/// change costs a flag, not a copy of the catalog.
+pub type Snapshot = Box<dyn Fn() -> BTreeMap<Source, Layer> + Send>;
+
 #[derive(Clone)]
 pub struct Saver {
     shared: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)>,
@@ -191,55 +199,62 @@ pub struct Saver {
 
 #[derive(Default)]
 pub struct Pending {
-    next: Option<BTreeMap<Source, Layer>>,
+    dirty: bool,
     busy: bool,
 }
 
 impl Saver {
-    pub fn start(store: Store) -> Saver {
-        let shared: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)> = Default::default();
-        let theirs = shared.clone();
+    /// A saver whose thread starts once `snapshot` is given (see [`Saver::run`]).
+    pub fn new() -> Saver {
+        Saver {
+            shared: Default::default(),
+        }
+    }
+
+    /// Runs the saving thread.
+    pub fn run(&self, store: Store, snapshot: Snapshot) {
+        let theirs = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name("sy-lkg".into())
             .spawn(move || {
                 let (lock, wake) = &*theirs;
                 loop {
-                    let layers = {
+                    {
                         let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        while p.next.is_none() {
+                        while !p.dirty {
                             p = wake.wait(p).unwrap_or_else(|e| e.into_inner());
                         }
+                        p.dirty = false;
                         p.busy = true;
-                        p.next.take()
-                    };
-                    if let Some(layers) = layers
-                        && let Err(e) = store.save(&layers)
-                    {
+                    }
+                    let started = std::time::Instant::now();
+                    if let Err(e) = store.save(&snapshot()) {
                         tracing::warn!("last-known-good not saved: {e}");
                     }
                     let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
                     p.busy = false;
                     wake.notify_all();
+                    drop(p);
+                    std::thread::sleep(MIN_INTERVAL.saturating_sub(started.elapsed()));
                 }
             });
         if let Err(e) = spawned {
             tracing::warn!("last-known-good saver not started: {e}");
         }
-        Saver { shared }
     }
 
-    /// Queues `layers` for saving, replacing whatever was queued.
-    pub fn save(&self, layers: BTreeMap<Source, Layer>) {
+    /// Notes that the state changed.
+    pub fn touch(&self) {
         let (lock, wake) = &*self.shared;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).next = Some(layers);
+        lock.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
         wake.notify_all();
     }
 
-    /// Waits until everything queued is on disk (at shutdown).
+    /// Waits until everything changed so far is on disk (at shutdown).
     pub fn flush(&self) {
         let (lock, wake) = &*self.shared;
         let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while p.next.is_some() || p.busy {
+        while p.dirty || p.busy {
             let (g, timeout) = wake
                 .wait_timeout(p, std::time::Duration::from_secs(5))
                 .unwrap_or_else(|e| e.into_inner());
@@ -248,5 +263,11 @@ impl Saver {
                 return;
             }
         }
+    }
+}
+
+impl Default for Saver {
+    fn default() -> Self {
+        Saver::new()
     }
 }

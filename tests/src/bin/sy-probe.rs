@@ -71,6 +71,14 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Connect again and again; each time the answering backend changes, print
+    /// `flip NAME MONOTONIC_NS`. Stops after `times` changes.
+    Flip {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        times: usize,
+    },
     /// Write as fast as the connection takes it for `seconds`; print how much it took.
     Flood {
         #[arg(long)]
@@ -122,6 +130,7 @@ fn main() -> io::Result<()> {
         } => hold(to, Duration::from_secs_f64(seconds), ping_ms),
         Cmd::Stream { to, bytes, seed } => stream(to, bytes, seed),
         Cmd::Flood { to, seconds } => flood(to, Duration::from_secs_f64(seconds)),
+        Cmd::Flip { to, times } => flip(to, times),
         Cmd::UdpAsk {
             to,
             count,
@@ -543,6 +552,55 @@ fn udp_ask(
     }
     for (k, v) in tally {
         println!("{k} {v}");
+    }
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: comparable between processes of one machine.
+fn monotonic_ns() -> u128 {
+    // SAFETY: clock_gettime fills the timespec.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
+fn flip(to: SocketAddr, times: usize) -> io::Result<()> {
+    let mut last: Option<String> = None;
+    let mut flips = 0;
+    while flips < times {
+        let name = match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+            Ok(stream) => {
+                // Close with a reset: thousands of probes must not fill the port range with
+                // TIME_WAIT sockets.
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: a valid fd and option value.
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&stream),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    )
+                };
+                stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut line = String::new();
+                BufReader::new(&stream)
+                    .read_line(&mut line)
+                    .map(|_| line.trim().to_owned())
+            }
+            Err(e) => Err(e),
+        }
+        .unwrap_or_else(|e| format!("error:{}", error_kind(&e)));
+        if last.as_ref().is_some_and(|l| *l != name) {
+            println!("flip {name} {}", monotonic_ns());
+            io::stdout().flush()?;
+            flips += 1;
+        }
+        last = Some(name);
     }
     Ok(())
 }

@@ -11,6 +11,7 @@
 //!   `X-Consul-Index`.
 //! - with a token set ([`ConsulApi::require_token`]), a request without that `X-Consul-Token`
 //!   is refused with 403, as Consul's ACLs do.
+//! - [`ConsulApi::start_tls`] serves the same over TLS (`https://`), as Consul's HTTPS port.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,8 +23,13 @@ use std::{
 
 use serde_json::{Value, json};
 
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
 use super::http::{Handler, Request, Response, Server};
-use crate::Netns;
+use crate::{
+    Netns,
+    servers::{TempDir, make_certificates},
+};
 
 /// One registered instance of a service.
 #[derive(Clone, Debug)]
@@ -93,6 +99,8 @@ impl Shared {
 pub struct ConsulApi<'a> {
     server: Server<'a>,
     shared: Arc<Shared>,
+    /// With TLS: the CA and the server's certificate (for 127.0.0.1), removed on drop.
+    certs: Option<TempDir>,
 }
 
 impl<'a> ConsulApi<'a> {
@@ -104,7 +112,38 @@ impl<'a> ConsulApi<'a> {
         Ok(ConsulApi {
             server: Server::start_in(netns, addr, handler)?,
             shared,
+            certs: None,
         })
+    }
+
+    /// The same over TLS (`https://`), with a certificate for 127.0.0.1 signed by a CA of its
+    /// own: [`ConsulApi::ca`].
+    pub fn start_tls(netns: &'a Netns, addr: SocketAddr) -> anyhow::Result<Self> {
+        let certs = TempDir::new("sy-consul-tls-")?;
+        make_certificates(certs.path())?;
+        let chain = CertificateDer::pem_file_iter(certs.path().join("server.pem"))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(certs.path().join("server.key"))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+        let shared = Arc::new(Shared::default());
+        shared.lock().index = 1;
+        let s = shared.clone();
+        let handler: Handler = Arc::new(move |req, resp| handle(&s, req, resp));
+        Ok(ConsulApi {
+            server: Server::start_tls_in(netns, addr, handler, Some(Arc::new(config)))?,
+            shared,
+            certs: Some(certs),
+        })
+    }
+
+    /// The CA file that signed a TLS stand-in's certificate.
+    pub fn ca(&self) -> Option<std::path::PathBuf> {
+        self.certs.as_ref().map(|d| d.path().join("ca.pem"))
     }
 
     pub fn addr(&self) -> SocketAddr {

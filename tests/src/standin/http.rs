@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{self, BufRead, BufReader, Write},
+    io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
@@ -34,7 +34,7 @@ pub struct Request {
 
 /// What a handler writes its answer with.
 pub struct Response<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut dyn Write,
     /// Set when the server is stopping: long answers (watches) end.
     pub stopping: Arc<AtomicBool>,
 }
@@ -100,6 +100,8 @@ pub struct Server<'a> {
     netns: &'a Netns,
     pub addr: SocketAddr,
     handler: Handler,
+    /// Serve TLS with this configuration (`None`: plain HTTP).
+    tls: Option<Arc<rustls::ServerConfig>>,
     running: Option<Running>,
 }
 
@@ -112,10 +114,21 @@ struct Running {
 impl<'a> Server<'a> {
     /// Listens on `addr` inside `netns` and serves with `handler`.
     pub fn start_in(netns: &'a Netns, addr: SocketAddr, handler: Handler) -> anyhow::Result<Self> {
+        Self::start_tls_in(netns, addr, handler, None)
+    }
+
+    /// The same, serving TLS with `tls` when given.
+    pub fn start_tls_in(
+        netns: &'a Netns,
+        addr: SocketAddr,
+        handler: Handler,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> anyhow::Result<Self> {
         let mut s = Server {
             netns,
             addr,
             handler,
+            tls,
             running: None,
         };
         s.start()?;
@@ -135,8 +148,13 @@ impl<'a> Server<'a> {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (s, c, h) = (stop.clone(), conns.clone(), self.handler.clone());
-        let accept = std::thread::spawn(move || accept_loop(listener, s, c, h));
+        let (s, c, h, t) = (
+            stop.clone(),
+            conns.clone(),
+            self.handler.clone(),
+            self.tls.clone(),
+        );
+        let accept = std::thread::spawn(move || accept_loop(listener, s, c, h, t));
         self.running = Some(Running {
             stop,
             conns,
@@ -238,6 +256,7 @@ fn accept_loop(
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     handler: Handler,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -248,9 +267,9 @@ fn accept_loop(
                     list.retain(|c| c.peer_addr().is_ok());
                     list.push(clone);
                 }
-                let (h, s) = (handler.clone(), stop.clone());
+                let (h, s, t) = (handler.clone(), stop.clone(), tls.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, h, s);
+                    let _ = serve(stream, h, s, t);
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -261,25 +280,55 @@ fn accept_loop(
     }
 }
 
-fn serve(mut stream: TcpStream, handler: Handler, stop: Arc<AtomicBool>) -> io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    handler: Handler,
+    stop: Arc<AtomicBool>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
+    let tcp = stream.try_clone()?;
+    match tls {
+        None => {
+            let mut plain = stream;
+            exchange(&mut plain, &handler, stop)?;
+        }
+        Some(config) => {
+            let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+            let mut secure = rustls::StreamOwned::new(conn, stream);
+            exchange(&mut secure, &handler, stop)?;
+            secure.conn.send_close_notify();
+            secure.flush()?;
+        }
+    }
+    tcp.shutdown(std::net::Shutdown::Write)
+}
+
+/// Reads one request head from `stream` and answers it with `handler`.
+fn exchange<S: Read + Write>(
+    stream: &mut S,
+    handler: &Handler,
+    stop: Arc<AtomicBool>,
+) -> io::Result<()> {
+    // The head, byte by byte (requests here have no body): no reader keeps the stream borrowed.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut parts = lines.next().unwrap_or_default().split_whitespace();
     let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
         return Ok(());
     };
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
+    let headers = lines
+        .filter_map(|h| h.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let query = query
         .split('&')
@@ -296,11 +345,10 @@ fn serve(mut stream: TcpStream, handler: Handler, stop: Arc<AtomicBool>) -> io::
         headers,
     };
     let mut response = Response {
-        stream: &mut stream,
+        stream,
         stopping: stop,
     };
-    handler(&request, &mut response)?;
-    stream.shutdown(std::net::Shutdown::Write)
+    handler(&request, &mut response)
 }
 
 /// Percent-decoding (and `+` as space, as forms write it).

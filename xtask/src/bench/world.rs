@@ -75,7 +75,7 @@ impl Service {
         }
     }
 
-    fn index(self) -> u16 {
+    fn index(self) -> u8 {
         match self {
             Service::Http => 0,
             Service::Iperf => 1,
@@ -85,7 +85,7 @@ impl Service {
 
     fn vip(self, kernel: bool) -> SocketAddr {
         let base: u8 = if kernel { 10 } else { 20 };
-        SocketAddr::from(([10, 96, 0, base + self.index() as u8], self.backend_port()))
+        SocketAddr::from(([10, 96, 0, base + self.index()], self.backend_port()))
     }
 
     /// HAProxy and nginx listen on the node address, like the forwarder.
