@@ -217,7 +217,7 @@ pub fn recvmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         _pad: [0; 6],
     };
     // SAFETY: the value is copied out at once.
-    let Some(vip) = (unsafe { REV_NAT.get(&key) }).copied() else {
+    let Some(vip) = (unsafe { REV_NAT.get(key) }).copied() else {
         return 1;
     };
     if V6 {

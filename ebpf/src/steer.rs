@@ -158,7 +158,7 @@ fn steer<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 fn opted_out(port: u16) -> bool {
     // SAFETY: lookups only.
-    if unsafe { OPT_OUT_PORTS.get(&(port as u32)) }.is_some() {
+    if unsafe { OPT_OUT_PORTS.get(port as u32) }.is_some() {
         return true;
     }
     for level in 0..MAX_CGROUP_DEPTH {
@@ -166,7 +166,7 @@ fn opted_out(port: u16) -> bool {
         if id == 0 {
             return false;
         }
-        if unsafe { OPT_OUT_CGROUPS.get(&id) }.is_some() {
+        if unsafe { OPT_OUT_CGROUPS.get(id) }.is_some() {
             return true;
         }
     }
