@@ -79,8 +79,19 @@ impl Forwarder {
                     return refuse(client);
                 }
             };
-            if attempts.may_retry(&service) && upstream::dead_on_arrival(&client, &u.stream).await {
-                let b = &service.backends[u.backend];
+            // The connection occupies its backend from now on: balancing must see it at once,
+            // not only after the backend's first byte (a slow backend would look idle).
+            let b = &service.backends[u.backend];
+            b.health.counters.active.fetch_add(1, Ordering::Relaxed);
+            shared.active.fetch_add(1, Ordering::Relaxed);
+            let sign = upstream::first_sign(&client, &u.stream).await;
+            if let upstream::FirstSign::Server(t) = sign {
+                // The backend's response time, for peak-EWMA (the copy starts after it).
+                b.health.observe(t);
+            }
+            if matches!(sign, upstream::FirstSign::Dead) && attempts.may_retry(&service) {
+                b.health.counters.active.fetch_sub(1, Ordering::Relaxed);
+                shared.active.fetch_sub(1, Ordering::Relaxed);
                 b.health.counters.resets.fetch_add(1, Ordering::Relaxed);
                 b.health.failure(
                     service.outlier_failures,
@@ -97,8 +108,6 @@ impl Forwarder {
         let counters = &backend.health.counters;
         let connected_at = std::time::Instant::now(); // metrics: connection duration (issue 6)
         counters.opened.fetch_add(1, Ordering::Relaxed);
-        counters.active.fetch_add(1, Ordering::Relaxed);
-        shared.active.fetch_add(1, Ordering::Relaxed);
         let _ = client.set_nodelay(true);
         let mut server = upstream.stream;
         let moved = Moved::default();

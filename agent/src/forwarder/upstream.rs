@@ -158,11 +158,22 @@ pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream
     socket.connect(addr).await
 }
 
+/// The first sign of life on a fresh upstream connection.
+pub enum FirstSign {
+    /// The client spoke first (or nothing happened within [`FIRST_SIGN`]): copy as usual.
+    Client,
+    /// The backend spoke first, this long after the watch began: its response time.
+    Server(std::time::Duration),
+    /// The backend closed or reset before either side sent a byte.
+    Dead,
+}
+
 /// Waits (briefly) for the first sign of life on a fresh upstream connection. A backend that
 /// closes or resets before either side sent a byte (it died between accept and its first byte)
 /// has served nothing, so another backend may take the client, as for a refused connect. Once
 /// the client has spoken, or the backend has, this is an ordinary connection.
-pub async fn dead_on_arrival(client: &TcpStream, server: &TcpStream) -> bool {
+pub async fn first_sign(client: &TcpStream, server: &TcpStream) -> FirstSign {
+    let started = std::time::Instant::now();
     let (mut c, mut s) = ([0u8; 1], [0u8; 1]);
     let first = async {
         tokio::select! {
@@ -170,11 +181,16 @@ pub async fn dead_on_arrival(client: &TcpStream, server: &TcpStream) -> bool {
             // `readable()`: readiness may be reported spuriously, a peek only returns on data
             // (or the client's EOF).
             biased;
-            _ = client.peek(&mut c) => false,
-            r = server.peek(&mut s) => matches!(r, Ok(0) | Err(_)),
+            _ = client.peek(&mut c) => FirstSign::Client,
+            r = server.peek(&mut s) => match r {
+                Ok(0) | Err(_) => FirstSign::Dead,
+                Ok(_) => FirstSign::Server(started.elapsed()),
+            },
         }
     };
-    timeout(FIRST_SIGN, first).await.unwrap_or(false)
+    timeout(FIRST_SIGN, first)
+        .await
+        .unwrap_or(FirstSign::Client)
 }
 
 /// How long to watch a new connection before handing it to the copy loop regardless.
