@@ -16,7 +16,7 @@ use crate::{
 
 pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     // Read and check everything before touching the kernel: a bad file changes nothing.
-    let config = AgentConfig::load(config_path)?;
+    let mut config = AgentConfig::load(config_path)?;
 
     // Listen before the kernel can send anyone here: one listener per forwarder thread.
     let threads = match config.forwarder.threads {
@@ -27,7 +27,10 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
 
     // The registry serves the last-known-good at once; the file is the first source to answer.
     let (registry, mut catalogs) = Registry::open(config.registry.state_dir.clone());
-    registry.replace(Source::File, file::entries(&config.catalog), &[]);
+    // Handed over, not copied: a large file's catalog would otherwise stay in memory twice.
+    let file_catalog = std::mem::take(&mut config.catalog);
+    registry.replace(Source::File, file::entries(&file_catalog), &[]);
+    drop(file_catalog);
 
     let (datapath, maps, orig) = datapath::load(&config.datapath)?;
     let table = SharedTable::default();
@@ -78,7 +81,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     // ─────────────────────────────────────────────────────────────────────────────────────────
 
     info!(
-        services = config.catalog.services.len(),
+        services = catalog.services.len(),
         cgroup = %datapath.cgroup.display(),
         "switchyard agent ready"
     );
