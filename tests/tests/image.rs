@@ -32,11 +32,55 @@ fn skip(test: &str, why: &str) {
 }
 
 /// podman as these machines need it: runc (crun refuses hybrid cgroup hosts), cgroupfs, and
-/// limits no higher than the session's own (raising them is not permitted here).
-fn podman() -> Command {
+/// limits no higher than the session's own (raising them is not permitted here). Its
+/// containers go under a cgroup parent of this test's, removed afterwards (runc cannot run
+/// without cgroups, and podman's default parent would stay behind in every hierarchy).
+fn podman(parent: &str) -> Command {
     let mut c = Command::new("podman");
     c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
+    c.args(["run", "--cgroup-parent", parent]);
     c
+}
+
+/// Removes the test's cgroup parent from every cgroup hierarchy podman made it in.
+struct CgroupParent(String);
+
+/// Removes an empty cgroup tree, deepest first (cgroup directories hold only pseudo-files).
+fn remove_tree(dir: &std::path::Path) -> std::io::Result<()> {
+    for child in std::fs::read_dir(dir)?.flatten() {
+        if child.path().is_dir() {
+            remove_tree(&child.path())?;
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 3 || (f[2] != "cgroup" && f[2] != "cgroup2") {
+                continue;
+            }
+            let dir = std::path::Path::new(f[1]).join(&self.0);
+            // podman's monitor (in `<parent>/conmon/…`) may take a moment to exit.
+            let mut tries = 0;
+            while dir.exists() {
+                match remove_tree(&dir) {
+                    Ok(()) => break,
+                    Err(_) if tries < 50 => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    Err(e) => {
+                        eprintln!("warning: rmdir {}: {e}", dir.display());
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -64,8 +108,8 @@ fn the_image_builds_from_scratch_and_runs_the_agent() {
     assert!(built.contains(&format!("built {tag}")), "{built}");
 
     // The image holds the binary, its libraries, and nothing else a shell would need.
-    let version = run(podman().args([
-        "run",
+    let parent = CgroupParent(unique("sy-test-image-"));
+    let version = run(podman(&parent.0).args([
         "--rm",
         "--network",
         "none",
@@ -76,8 +120,7 @@ fn the_image_builds_from_scratch_and_runs_the_agent() {
         &tag,
         "--version",
     ]));
-    let no_shell = run(podman().args([
-        "run",
+    let no_shell = run(podman(&parent.0).args([
         "--rm",
         "--network",
         "none",
