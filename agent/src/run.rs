@@ -16,7 +16,7 @@ use crate::{
 
 pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     // Read and check everything before touching the kernel: a bad file changes nothing.
-    let mut config = AgentConfig::load(config_path)?;
+    let (mut config, loaded_text) = AgentConfig::load_with_text(config_path)?;
 
     // Listen before the kernel can send anyone here: one listener per forwarder thread.
     let threads = match config.forwarder.threads {
@@ -86,10 +86,11 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         "switchyard agent ready"
     );
 
-    let text = tokio::fs::read_to_string(config_path)
-        .await
-        .unwrap_or_default();
-    let watcher = tokio::spawn(file::watch(registry.clone(), config_path.to_owned(), text));
+    let watcher = tokio::spawn(file::watch(
+        registry.clone(),
+        config_path.to_owned(),
+        loaded_text,
+    ));
     let _sources = crate::registry::start_sources(&registry, &config);
 
     let mut term = signal(SignalKind::terminate())?;

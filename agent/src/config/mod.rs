@@ -432,11 +432,17 @@ impl<'de> Deserialize<'de> for RawBackend {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_text(path).map(|(config, _)| config)
+    }
+
+    /// The config and the exact text it came from (the file watcher starts from that text, so
+    /// an edit made just after the load is still seen as an edit).
+    pub fn load_with_text(path: &Path) -> Result<(Self, String), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        Self::parse(path, &text).map(|config| (config, text))
     }
 
     /// Parses and validates a whole file; `path` only labels the errors.
