@@ -37,6 +37,15 @@ impl Agent {
         })
     }
 
+    /// The agent's log lines that contain every one of `words`.
+    pub fn said(&self, words: &[&str]) -> Vec<String> {
+        self.process
+            .output()
+            .into_iter()
+            .filter(|l| words.iter().all(|w| l.contains(w)))
+            .collect()
+    }
+
     /// Replaces the config file (for the file source's watch).
     pub fn rewrite_config(&self, config: &str) -> anyhow::Result<()> {
         let tmp = self.config.with_extension("tmp");

@@ -257,6 +257,31 @@ impl Topology {
         SocketAddr::new(v4(1), METRICS_PORT)
     }
 
+    /// Asks `count` connections of `to` from pod 0 (steered, 1 s client timeout) again and
+    /// again until `want` holds; fails with the last tally after `limit`. Every test that waits
+    /// for a change to reach the datapath waits this way, on the condition itself.
+    pub fn wait_until(
+        &self,
+        to: SocketAddr,
+        count: usize,
+        limit: Duration,
+        what: &str,
+        want: impl Fn(&Tally) -> bool,
+    ) -> anyhow::Result<Tally> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let tally = self.ask_with(0, to, count, true, &["--timeout-ms", "1000"])?;
+            if want(&tally) {
+                return Ok(tally);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{to}: not {what} within {limit:?}: {tally:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `sy-probe ask` from pod `pod`, inside the steered cgroup.
     pub fn ask(&self, pod: usize, to: SocketAddr, count: usize) -> anyhow::Result<Tally> {
         self.ask_with(pod, to, count, true, &[])

@@ -44,18 +44,8 @@ fn wait_until(
     what: &str,
     want: impl Fn(&Tally) -> bool,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let tally = ask(topo, vip, 12)?;
-        if want(&tally) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{vip}: not {what} within {LIMIT:?}: {tally:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    topo.wait_until(vip.parse()?, 12, LIMIT, what, want)
+        .map(drop)
 }
 
 fn exactly(which: &'static [usize]) -> impl Fn(&Tally) -> bool {
@@ -68,12 +58,7 @@ fn exactly(which: &'static [usize]) -> impl Fn(&Tally) -> bool {
 }
 
 fn said(agent: &Agent, words: &[&str]) -> Vec<String> {
-    agent
-        .process
-        .output()
-        .into_iter()
-        .filter(|l| words.iter().all(|w| l.contains(w)))
-        .collect()
+    agent.said(words)
 }
 
 #[test]

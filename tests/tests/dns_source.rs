@@ -28,18 +28,8 @@ fn ask(topo: &Topology, count: usize) -> anyhow::Result<Tally> {
 
 /// Asks until `want` holds; fails with the last tally after `LIMIT`.
 fn wait_until(topo: &Topology, what: &str, want: impl Fn(&Tally) -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let tally = ask(topo, 4)?;
-        if want(&tally) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "not {what} within {LIMIT:?}: {tally:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    topo.wait_until(WEB.parse()?, 4, LIMIT, what, want)
+        .map(drop)
 }
 
 fn only(i: usize) -> impl Fn(&Tally) -> bool {

@@ -3,10 +3,7 @@
 //! member, a restarted agent serves its last-known-good while etcd is away, and a bad key is
 //! rejected alone; TLS with a client certificate works.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use switchyard_testkit::{Agent, Topology, require_root, servers::Etcd, topology::Tally};
 
@@ -45,18 +42,8 @@ fn wait_until(
     what: &str,
     want: impl Fn(&Tally) -> bool,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let tally = ask(topo, vip)?;
-        if want(&tally) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{vip}: not {what} within {LIMIT:?}: {tally:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    topo.wait_until(vip.parse()?, 3, LIMIT, what, want)
+        .map(drop)
 }
 
 /// Every connection answered by backend `i`.
@@ -70,12 +57,7 @@ fn unserved(t: &Tally) -> bool {
 
 /// The agent's log lines that contain every one of `words`.
 fn said(agent: &Agent, words: &[&str]) -> Vec<String> {
-    agent
-        .process
-        .output()
-        .into_iter()
-        .filter(|l| words.iter().all(|w| l.contains(w)))
-        .collect()
+    agent.said(words)
 }
 
 #[test]
