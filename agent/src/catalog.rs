@@ -97,7 +97,8 @@ pub enum BytePath {
     /// Userspace copy with bounded buffers.
     #[default]
     Copy,
-    /// `splice(2)` through a pipe: no copy into userspace.
+    /// The copy, moving on to `splice(2)` through a pipe (no copy into userspace) once a
+    /// direction carries bulk.
     Splice,
 }
 

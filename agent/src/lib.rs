@@ -26,6 +26,7 @@ pub mod datapath;
 pub mod defaults;
 pub mod forwarder;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod reconcile;
 pub mod registry;

@@ -15,6 +15,12 @@ use crate::{
 };
 
 pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
+    // Before any socket: each proxied connection takes two descriptors (see limits).
+    match crate::limits::raise_nofile() {
+        Ok(n) if n.now > n.was => info!(was = n.was, now = n.now, "raised the descriptor limit"),
+        Ok(n) => info!(limit = n.now, "descriptor limit"),
+        Err(e) => warn!("{e}; the forwarder may run out of descriptors early"),
+    }
     // Read and check everything before touching the kernel: a bad file changes nothing.
     let (mut config, loaded_text) = AgentConfig::load_with_text(config_path)?;
 
@@ -60,6 +66,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
             table: std::sync::Mutex::new(orig),
         },
         own_mark: defaults::OWN_MARK,
+        room: crate::forwarder::Room::new(),
     });
     workers::start(listeners, forwarder.clone())?;
 

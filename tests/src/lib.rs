@@ -6,11 +6,13 @@
 //! backends (`sy-probe serve`), the servers the registry sources follow (etcd, dnsmasq:
 //! [`servers`]; stand-ins for the Kubernetes API and Consul, which cannot run here: [`standin`]), and
 //! the agent as a real process, reached through its API socket, `switchyard ctl` and its metrics
-//! address ([`control`]). Nothing it starts is ended but by its PID.
+//! address ([`control`]). Nothing it starts is ended but by its PID. The fault-injection
+//! suite's load, held connections and reports are in [`fault`].
 
 pub mod agent;
 pub mod cgroup;
 pub mod control;
+pub mod fault;
 pub mod netns;
 pub mod process;
 pub mod servers;

@@ -411,3 +411,84 @@ fn ring_hash_keeps_clients_on_their_backend_when_another_goes() -> anyhow::Resul
     }
     Ok(())
 }
+
+/// Accepts one connection within a few seconds, or says none came.
+fn accept_one(listener: &std::net::TcpListener) -> anyhow::Result<std::net::TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => anyhow::bail!("no connection reached the backend: {e}"),
+        }
+    }
+}
+
+#[test]
+fn an_abort_on_either_side_reaches_the_other_as_an_abort_on_each_byte_path() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    if !require_root("an_abort_on_either_side_reaches_the_other_as_an_abort_on_each_byte_path") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 1)?;
+    // The backend is the test's own socket, in the backend's namespace, so that it can read
+    // exactly how its connection ended and end its own with a reset.
+    let backend: SocketAddr = SocketAddr::new(topo.backend(0, false).ip(), 7100);
+    let listener = topo.backend_ns[0].enter(move || std::net::TcpListener::bind(backend))??;
+    listener.set_nonblocking(true)?;
+    let mut services = String::new();
+    for (name, vip, path) in [
+        ("abort-copy", "10.96.0.30:7100", "copy"),
+        ("abort-splice", "10.96.0.31:7100", "splice"),
+    ] {
+        services += &format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nmode = \"proxy\"\n\
+             byte_path = \"{path}\"\nbackends = [\"{backend}\"]\n\n"
+        );
+    }
+    let _agent = Agent::start(&topo, &topo.agent_config(&services))?;
+    for vip in ["10.96.0.30:7100", "10.96.0.31:7100"] {
+        // The client resets: the backend must see a reset, not an orderly end.
+        let mut client = topo.probe(0, &["abort", "--to", vip, "--reset", "--bytes", "1000"])?;
+        let mut conn = accept_one(&listener)?;
+        conn.write_all(b"hello\n")?;
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        let ended = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break "an orderly end (FIN)".to_owned(),
+                Ok(n) => read += n,
+                Err(e) => break format!("{:?}", e.kind()),
+            }
+        };
+        client.wait_exit(Duration::from_secs(10))?;
+        assert_eq!(
+            ended,
+            "ConnectionReset",
+            "{vip}: the client's reset reached the backend as {ended}, after {read} bytes; \
+             client: {:?}",
+            client.output()
+        );
+        assert!(read <= 1000, "{vip}: {read} bytes, more than were sent");
+
+        // The backend resets after 1000 bytes: the client must read them, then a reset.
+        let mut client = topo.probe(0, &["abort", "--to", vip])?;
+        let conn = accept_one(&listener)?;
+        (&conn).write_all(&[b'y'; 1000])?;
+        socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO))?;
+        drop(conn);
+        client.wait_exit(Duration::from_secs(10))?;
+        let out = client.output();
+        assert!(
+            out.iter().any(|l| l == "ended reset 1000"),
+            "{vip}: the backend's reset should reach the client after its 1000 bytes: {out:?}"
+        );
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@ mod bench_registry;
 mod build;
 mod demo;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,16 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// The fault-injection suite, longer and larger: 30 s of load per scenario, 10,000 idle
+    /// connections; prints a table of the scenario reports (target/soak/report.jsonl).
+    Soak {
+        /// Bound on the whole run; the load per scenario shrinks to fit (3 to 30 s).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Idle connections the concurrency scenario holds.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
     },
     /// Load 10,000 services × 10 backends from a file and from etcd (time, RSS), and time
     /// etcd changes to the first new connection that uses them.
@@ -70,6 +81,7 @@ fn task(task: Task) -> anyhow::Result<()> {
         }
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
+        Task::Soak { minutes, idle } => soak::run(minutes, idle),
         Task::Bench { quick } => bench::run(quick),
         Task::BenchRegistry { quick } => bench_registry::run(quick),
     }

@@ -4,6 +4,7 @@
 
 mod copy;
 mod origdst;
+pub mod room;
 pub mod table;
 mod upstream;
 pub mod workers;
@@ -20,6 +21,7 @@ use tracing::{debug, info, warn};
 
 pub use copy::{CopyError, Moved};
 pub use origdst::OrigDst;
+pub use room::Room;
 pub use table::{Defaults, SharedTable, Table};
 pub use upstream::connect_marked;
 
@@ -29,6 +31,8 @@ pub struct Forwarder {
     pub table: SharedTable,
     pub orig: OrigDst,
     pub own_mark: u32,
+    /// Keeps descriptors for the control side (see [`room`]).
+    pub room: Room,
 }
 
 impl Forwarder {
@@ -40,7 +44,12 @@ impl Forwarder {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     let me = self.clone();
-                    tokio::spawn(async move { me.handle(stream, peer).await });
+                    tokio::spawn(async move {
+                        let Some(_held) = me.room.take() else {
+                            return refuse(stream);
+                        };
+                        me.handle(stream, peer).await
+                    });
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off briefly rather than spin.
@@ -85,6 +94,13 @@ impl Forwarder {
             b.health.counters.active.fetch_add(1, Ordering::Relaxed);
             shared.active.fetch_add(1, Ordering::Relaxed);
             let sign = upstream::first_sign(&client, &u.stream).await;
+            if matches!(sign, upstream::FirstSign::ClientAborted) {
+                b.health.counters.active.fetch_sub(1, Ordering::Relaxed);
+                shared.active.fetch_sub(1, Ordering::Relaxed);
+                debug!(service = %service.name, %peer, "client reset before the first byte");
+                let _ = u.stream.set_zero_linger();
+                return;
+            }
             if let upstream::FirstSign::Server(t) = sign {
                 // The backend's response time, for peak-EWMA (the copy starts after it).
                 b.health.observe(t);
@@ -145,12 +161,18 @@ impl Forwarder {
         shared.active.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(()) => {}
-            Err(CopyError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                counters.resets.fetch_add(1, Ordering::Relaxed);
-                debug!(service = %service.name, backend = %backend.addr, "connection reset: {e}");
+            Err(CopyError::Idle(idle)) => {
+                debug!(service = %service.name, backend = %backend.addr, "idle for {idle:?}: closed");
             }
-            Err(e) => {
-                debug!(service = %service.name, backend = %backend.addr, "connection ended: {e}")
+            Err(CopyError::Io(e)) => {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    counters.resets.fetch_add(1, Ordering::Relaxed);
+                }
+                debug!(service = %service.name, backend = %backend.addr, "connection aborted: {e}");
+                // An abort passes on as an abort: closing with a FIN would tell the other side
+                // that a cut-off stream was complete.
+                let _ = client.set_zero_linger();
+                let _ = server.set_zero_linger();
             }
         }
     }

@@ -21,6 +21,10 @@ pub struct Connected {
 pub enum ConnectError {
     #[error("no usable backend")]
     NoBackend,
+    /// The agent's own shortage (descriptors, memory): no backend's fault, and another backend
+    /// would fare no better.
+    #[error("no resources for an upstream socket: {0}")]
+    Local(io::Error),
     #[error("{attempts} attempts failed, last on {addr}: {source}")]
     Exhausted {
         attempts: u32,
@@ -105,6 +109,7 @@ pub async fn connect(
                 timings.connected(started.elapsed());
                 return Ok(Connected { stream, backend: i });
             }
+            Err(e) if is_local(&e) => return Err(ConnectError::Local(e)),
             Err(e) => {
                 upstream
                     .health
@@ -132,6 +137,15 @@ pub async fn connect(
             source,
         }),
     }
+}
+
+/// Whether a failed connect says nothing about the backend: the agent is short of descriptors
+/// or memory.
+fn is_local(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Connects a socket marked as the agent's own, so the connect hooks never steer it.
@@ -166,6 +180,9 @@ pub enum FirstSign {
     Server(std::time::Duration),
     /// The backend closed or reset before either side sent a byte.
     Dead,
+    /// The client reset its connection before the copy began. (A peek takes the socket's
+    /// error, so the copy would only see an end of stream and pass on a FIN.)
+    ClientAborted,
 }
 
 /// Waits (briefly) for the first sign of life on a fresh upstream connection. A backend that
@@ -181,7 +198,10 @@ pub async fn first_sign(client: &TcpStream, server: &TcpStream) -> FirstSign {
             // `readable()`: readiness may be reported spuriously, a peek only returns on data
             // (or the client's EOF).
             biased;
-            _ = client.peek(&mut c) => FirstSign::Client,
+            r = client.peek(&mut c) => match r {
+                Ok(_) => FirstSign::Client,
+                Err(_) => FirstSign::ClientAborted,
+            },
             r = server.peek(&mut s) => match r {
                 Ok(0) | Err(_) => FirstSign::Dead,
                 Ok(_) => FirstSign::Server(started.elapsed()),

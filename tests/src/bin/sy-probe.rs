@@ -4,6 +4,11 @@
 //! receives until the client half-closes; every UDP datagram is answered with the name.
 //! `ask` connects N times to an address and prints which names answered (one `NAME COUNT` line
 //! each; failures as `error:KIND COUNT`).
+//! `load` and `idle` are the fault-injection suite's clients (see `faults`).
+
+// In a directory of its own: a file beside this one would be taken for another binary.
+#[path = "sy-probe/faults.rs"]
+mod faults;
 
 use std::{
     collections::BTreeMap,
@@ -86,6 +91,60 @@ enum Cmd {
         #[arg(long)]
         seconds: f64,
     },
+    /// Steady paced load, each request's payload checked on its echo; prints failures with
+    /// their times and a `load sent=.. ok=.. failed=.. corrupt=..` summary.
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Concurrent client loops.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long)]
+        seconds: f64,
+        /// Requests started per second, over all loops (each a new connection).
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Largest payload; each request sends 1..=bytes.
+        #[arg(long, default_value_t = 8192)]
+        bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Stop early once this file exists.
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
+    },
+    /// Open `count` connections and hold them until `release` exists; then check each with a
+    /// payload and its echo.
+    Idle {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Stop opening after this many failures in a row (0: never).
+        #[arg(long, default_value_t = 0)]
+        give_up: usize,
+        #[arg(long)]
+        release: std::path::PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// One connection that ends abruptly. With `reset`: read a line from the server, send
+    /// `bytes`, then close with a reset, and print `reset-sent`. Without: read to the end and
+    /// print `ended eof N` or `ended reset N` (N bytes read) — or `ended timeout N`.
+    Abort {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        bytes: usize,
+        #[arg(long)]
+        reset: bool,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Connect `count` times and tally who answered.
     Ask {
         #[arg(long)]
@@ -131,6 +190,46 @@ fn main() -> io::Result<()> {
         Cmd::Stream { to, bytes, seed } => stream(to, bytes, seed),
         Cmd::Flood { to, seconds } => flood(to, Duration::from_secs_f64(seconds)),
         Cmd::Flip { to, times } => flip(to, times),
+        Cmd::Abort {
+            to,
+            bytes,
+            reset,
+            timeout_ms,
+        } => abort(to, bytes, reset, Duration::from_millis(timeout_ms)),
+        Cmd::Load {
+            to,
+            clients,
+            seconds,
+            rate,
+            bytes,
+            seed,
+            timeout_ms,
+            stop_file,
+        } => faults::load(faults::LoadArgs {
+            to,
+            clients: clients.max(1),
+            seconds: Duration::from_secs_f64(seconds),
+            rate,
+            bytes,
+            seed,
+            timeout: Duration::from_millis(timeout_ms),
+            stop_file,
+        }),
+        Cmd::Idle {
+            to,
+            count,
+            timeout_ms,
+            give_up,
+            release,
+            seed,
+        } => faults::idle(faults::IdleArgs {
+            to,
+            count,
+            timeout: Duration::from_millis(timeout_ms),
+            give_up,
+            release,
+            seed,
+        }),
         Cmd::UdpAsk {
             to,
             count,
@@ -394,6 +493,40 @@ fn hold(to: SocketAddr, seconds: Duration, ping_ms: u64) -> io::Result<()> {
         }
     };
     println!("held {:.2} {outcome}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn abort(to: SocketAddr, bytes: usize, reset: bool, timeout: Duration) -> io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    if reset {
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        stream.write_all(&vec![b'x'; bytes])?;
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        drop(stream);
+        println!("reset-sent");
+        return Ok(());
+    }
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    let how = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break "reset",
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break "timeout";
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    println!("ended {how} {read}");
     Ok(())
 }
 
