@@ -36,17 +36,21 @@ pub enum Path {
     Direct,
     /// A kernel-mode service address: rewritten in `connect()`.
     Kernel,
-    /// A proxy-mode service address: through the agent's forwarder.
+    /// A proxy-mode service address: through the agent's forwarder, on its default byte path
+    /// (`splice`: the copy, then `splice(2)` for bulk).
     Proxy,
+    /// The same forwarder with `byte_path = "copy"`: every byte through userspace.
+    ProxyCopy,
     Haproxy,
     Nginx,
 }
 
 impl Path {
-    pub const ALL: [Path; 5] = [
+    pub const ALL: [Path; 6] = [
         Path::Direct,
         Path::Kernel,
         Path::Proxy,
+        Path::ProxyCopy,
         Path::Haproxy,
         Path::Nginx,
     ];
@@ -56,6 +60,7 @@ impl Path {
             Path::Direct => "direct",
             Path::Kernel => "kernel mode",
             Path::Proxy => "proxy mode",
+            Path::ProxyCopy => "proxy copy",
             Path::Haproxy => "HAProxy",
             Path::Nginx => "nginx",
         }
@@ -66,6 +71,7 @@ impl Path {
             Path::Direct => "direct",
             Path::Kernel => "kernel",
             Path::Proxy => "proxy",
+            Path::ProxyCopy => "copy",
             Path::Haproxy => "HAProxy",
             Path::Nginx => "nginx",
         }
@@ -76,6 +82,7 @@ impl Path {
             Path::Direct => "#8c8c8c",
             Path::Kernel => "#2ca02c",
             Path::Proxy => "#1f77b4",
+            Path::ProxyCopy => "#9467bd",
             Path::Haproxy => "#d62728",
             Path::Nginx => "#ff7f0e",
         }

@@ -124,7 +124,6 @@ impl Forwarder {
         let counters = &backend.health.counters;
         let connected_at = std::time::Instant::now(); // metrics: connection duration (issue 6)
         counters.opened.fetch_add(1, Ordering::Relaxed);
-        let _ = client.set_nodelay(true);
         let mut server = upstream.stream;
         let moved = Moved::default();
         // The backend's response time feeds peak-EWMA balancing as soon as it is known.

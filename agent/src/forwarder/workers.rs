@@ -27,6 +27,8 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    // Accepted sockets inherit it: one system call per listener instead of one per connection.
+    socket.set_tcp_nodelay(true)?;
     socket
         .bind(&addr.into())
         .map_err(|e| io::Error::new(e.kind(), format!("forwarder cannot listen on {addr}: {e}")))?;
@@ -71,4 +73,18 @@ fn run(listeners: Vec<std::net::TcpListener>, forwarder: Arc<Forwarder>) {
         }
         std::future::pending::<()>().await
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        let listener = bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

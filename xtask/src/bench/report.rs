@@ -81,14 +81,15 @@ pub fn values(s: &Summary) -> Table {
     Table(rows)
 }
 
-/// The ratios people ask for: every path to the physical reference, and the two proxies in
-/// userspace to HAProxy.
-const RATIOS: [(Path, Path); 6] = [
+/// The ratios people ask for: every path to the physical reference, and the proxies in
+/// userspace (the forwarder on both byte paths, nginx) to HAProxy.
+const RATIOS: [(Path, Path); 7] = [
     (Path::Kernel, Path::Direct),
     (Path::Proxy, Path::Direct),
     (Path::Haproxy, Path::Direct),
     (Path::Nginx, Path::Direct),
     (Path::Proxy, Path::Haproxy),
+    (Path::ProxyCopy, Path::Haproxy),
     (Path::Nginx, Path::Haproxy),
 ];
 

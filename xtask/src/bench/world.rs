@@ -83,8 +83,13 @@ impl Service {
         }
     }
 
-    fn vip(self, kernel: bool) -> SocketAddr {
-        let base: u8 = if kernel { 10 } else { 20 };
+    /// The service address of one of the agent's paths.
+    fn vip(self, path: Path) -> SocketAddr {
+        let base: u8 = match path {
+            Path::Kernel => 10,
+            Path::ProxyCopy => 30,
+            _ => 20,
+        };
         SocketAddr::from(([10, 96, 0, base + self.index()], self.backend_port()))
     }
 
@@ -168,8 +173,7 @@ impl World {
     pub fn targets(&self, path: Path, service: Service) -> Vec<SocketAddr> {
         match path {
             Path::Direct => backends(&self.topo, service),
-            Path::Kernel => vec![service.vip(true)],
-            Path::Proxy => vec![service.vip(false)],
+            Path::Kernel | Path::Proxy | Path::ProxyCopy => vec![service.vip(path)],
             Path::Haproxy | Path::Nginx => vec![service.peer(path)],
         }
     }
@@ -179,7 +183,7 @@ impl World {
     pub fn proxy_pid(&self, path: Path) -> Option<u32> {
         match path {
             Path::Direct => None,
-            Path::Kernel | Path::Proxy => Some(self.agent.process.pid()),
+            Path::Kernel | Path::Proxy | Path::ProxyCopy => Some(self.agent.process.pid()),
             Path::Haproxy => Some(self.haproxy.pid()),
             Path::Nginx => Some(self.nginx.pid()),
         }
@@ -358,8 +362,8 @@ fn redis_server(topo: &Topology, dir: &TempDir, i: usize) -> anyhow::Result<Proc
     Ok(p)
 }
 
-/// The agent with a kernel-mode and a proxy-mode service address for each service, over the
-/// same backends as the peers. Started with this thread pinned to the proxy core, so the agent
+/// The agent with a kernel-mode and two proxy-mode service addresses (the default byte path,
+/// and `copy`) for each service, over the same backends as the peers. Started with this thread pinned to the proxy core, so the agent
 /// inherits it (as under `taskset`) and its runtime sizes itself to that one core.
 fn start_agent(topo: &Topology) -> anyhow::Result<Agent> {
     let mut services = String::new();
@@ -368,13 +372,17 @@ fn start_agent(topo: &Topology) -> anyhow::Result<Agent> {
             .iter()
             .map(|a| format!("\"{a}\""))
             .collect();
-        for (mode, kernel) in [("kernel", true), ("proxy", false)] {
+        for (path, name, mode, byte_path) in [
+            (Path::Kernel, "kernel", "kernel", ""),
+            (Path::Proxy, "proxy", "proxy", ""),
+            (Path::ProxyCopy, "copy", "proxy", "byte_path = \"copy\"\n"),
+        ] {
             let _ = write!(
                 services,
-                "[[service]]\nname = \"{}-{mode}\"\nvip = \"{}\"\nmode = \"{mode}\"\n\
-                 backends = [{}]\n\n",
+                "[[service]]\nname = \"{}-{name}\"\nvip = \"{}\"\nmode = \"{mode}\"\n\
+                 {byte_path}backends = [{}]\n\n",
                 s.name(),
-                s.vip(kernel),
+                s.vip(path),
                 list.join(", ")
             );
         }
