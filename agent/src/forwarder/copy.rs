@@ -61,18 +61,28 @@ pub enum CopyError {
     Io(#[from] io::Error),
 }
 
+/// How a connection's bytes move.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub path: BytePath,
+    /// The largest buffer per direction.
+    pub buffer: usize,
+    /// No bytes either way for this long closes the connection.
+    pub idle: Option<Duration>,
+}
+
 /// Copies until both directions have ended, one fails, or the connection is idle too long.
+/// `start` is when the connection was accepted: silence since then counts as idle.
 /// `answered` runs once, when the backend's first bytes have reached the client.
 pub async fn bidirectional(
     client: &mut TcpStream,
     server: &mut TcpStream,
-    path: BytePath,
-    buffer: usize,
-    idle: Option<Duration>,
+    settings: Settings,
+    start: Instant,
     moved: &Moved,
     answered: &(dyn Fn(&Moved) + Sync),
 ) -> Result<(), CopyError> {
-    let start = Instant::now();
+    let Settings { path, buffer, idle } = settings;
     let last = AtomicU64::new(0);
     let (mut cr, mut cw) = client.split();
     let (mut sr, mut sw) = server.split();
@@ -359,7 +369,12 @@ mod tests {
             got.unwrap();
             back
         });
-        bidirectional(&mut fc, &mut fs, path, 64 * 1024, None, &moved, &|_| {})
+        let settings = Settings {
+            path,
+            buffer: 64 * 1024,
+            idle: None,
+        };
+        bidirectional(&mut fc, &mut fs, settings, Instant::now(), &moved, &|_| {})
             .await
             .unwrap();
         let back = talk.await.unwrap();

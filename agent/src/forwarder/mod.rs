@@ -61,7 +61,8 @@ impl Forwarder {
     }
 
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
-        let Some(vip) = self.orig.recover(&client) else {
+        let accepted = std::time::Instant::now();
+        let Some(vip) = self.orig.recover(&client, peer) else {
             debug!(%peer, "no original destination: not a redirected connection");
             return;
         };
@@ -93,7 +94,13 @@ impl Forwarder {
             let b = &service.backends[u.backend];
             b.health.counters.active.fetch_add(1, Ordering::Relaxed);
             shared.active.fetch_add(1, Ordering::Relaxed);
-            let sign = upstream::first_sign(&client, &u.stream).await;
+            let sign = tokio::select! {
+                sign = upstream::first_sign(&client, &u.stream) => sign,
+                // Nobody has spoken: the copy below closes an idle connection, or one whose
+                // backend's drain deadline has passed, at once.
+                _ = after(service.idle_timeout) => upstream::FirstSign::Client,
+                _ = b.health.drain_deadline() => upstream::FirstSign::Client,
+            };
             if matches!(sign, upstream::FirstSign::ClientAborted) {
                 b.health.counters.active.fetch_sub(1, Ordering::Relaxed);
                 shared.active.fetch_sub(1, Ordering::Relaxed);
@@ -136,9 +143,12 @@ impl Forwarder {
             r = copy::bidirectional(
                 &mut client,
                 &mut server,
-                service.byte_path,
-                defaults::COPY_BUFFER,
-                service.idle_timeout,
+                copy::Settings {
+                    path: service.byte_path,
+                    buffer: defaults::COPY_BUFFER,
+                    idle: service.idle_timeout,
+                },
+                accepted,
                 &moved,
                 &answered,
             ) => r,
@@ -174,6 +184,14 @@ impl Forwarder {
                 let _ = server.set_zero_linger();
             }
         }
+    }
+}
+
+/// Resolves after `t`, or never.
+async fn after(t: Option<Duration>) {
+    match t {
+        Some(t) => tokio::time::sleep(t).await,
+        None => std::future::pending().await,
     }
 }
 

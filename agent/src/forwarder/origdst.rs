@@ -24,14 +24,15 @@ pub struct OrigDst {
 }
 
 impl OrigDst {
-    pub fn recover(&self, stream: &TcpStream) -> Option<SocketAddr> {
-        let local = stream.local_addr().ok()?;
-        let peer = stream.peer_addr().ok()?;
+    /// `peer` is the address `accept` returned: with the hook, one system call in all.
+    pub fn recover(&self, stream: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        // A listener's family is its clients' family (IPv6 listeners are v6-only).
         if self.hook
-            && let Some(found) = getsockopt_original_dst(stream, local.is_ipv4())
+            && let Some(found) = getsockopt_original_dst(stream, peer.is_ipv4())
         {
             return Some(found);
         }
+        let local = stream.local_addr().ok()?;
         // The client's view of the connection is the mirror of ours.
         let tuple = SockTuple {
             local: addr::to_words(peer.ip()),

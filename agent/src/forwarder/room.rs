@@ -21,7 +21,16 @@ pub struct Room {
     held: AtomicU64,
     /// Whether the last connection was refused for want of room (log once per episode).
     full: AtomicBool,
+    /// The soft descriptor limit as last read, and connections taken since.
+    limit: AtomicU64,
+    takes: AtomicU64,
 }
+
+/// The limit is read again every this many connections (and on every refusal): an operator may
+/// change it on a running agent, and between two reads at most twice this many descriptors
+/// can be taken, well inside [`RESERVE`]. Reading it on every connection cost a system call
+/// each.
+const REREAD: u64 = 16;
 
 /// Room for one connection, given back on drop.
 pub struct Held<'a>(&'a Room);
@@ -36,17 +45,33 @@ impl Room {
     /// Counts the descriptors open now as the base.
     pub fn new() -> Self {
         let base = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        Room::with_base(base)
+    }
+
+    fn with_base(base: u64) -> Self {
         Room {
             base,
             held: AtomicU64::new(0),
             full: AtomicBool::new(false),
+            limit: AtomicU64::new(soft_nofile()),
+            takes: AtomicU64::new(0),
         }
     }
 
-    /// Room for one more connection, if it leaves [`RESERVE`] descriptors free. The limit is
-    /// read each time (one cheap syscall): an operator may change it on a running agent.
+    fn limit(&self, fresh: bool) -> u64 {
+        if fresh || self.takes.fetch_add(1, Ordering::Relaxed) % REREAD == REREAD - 1 {
+            let limit = soft_nofile();
+            self.limit.store(limit, Ordering::Relaxed);
+            return limit;
+        }
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Room for one more connection, if it leaves [`RESERVE`] descriptors free.
     pub fn take(&self) -> Option<Held<'_>> {
-        let limit = soft_nofile();
+        let held = self.held.load(Ordering::Relaxed) + 1;
+        let fresh = self.base + 2 * held + RESERVE > self.limit.load(Ordering::Relaxed);
+        let limit = self.limit(fresh);
         let held = self.held.fetch_add(1, Ordering::Relaxed) + 1;
         let fits = self.base + 2 * held + RESERVE <= limit;
         if !fits {
@@ -90,11 +115,7 @@ mod tests {
     #[test]
     fn room_is_refused_near_the_limit_and_given_back_on_drop() {
         let limit = soft_nofile();
-        let room = Room {
-            base: limit - RESERVE - 4,
-            held: AtomicU64::new(0),
-            full: AtomicBool::new(false),
-        };
+        let room = Room::with_base(limit - RESERVE - 4);
         let a = room.take().expect("first fits");
         let b = room.take().expect("second fits");
         assert!(room.take().is_none(), "a third would eat the reserve");

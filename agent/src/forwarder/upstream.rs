@@ -174,7 +174,7 @@ pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream
 
 /// The first sign of life on a fresh upstream connection.
 pub enum FirstSign {
-    /// The client spoke first (or nothing happened within [`FIRST_SIGN`]): copy as usual.
+    /// The client spoke first (or the caller stopped waiting): copy as usual.
     Client,
     /// The backend spoke first, this long after the watch began: its response time.
     Server(std::time::Duration),
@@ -185,33 +185,27 @@ pub enum FirstSign {
     ClientAborted,
 }
 
-/// Waits (briefly) for the first sign of life on a fresh upstream connection. A backend that
-/// closes or resets before either side sent a byte (it died between accept and its first byte)
-/// has served nothing, so another backend may take the client, as for a refused connect. Once
-/// the client has spoken, or the backend has, this is an ordinary connection.
+/// Waits for the first sign of life on a fresh upstream connection. A backend that closes or
+/// resets before either side sent a byte (it died between accept and its first byte) has
+/// served nothing, so another backend may take the client, as for a refused connect. Once the
+/// client has spoken, or the backend has, this is an ordinary connection. No timer of its own
+/// (one per connection would cost a wake-up of the event loop): the caller bounds the wait
+/// with the idle timeout and the drain deadline, as for the copy.
 pub async fn first_sign(client: &TcpStream, server: &TcpStream) -> FirstSign {
     let started = std::time::Instant::now();
     let (mut c, mut s) = ([0u8; 1], [0u8; 1]);
-    let first = async {
-        tokio::select! {
-            // The client speaking first is the common case: check it first. A peek, not
-            // `readable()`: readiness may be reported spuriously, a peek only returns on data
-            // (or the client's EOF).
-            biased;
-            r = client.peek(&mut c) => match r {
-                Ok(_) => FirstSign::Client,
-                Err(_) => FirstSign::ClientAborted,
-            },
-            r = server.peek(&mut s) => match r {
-                Ok(0) | Err(_) => FirstSign::Dead,
-                Ok(_) => FirstSign::Server(started.elapsed()),
-            },
-        }
-    };
-    timeout(FIRST_SIGN, first)
-        .await
-        .unwrap_or(FirstSign::Client)
+    tokio::select! {
+        // The client speaking first is the common case: check it first. A peek, not
+        // `readable()`: readiness may be reported spuriously, a peek only returns on data (or
+        // the client's EOF).
+        biased;
+        r = client.peek(&mut c) => match r {
+            Ok(_) => FirstSign::Client,
+            Err(_) => FirstSign::ClientAborted,
+        },
+        r = server.peek(&mut s) => match r {
+            Ok(0) | Err(_) => FirstSign::Dead,
+            Ok(_) => FirstSign::Server(started.elapsed()),
+        },
+    }
 }
-
-/// How long to watch a new connection before handing it to the copy loop regardless.
-const FIRST_SIGN: std::time::Duration = std::time::Duration::from_secs(1);
