@@ -25,7 +25,7 @@ use tokio::{
     sync::Semaphore,
     time::timeout,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::view::ErrorBody;
 use crate::defaults;
@@ -146,15 +146,19 @@ where
 {
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut failures = crate::limits::AcceptFailures::default();
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let (io, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                failures.accepted("api/metrics listener");
+                accepted
+            }
             Err(e) => {
                 // Out of descriptors and the like: back off briefly rather than spin.
-                warn!("accept failed: {e}");
+                failures.failed("api/metrics listener", &e);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -40,9 +40,11 @@ impl Forwarder {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "forwarder listening");
+        let mut failures = crate::limits::AcceptFailures::default();
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    failures.accepted("forwarder");
                     let me = self.clone();
                     tokio::spawn(async move {
                         let Some(_held) = me.room.take() else {
@@ -53,7 +55,7 @@ impl Forwarder {
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off briefly rather than spin.
-                    warn!("accept failed: {e}");
+                    failures.failed("forwarder", &e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
