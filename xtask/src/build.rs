@@ -67,6 +67,15 @@ pub fn agent(release: bool) -> anyhow::Result<()> {
     run_filtered(cargo(&args), "cargo build")
 }
 
+/// `cargo test …` with the debug agent and probe the integration tests run (built by
+/// [`agent`]): the tests take them from these variables.
+pub fn cargo_test(args: &[&str]) -> Command {
+    let mut cmd = cargo(args);
+    cmd.env("SWITCHYARD_BIN", binary("switchyard", false))
+        .env("SY_PROBE_BIN", binary("sy-probe", false));
+    cmd
+}
+
 pub fn binary(name: &str, release: bool) -> PathBuf {
     target_dir()
         .join(if release { "release" } else { "debug" })

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use crate::{
-    build::{self, binary, cargo, run_filtered},
+    build::{self, cargo, run_filtered},
     setup,
 };
 
@@ -55,7 +55,7 @@ pub fn run(minutes: f64, idle: usize) -> anyhow::Result<()> {
         report.display()
     );
 
-    let mut cmd = cargo(&[
+    let mut cmd = build::cargo_test(&[
         "test",
         "-p",
         "switchyard-testkit",
@@ -64,9 +64,7 @@ pub fn run(minutes: f64, idle: usize) -> anyhow::Result<()> {
         "--",
         "--test-threads=1",
     ]);
-    cmd.env("SWITCHYARD_BIN", binary("switchyard", false))
-        .env("SY_PROBE_BIN", binary("sy-probe", false))
-        .env("SY_FAULT_SECONDS", format!("{seconds}"))
+    cmd.env("SY_FAULT_SECONDS", format!("{seconds}"))
         .env("SY_IDLE_CONNECTIONS", idle.to_string())
         .env("SY_FAULT_REPORT", &report)
         // A group of its own: on overrun it is ended as a whole, and only it.

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::bail;
 
 use crate::{
-    build::{self, binary, cargo, run_filtered},
+    build::{self, cargo, run_filtered},
     setup,
 };
 
@@ -56,10 +56,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     step("tests");
     let mut args = vec!["test"];
     args.extend(extra.iter().map(String::as_str));
-    let mut cmd = cargo(&args);
-    cmd.env("SWITCHYARD_BIN", binary("switchyard", false))
-        .env("SY_PROBE_BIN", binary("sy-probe", false));
-    let ok = cmd.status()?.success();
+    let ok = build::cargo_test(&args).status()?.success();
     println!("xtask test: {:.0?} in all", started.elapsed());
     if !ok {
         bail!("tests failed");

@@ -96,6 +96,11 @@ impl Forwarder {
             let b = &service.backends[u.backend];
             b.health.counters.active.fetch_add(1, Ordering::Relaxed);
             shared.active.fetch_add(1, Ordering::Relaxed);
+            // Undoes the two lines above when this backend does not keep the connection.
+            let release = || {
+                b.health.counters.active.fetch_sub(1, Ordering::Relaxed);
+                shared.active.fetch_sub(1, Ordering::Relaxed);
+            };
             let sign = tokio::select! {
                 sign = upstream::first_sign(&client, &u.stream) => sign,
                 // Nobody has spoken: the copy below closes an idle connection, or one whose
@@ -104,8 +109,7 @@ impl Forwarder {
                 _ = b.health.drain_deadline() => upstream::FirstSign::Client,
             };
             if matches!(sign, upstream::FirstSign::ClientAborted) {
-                b.health.counters.active.fetch_sub(1, Ordering::Relaxed);
-                shared.active.fetch_sub(1, Ordering::Relaxed);
+                release();
                 debug!(service = %service.name, %peer, "client reset before the first byte");
                 let _ = u.stream.set_zero_linger();
                 return;
@@ -115,8 +119,7 @@ impl Forwarder {
                 b.health.observe(t);
             }
             if matches!(sign, upstream::FirstSign::Dead) && attempts.may_retry(&service) {
-                b.health.counters.active.fetch_sub(1, Ordering::Relaxed);
-                shared.active.fetch_sub(1, Ordering::Relaxed);
+                release();
                 b.health.counters.resets.fetch_add(1, Ordering::Relaxed);
                 b.health.failure(
                     service.outlier_failures,

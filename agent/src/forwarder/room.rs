@@ -67,14 +67,18 @@ impl Room {
         self.limit.load(Ordering::Relaxed)
     }
 
+    /// Whether `held` connections leave [`RESERVE`] descriptors free under `limit`.
+    fn fits(&self, held: u64, limit: u64) -> bool {
+        self.base + 2 * held + RESERVE <= limit
+    }
+
     /// Room for one more connection, if it leaves [`RESERVE`] descriptors free.
     pub fn take(&self) -> Option<Held<'_>> {
-        let held = self.held.load(Ordering::Relaxed) + 1;
-        let fresh = self.base + 2 * held + RESERVE > self.limit.load(Ordering::Relaxed);
-        let limit = self.limit(fresh);
+        // Near the limit as last read, read it again before refusing: it may have been raised.
+        let cached = self.limit.load(Ordering::Relaxed);
+        let limit = self.limit(!self.fits(self.held.load(Ordering::Relaxed) + 1, cached));
         let held = self.held.fetch_add(1, Ordering::Relaxed) + 1;
-        let fits = self.base + 2 * held + RESERVE <= limit;
-        if !fits {
+        if !self.fits(held, limit) {
             self.held.fetch_sub(1, Ordering::Relaxed);
             if !self.full.swap(true, Ordering::Relaxed) {
                 warn!(
@@ -86,7 +90,8 @@ impl Room {
             }
             return None;
         }
-        if self.full.swap(false, Ordering::Relaxed) {
+        // A load first: a swap on every connection would bounce the line between workers.
+        if self.full.load(Ordering::Relaxed) && self.full.swap(false, Ordering::Relaxed) {
             info!(limit, held, "descriptors available again: accepting");
         }
         Some(Held(self))
