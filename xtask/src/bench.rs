@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: Switchyard against the physical reference and its peers, side by side
-//! in one run (issue 7; DESIGN.md §6).
+//! in one run, judged against the goals of docs/benchmarks.md ("The goals").
 //!
 //! One world (the testkit's topology), one set of backends, five ways for the same client to
 //! reach them: direct, kernel mode, proxy mode, HAProxy `mode tcp`, nginx `stream`. Each case
@@ -304,7 +304,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     print!("{}", values.terminal());
     println!("\nratios:\n");
     print!("{}", ratios.terminal());
-    println!("\ngoals (issue 7):\n");
+    println!("\ngoals:\n");
     print!("{}", report::goals_text(&goals, false));
     let failed: Vec<&Run> = runs.iter().filter(|r| r.error.is_some()).collect();
     let noted: Vec<&Run> = runs.iter().filter(|r| !r.notes.is_empty()).collect();
@@ -479,7 +479,7 @@ fn readme_section(
         "Made with `{}` on {} (commit {}): {}, {} cores, Linux {}; {} of {} s per case \
          (redis-benchmark: {} requests per test), median shown; {PINNING}. What each case is and \
          how to read the ratios: [docs/benchmarks.md](docs/benchmarks.md).{caveat}\n\n\
-         ![throughput relative to direct](docs/benchmark.svg)\n\n{}\n{}\nGoals (issue 7):\n\n{}",
+         ![throughput relative to direct](docs/benchmark.svg)\n\n{}\n{}\nGoals:\n\n{}",
         plan.command(),
         result.date,
         machine.commit,

@@ -59,7 +59,7 @@ const BENCH_PACKAGES: &[&str] = &[
     "redis-tools",
 ];
 
-/// bpf-linker built against LLVM 22 (DESIGN.md §7): the default feature wants LLVM 23.
+/// bpf-linker built against LLVM 22: its default feature wants LLVM 23, which Debian here lacks.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 

@@ -183,7 +183,7 @@ impl KernelMaps {
             .collect()
     }
 
-    /// A read-only handle on the counters for the metrics task (issue 6): its own descriptor
+    /// A read-only handle on the counters for the metrics task: its own descriptor
     /// on the same map, so the reconciler keeps the maps it writes to itself.
     pub fn counters_handle(&self) -> Result<KernelCounters, MapsError> {
         use aya::maps::IterableMap as _;

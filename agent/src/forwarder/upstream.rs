@@ -103,8 +103,11 @@ pub async fn connect(
         match result {
             Ok(stream) => {
                 upstream.health.success(started.elapsed());
-                let timings = &upstream.health.counters.timings; // metrics (issue 6)
-                timings.connected(started.elapsed());
+                upstream
+                    .health
+                    .counters
+                    .timings
+                    .connected(started.elapsed());
                 return Ok(Connected { stream, backend: i });
             }
             Err(e) if is_local(&e) => return Err(ConnectError::Local(e)),

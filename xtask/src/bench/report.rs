@@ -168,7 +168,8 @@ impl Table {
     }
 }
 
-/// One of issue 7's targets, judged (never asserted: a benchmark reports).
+/// One of the benchmark's goals (docs/benchmarks.md), judged (never asserted: a benchmark
+/// reports).
 #[derive(Serialize)]
 pub struct Goal {
     pub goal: String,
