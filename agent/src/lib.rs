@@ -34,3 +34,5 @@ pub mod reconcile;
 pub mod registry;
 pub mod run;
 pub mod socket;
+#[cfg(test)]
+mod test_helpers;

@@ -7,11 +7,14 @@
 //! [`servers`]; stand-ins for the Kubernetes API and Consul, which cannot run here: [`standin`]), and
 //! the agent as a real process, reached through its API socket, `switchyard ctl` and its metrics
 //! address ([`control`]). Nothing it starts is ended but by its PID. The fault-injection
-//! suite's load, held connections and reports are in [`fault`].
+//! suite's load, held connections and reports are in [`fault`]; what the tests write into the
+//! agent's config ([`entries`]) and ask of the answers ([`expect`]) is shared too.
 
 pub mod agent;
 pub mod cgroup;
 pub mod control;
+pub mod entries;
+pub mod expect;
 pub mod fault;
 pub mod netns;
 pub mod process;

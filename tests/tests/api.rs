@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use switchyard_testkit::{
     Agent, Topology,
     control::{self, Answer, TempFile, wait_for},
+    entries,
+    expect::count,
     require_root,
     topology::Tally,
 };
@@ -23,20 +25,10 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn count(t: &Tally, i: usize) -> usize {
-    t.get(&Topology::backend_name(i)).copied().unwrap_or(0)
-}
-
 /// The file's proxy-mode service `web` over backends `which`, with extra settings.
 fn web(topo: &Topology, which: &[usize], extra: &str) -> String {
-    let list: Vec<String> = which
-        .iter()
-        .map(|&i| format!("\"{}\"", topo.backend(i, false)))
-        .collect();
-    format!(
-        "[[service]]\nname = \"web\"\nvip = \"{WEB}\"\nmode = \"proxy\"\n{extra}\nbackends = [{}]\n",
-        list.join(", ")
-    )
+    let extra = format!("mode = \"proxy\"\n{extra}");
+    entries::service("web", WEB, &extra, &entries::backends(topo, which))
 }
 
 fn ok(a: Answer) -> anyhow::Result<Value> {

@@ -10,17 +10,18 @@ use std::{
 };
 
 use switchyard_testkit::{
-    Agent, Topology, require_root,
+    Agent, Topology,
+    expect::{LIMIT, ask, exactly, wait_until},
+    require_root,
     servers::{Etcd, TempDir},
     standin::{
         ConsulApi, KubeApi,
         consul::Instance,
         kube::{Endpoint, Kind, endpoint_slice, service},
     },
-    topology::{BACKEND_PORT, Tally},
+    topology::BACKEND_PORT,
 };
 
-const LIMIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "8f2c0f6e-switchyard-test";
 
 fn consul_addr() -> SocketAddr {
@@ -32,33 +33,6 @@ fn section(consul: &ConsulApi) -> String {
         "[registry.consul]\naddress = \"http://{}\"\ntoken = {TOKEN:?}\nwait = \"10s\"\n",
         consul.addr()
     )
-}
-
-fn ask(topo: &Topology, vip: &str, count: usize) -> anyhow::Result<Tally> {
-    topo.ask_with(0, vip.parse()?, count, true, &["--timeout-ms", "1000"])
-}
-
-fn wait_until(
-    topo: &Topology,
-    vip: &str,
-    what: &str,
-    want: impl Fn(&Tally) -> bool,
-) -> anyhow::Result<()> {
-    topo.wait_until(vip.parse()?, 12, LIMIT, what, want)
-        .map(drop)
-}
-
-fn exactly(which: &'static [usize]) -> impl Fn(&Tally) -> bool {
-    move |t| {
-        which
-            .iter()
-            .all(|&i| t.get(&Topology::backend_name(i)).is_some_and(|n| *n > 0))
-            && t.len() == which.len()
-    }
-}
-
-fn said(agent: &Agent, words: &[&str]) -> Vec<String> {
-    agent.said(words)
 }
 
 #[test]
@@ -81,20 +55,20 @@ fn a_failing_consul_health_check_ejects_a_backend() -> anyhow::Result<()> {
         );
     }
     let _agent = Agent::start(&topo, &topo.agent_config(&section(&consul)))?;
-    wait_until(&topo, WEB, "on all three", exactly(&[0, 1, 2]))?;
+    wait_until(&topo, WEB, 12, "on all three", exactly(&[0, 1, 2]))?;
 
     // backend-1's check goes critical: no new connections reach it.
     consul.set_passing("web", "web-0", false);
-    wait_until(&topo, WEB, "off the failing instance", exactly(&[1, 2]))?;
+    wait_until(&topo, WEB, 12, "off the failing instance", exactly(&[1, 2]))?;
     for _ in 0..3 {
         assert!(exactly(&[1, 2])(&ask(&topo, WEB, 12)?));
     }
     // Passing again: back in.
     consul.set_passing("web", "web-0", true);
-    wait_until(&topo, WEB, "back on all three", exactly(&[0, 1, 2]))?;
+    wait_until(&topo, WEB, 12, "back on all three", exactly(&[0, 1, 2]))?;
     // Deregistered: gone.
     consul.deregister("web", "web-2");
-    wait_until(&topo, WEB, "down to two", exactly(&[0, 1]))?;
+    wait_until(&topo, WEB, 12, "down to two", exactly(&[0, 1]))?;
 
     // Every request carried the token, and the agent waited in blocking queries.
     assert_eq!(consul.refused(), 0);
@@ -155,13 +129,11 @@ fn a_consul_service_takes_its_vip_from_meta_and_a_bad_one_is_rejected_alone() ->
             consul.addr()
         )),
     )?;
-    wait_until(&topo, API, "on both", exactly(&[0, 1]))?;
+    wait_until(&topo, API, 12, "on both", exactly(&[0, 1]))?;
     let deadline = Instant::now() + LIMIT;
-    while said(
-        &agent,
-        &["rejected", "broken/", "tag switchyard-vip=10.96.0.32"],
-    )
-    .is_empty()
+    while agent
+        .said(&["rejected", "broken/", "tag switchyard-vip=10.96.0.32"])
+        .is_empty()
     {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -171,7 +143,8 @@ fn a_consul_service_takes_its_vip_from_meta_and_a_bad_one_is_rejected_alone() ->
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        said(&agent, &["unrelated"])
+        agent
+            .said(&["unrelated"])
             .iter()
             .all(|l| !l.contains("rejected"))
     );
@@ -211,9 +184,9 @@ fn consul_is_followed_over_https_with_its_ca_file_and_a_token_file() -> anyhow::
             token_file.display().to_string(),
         )),
     )?;
-    wait_until(&topo, WEB, "on both", exactly(&[0, 1]))?;
+    wait_until(&topo, WEB, 12, "on both", exactly(&[0, 1]))?;
     consul.set_passing("web", "web-1", false);
-    wait_until(&topo, WEB, "off the failing instance", exactly(&[0]))?;
+    wait_until(&topo, WEB, 12, "off the failing instance", exactly(&[0]))?;
     assert_eq!(consul.refused(), 0);
     Ok(())
 }
@@ -292,18 +265,25 @@ fn file_etcd_kubernetes_and_consul_take_an_address_by_precedence() -> anyhow::Re
     consul.require_token(TOKEN);
     let with_file = topo.agent_config(&format!("{sources}\n{file_service}"));
     let agent = Agent::start(&topo, &with_file)?;
-    wait_until(&topo, &vip(1), "Consul's", exactly(&[3]))?;
-    wait_until(&topo, &vip(2), "Kubernetes'", exactly(&[2]))?;
-    wait_until(&topo, &vip(3), "etcd's", exactly(&[1]))?;
-    wait_until(&topo, &vip(4), "the file's", exactly(&[0]))?;
+    wait_until(&topo, &vip(1), 12, "Consul's", exactly(&[3]))?;
+    wait_until(&topo, &vip(2), 12, "Kubernetes'", exactly(&[2]))?;
+    wait_until(&topo, &vip(3), 12, "etcd's", exactly(&[1]))?;
+    wait_until(&topo, &vip(4), 12, "the file's", exactly(&[0]))?;
 
     // Each source in turn lets go of .44: the next one down takes it.
     agent.rewrite_config(&topo.agent_config(&sources))?;
-    wait_until(&topo, &vip(4), "etcd's once the file let go", exactly(&[1]))?;
+    wait_until(
+        &topo,
+        &vip(4),
+        12,
+        "etcd's once the file let go",
+        exactly(&[1]),
+    )?;
     etcd.delete("/sy/services/e4")?;
     wait_until(
         &topo,
         &vip(4),
+        12,
         "Kubernetes' once etcd let go",
         exactly(&[2]),
     )?;
@@ -311,11 +291,12 @@ fn file_etcd_kubernetes_and_consul_take_an_address_by_precedence() -> anyhow::Re
     wait_until(
         &topo,
         &vip(4),
+        12,
         "Consul's once Kubernetes let go",
         exactly(&[3]),
     )?;
     consul.deregister("c4", "c4-0");
-    wait_until(&topo, &vip(4), "unserved", |t| {
+    wait_until(&topo, &vip(4), 12, "unserved", |t| {
         t.keys().all(|k| k.starts_with("error:"))
     })?;
     Ok(())

@@ -4,11 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use switchyard_testkit::{Agent, Topology, require_root, servers::Dnsmasq, topology::Tally};
+use switchyard_testkit::{
+    Agent, Topology,
+    expect::{LIMIT, ask, only, wait_until},
+    require_root,
+    servers::Dnsmasq,
+};
 
 const WEB: &str = "10.96.0.30:80";
-/// Generous: conditions are waited for, never timed.
-const LIMIT: Duration = Duration::from_secs(60);
 /// dnsmasq's TTL on every answer, in seconds: the agent looks again this often.
 const TTL: u32 = 1;
 
@@ -20,20 +23,6 @@ fn dns_entry(record: &str, query: &str, port: Option<u16>) -> String {
          type = \"{record}\"\n{port}nameserver = \"{}\"\n",
         Dnsmasq::ADDR
     )
-}
-
-fn ask(topo: &Topology, count: usize) -> anyhow::Result<Tally> {
-    topo.ask_with(0, WEB.parse()?, count, true, &["--timeout-ms", "1000"])
-}
-
-/// Asks until `want` holds; fails with the last tally after `LIMIT`.
-fn wait_until(topo: &Topology, what: &str, want: impl Fn(&Tally) -> bool) -> anyhow::Result<()> {
-    topo.wait_until(WEB.parse()?, 4, LIMIT, what, want)
-        .map(drop)
-}
-
-fn only(i: usize) -> impl Fn(&Tally) -> bool {
-    move |t| t.get(&Topology::backend_name(i)) == Some(&4)
 }
 
 fn hosts(topo: &Topology, entries: &[(usize, &str)]) -> String {
@@ -57,17 +46,17 @@ fn a_dns_record_change_is_followed_after_its_ttl() -> anyhow::Result<()> {
     )?;
     let config = topo.agent_config(&dns_entry("A", "web.example.test", Some(8080)));
     let _agent = Agent::start(&topo, &config)?;
-    wait_until(&topo, "on backend-1", only(0))?;
+    wait_until(&topo, WEB, 4, "on backend-1", only(0))?;
 
     dns.set_hosts(&hosts(&topo, &[(1, "web.example.test")]))?;
-    wait_until(&topo, "moved to backend-2", only(1))?;
+    wait_until(&topo, WEB, 4, "moved to backend-2", only(1))?;
 
     // Two addresses: both backends, in turn.
     dns.set_hosts(&hosts(
         &topo,
         &[(0, "web.example.test"), (1, "web.example.test")],
     ))?;
-    wait_until(&topo, "on both backends", |t| {
+    wait_until(&topo, WEB, 4, "on both backends", |t| {
         t.get("backend-1") == Some(&2) && t.get("backend-2") == Some(&2)
     })?;
     Ok(())
@@ -91,11 +80,11 @@ fn srv_records_give_each_target_its_port_and_weight() -> anyhow::Result<()> {
     let _dns = Dnsmasq::start(&topo.node, TTL, &names, &records)?;
     let config = topo.agent_config(&dns_entry("SRV", "_web._tcp.example.test", None));
     let _agent = Agent::start(&topo, &config)?;
-    wait_until(&topo, "on both backends", |t| {
+    wait_until(&topo, WEB, 4, "on both backends", |t| {
         t.contains_key("backend-1") && t.contains_key("backend-2")
     })?;
     // Weighted round robin from one client: exactly in proportion, nothing on the fallback.
-    let tally = ask(&topo, 30)?;
+    let tally = ask(&topo, WEB, 30)?;
     assert_eq!(tally.get("backend-1"), Some(&10), "{tally:?}");
     assert_eq!(tally.get("backend-2"), Some(&20), "{tally:?}");
     Ok(())
@@ -115,14 +104,14 @@ fn a_failed_lookup_keeps_the_last_good_backends() -> anyhow::Result<()> {
     )?;
     let config = topo.agent_config(&dns_entry("A", "web.example.test", Some(8080)));
     let mut agent = Agent::start(&topo, &config)?;
-    wait_until(&topo, "on backend-1", only(0))?;
+    wait_until(&topo, WEB, 4, "on backend-1", only(0))?;
 
     dns.stop()?;
     agent
         .process
         .wait_for("keeping the last good backends", LIMIT)?;
     assert!(
-        only(0)(&ask(&topo, 4)?),
+        only(0)(&ask(&topo, WEB, 4)?),
         "a failed lookup changed the backends"
     );
 
@@ -144,11 +133,11 @@ fn a_failed_lookup_keeps_the_last_good_backends() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        only(0)(&ask(&topo, 4)?),
+        only(0)(&ask(&topo, WEB, 4)?),
         "an empty answer emptied the service"
     );
 
     dns.set_hosts(&hosts(&topo, &[(1, "web.example.test")]))?;
-    wait_until(&topo, "moved to backend-2", only(1))?;
+    wait_until(&topo, WEB, 4, "moved to backend-2", only(1))?;
     Ok(())
 }

@@ -5,13 +5,16 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use switchyard_testkit::{Agent, Topology, require_root, servers::Etcd, topology::Tally};
+use switchyard_testkit::{
+    Agent, Topology,
+    expect::{LIMIT, ask, only, unserved, wait_until},
+    require_root,
+    servers::Etcd,
+};
 
 const PREFIX: &str = "/sy/services/";
 const WEB: &str = "10.96.0.10:80";
 const API: &str = "10.96.0.11:80";
-/// Generous: conditions are waited for, never timed.
-const LIMIT: Duration = Duration::from_secs(60);
 
 fn key(name: &str) -> String {
     format!("{PREFIX}{name}")
@@ -31,35 +34,6 @@ fn elsewhere() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 2], 23790))
 }
 
-fn ask(topo: &Topology, vip: &str) -> anyhow::Result<Tally> {
-    topo.ask_with(0, vip.parse()?, 3, true, &["--timeout-ms", "1000"])
-}
-
-/// Asks until `want` holds; fails with the last tally after `LIMIT`.
-fn wait_until(
-    topo: &Topology,
-    vip: &str,
-    what: &str,
-    want: impl Fn(&Tally) -> bool,
-) -> anyhow::Result<()> {
-    topo.wait_until(vip.parse()?, 3, LIMIT, what, want)
-        .map(drop)
-}
-
-/// Every connection answered by backend `i`.
-fn only(i: usize) -> impl Fn(&Tally) -> bool {
-    move |t| t.get(&Topology::backend_name(i)) == Some(&3)
-}
-
-fn unserved(t: &Tally) -> bool {
-    t.keys().all(|k| k.starts_with("error:"))
-}
-
-/// The agent's log lines that contain every one of `words`.
-fn said(agent: &Agent, words: &[&str]) -> Vec<String> {
-    agent.said(words)
-}
-
 #[test]
 fn etcd_puts_and_deletes_steer_new_connections() -> anyhow::Result<()> {
     if !require_root("etcd_puts_and_deletes_steer_new_connections") {
@@ -69,18 +43,18 @@ fn etcd_puts_and_deletes_steer_new_connections() -> anyhow::Result<()> {
     let etcd = Etcd::start(&topo.node, 1)?;
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(0, false)))?;
     let _agent = Agent::start(&topo, &config(&topo, &etcd))?;
-    wait_until(&topo, WEB, "on backend-1", only(0))?;
+    wait_until(&topo, WEB, 3, "on backend-1", only(0))?;
 
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(1, false)))?;
-    wait_until(&topo, WEB, "moved to backend-2", only(1))?;
+    wait_until(&topo, WEB, 3, "moved to backend-2", only(1))?;
 
     // A new key in proxy mode: through the forwarder.
     etcd.put(&key("api"), &entry(API, "proxy", topo.backend(0, false)))?;
-    wait_until(&topo, API, "on backend-1", only(0))?;
+    wait_until(&topo, API, 3, "on backend-1", only(0))?;
 
     etcd.delete(&key("web"))?;
-    wait_until(&topo, WEB, "gone", unserved)?;
-    assert!(only(0)(&ask(&topo, API)?), "deleting web touched api");
+    wait_until(&topo, WEB, 3, "gone", unserved)?;
+    assert!(only(0)(&ask(&topo, API, 3)?), "deleting web touched api");
     Ok(())
 }
 
@@ -93,7 +67,7 @@ fn the_watch_resumes_after_an_etcd_restart_without_missing_a_change() -> anyhow:
     let mut etcd = Etcd::start(&topo.node, 1)?;
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(0, false)))?;
     let mut agent = Agent::start(&topo, &config(&topo, &etcd))?;
-    wait_until(&topo, WEB, "on backend-1", only(0))?;
+    wait_until(&topo, WEB, 3, "on backend-1", only(0))?;
 
     // etcd restarts where the agent cannot reach it, and a change is made meanwhile.
     etcd.restart_on(0, elsewhere())?;
@@ -101,15 +75,15 @@ fn the_watch_resumes_after_an_etcd_restart_without_missing_a_change() -> anyhow:
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(1, false)))?;
     etcd.put(&key("api"), &entry(API, "kernel", topo.backend(0, false)))?;
     // Disconnected, the agent serves what it had.
-    assert!(only(0)(&ask(&topo, WEB)?));
+    assert!(only(0)(&ask(&topo, WEB, 3)?));
 
     // Back where the agent looks: the watch resumes and the missed changes apply.
     etcd.restart(0)?;
-    wait_until(&topo, WEB, "moved to backend-2", only(1))?;
-    wait_until(&topo, API, "on backend-1", only(0))?;
+    wait_until(&topo, WEB, 3, "moved to backend-2", only(1))?;
+    wait_until(&topo, API, 3, "on backend-1", only(0))?;
     // Resumed from the revision it had, not read whole again.
-    assert_eq!(said(&agent, &["etcd: read the prefix"]).len(), 1);
-    assert!(said(&agent, &["etcd: watching from revision"]).len() >= 2);
+    assert_eq!(agent.said(&["etcd: read the prefix"]).len(), 1);
+    assert!(agent.said(&["etcd: watching from revision"]).len() >= 2);
     Ok(())
 }
 
@@ -123,7 +97,7 @@ fn a_compacted_history_is_read_whole_again() -> anyhow::Result<()> {
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(0, false)))?;
     etcd.put(&key("old"), &entry(API, "kernel", topo.backend(0, false)))?;
     let mut agent = Agent::start(&topo, &config(&topo, &etcd))?;
-    wait_until(&topo, API, "on backend-1", only(0))?;
+    wait_until(&topo, API, 3, "on backend-1", only(0))?;
 
     etcd.restart_on(0, elsewhere())?;
     agent.process.wait_for("etcd: disconnected", LIMIT)?;
@@ -132,8 +106,8 @@ fn a_compacted_history_is_read_whole_again() -> anyhow::Result<()> {
     etcd.compact(etcd.revision()?)?;
     etcd.restart(0)?;
 
-    wait_until(&topo, WEB, "moved to backend-2", only(1))?;
-    wait_until(&topo, API, "gone", unserved)?;
+    wait_until(&topo, WEB, 3, "moved to backend-2", only(1))?;
+    wait_until(&topo, API, 3, "gone", unserved)?;
     agent
         .process
         .wait_for("reading the prefix whole again", LIMIT)?;
@@ -149,7 +123,7 @@ fn sync_goes_on_while_any_one_member_of_three_is_down() -> anyhow::Result<()> {
     let mut etcd = Etcd::start(&topo.node, 3)?;
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(0, false)))?;
     let _agent = Agent::start(&topo, &config(&topo, &etcd))?;
-    wait_until(&topo, WEB, "on backend-1", only(0))?;
+    wait_until(&topo, WEB, 3, "on backend-1", only(0))?;
 
     // Each member in turn, so the one the agent's watch is on is killed too.
     for member in 0..3 {
@@ -162,6 +136,7 @@ fn sync_goes_on_while_any_one_member_of_three_is_down() -> anyhow::Result<()> {
         wait_until(
             &topo,
             WEB,
+            3,
             &format!("on backend-{} with member {member} down", next + 1),
             only(next),
         )?;
@@ -183,18 +158,22 @@ fn with_etcd_down_a_restarted_agent_serves_its_last_known_good() -> anyhow::Resu
     etcd.put(&key("api"), &entry(API, "proxy", topo.backend(1, false)))?;
     let config = config(&topo, &etcd);
     let mut agent = Agent::start(&topo, &config)?;
-    wait_until(&topo, API, "on backend-2", only(1))?;
+    wait_until(&topo, API, 3, "on backend-2", only(1))?;
     agent.process.stop(Duration::from_secs(10))?;
     drop(agent);
 
     etcd.stop(0)?;
     let mut agent = Agent::start(&topo, &config)?;
-    assert!(!said(&agent, &["serving the last-known-good catalog"]).is_empty());
-    assert!(only(1)(&ask(&topo, API)?));
-    assert!(only(0)(&ask(&topo, WEB)?));
+    assert!(
+        !agent
+            .said(&["serving the last-known-good catalog"])
+            .is_empty()
+    );
+    assert!(only(1)(&ask(&topo, API, 3)?));
+    assert!(only(0)(&ask(&topo, WEB, 3)?));
     agent.process.wait_for("etcd: disconnected", LIMIT)?;
     assert!(
-        only(1)(&ask(&topo, API)?),
+        only(1)(&ask(&topo, API, 3)?),
         "etcd's absence emptied the catalog"
     );
     Ok(())
@@ -216,13 +195,13 @@ fn a_poisoned_key_is_rejected_alone_and_keeps_its_last_good_state() -> anyhow::R
     )?;
     let agent = Agent::start(&topo, &config(&topo, &etcd))?;
     // Read at start: the good key applies, the bad one is named with its field.
-    wait_until(&topo, WEB, "on backend-1", only(0))?;
-    let lines = said(&agent, &[&key("broken"), "backends[0]: port 0"]);
+    wait_until(&topo, WEB, 3, "on backend-1", only(0))?;
+    let lines = agent.said(&[&key("broken"), "backends[0]: port 0"]);
     assert_eq!(lines.len(), 1, "{:#?}", agent.process.output());
 
     // Through the watch: a good entry, then bad values for it and for other keys.
     etcd.put(&key("api"), &entry(API, "kernel", b2))?;
-    wait_until(&topo, API, "on backend-2", only(1))?;
+    wait_until(&topo, API, 3, "on backend-2", only(1))?;
     let copy = entry(WEB, "kernel", b2);
     let poison = [
         (
@@ -243,18 +222,18 @@ fn a_poisoned_key_is_rejected_alone_and_keeps_its_last_good_state() -> anyhow::R
     }
     // The others still apply (and, applied in order, after every rejection above).
     etcd.put(&key("web"), &entry(WEB, "kernel", b2))?;
-    wait_until(&topo, WEB, "moved to backend-2", only(1))?;
+    wait_until(&topo, WEB, 3, "moved to backend-2", only(1))?;
     for (name, _, field) in &poison {
         let k = key(name);
         assert!(
-            !said(&agent, &["entry rejected", &k, field]).is_empty(),
+            !agent.said(&["entry rejected", &k, field]).is_empty(),
             "no rejection naming {k} and {field:?}:\n{}",
             agent.process.output().join("\n")
         );
     }
     // The poisoned key kept its last good state; the copycat took nothing.
-    assert!(only(1)(&ask(&topo, API)?));
-    assert!(only(1)(&ask(&topo, WEB)?));
+    assert!(only(1)(&ask(&topo, API, 3)?));
+    assert!(only(1)(&ask(&topo, WEB, 3)?));
     Ok(())
 }
 
@@ -267,9 +246,9 @@ fn etcd_over_tls_with_a_client_certificate() -> anyhow::Result<()> {
     let etcd = Etcd::start_tls(&topo.node, 1)?;
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(0, false)))?;
     let _agent = Agent::start(&topo, &config(&topo, &etcd))?;
-    wait_until(&topo, WEB, "on backend-1", only(0))?;
+    wait_until(&topo, WEB, 3, "on backend-1", only(0))?;
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(1, false)))?;
-    wait_until(&topo, WEB, "moved to backend-2", only(1))?;
+    wait_until(&topo, WEB, 3, "moved to backend-2", only(1))?;
     Ok(())
 }
 
@@ -282,7 +261,7 @@ fn an_address_moved_between_keys_in_one_transaction_stays_served() -> anyhow::Re
     let etcd = Etcd::start(&topo.node, 1)?;
     etcd.put(&key("web"), &entry(WEB, "kernel", topo.backend(0, false)))?;
     let agent = Agent::start(&topo, &config(&topo, &etcd))?;
-    wait_until(&topo, WEB, "on backend-1", only(0))?;
+    wait_until(&topo, WEB, 3, "on backend-1", only(0))?;
 
     // The new key first, then the old one's delete: applied one by one, the new key would
     // clash with the old and be rejected, and the delete would then leave the address unserved.
@@ -291,9 +270,9 @@ fn an_address_moved_between_keys_in_one_transaction_stays_served() -> anyhow::Re
         format!("put {} {moved}", key("web-v2")),
         format!("del {}", key("web")),
     ])?;
-    wait_until(&topo, WEB, "moved to backend-2", only(1))?;
+    wait_until(&topo, WEB, 3, "moved to backend-2", only(1))?;
     assert!(
-        said(&agent, &["entry rejected"]).is_empty(),
+        agent.said(&["entry rejected"]).is_empty(),
         "{:#?}",
         agent.process.output()
     );

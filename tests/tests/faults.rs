@@ -18,7 +18,7 @@ use std::{
 
 use serde_json::Value;
 use switchyard_testkit::{
-    Agent, Topology, control,
+    Agent, Topology, control, entries,
     fault::{self, Idle, Load, Report, monotonic_ns},
     require_root,
     servers::Etcd,
@@ -40,6 +40,7 @@ fn vip(s: &str) -> SocketAddr {
 }
 
 /// A `[[service]]` over backends `which`.
+/// A `[[service]]` table over backends `which`, in `mode`.
 fn service(
     topo: &Topology,
     name: &str,
@@ -48,14 +49,8 @@ fn service(
     which: &[usize],
     extra: &str,
 ) -> String {
-    let list: Vec<String> = which
-        .iter()
-        .map(|&i| format!("\"{}\"", topo.backend(i, false)))
-        .collect();
-    format!(
-        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nmode = \"{mode}\"\n{extra}\nbackends = [{}]\n\n",
-        list.join(", ")
-    )
+    let extra = format!("mode = \"{mode}\"\n{extra}");
+    entries::service(name, vip, &extra, &entries::backends(topo, which))
 }
 
 fn pause(seconds: f64) {

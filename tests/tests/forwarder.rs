@@ -7,7 +7,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switchyard_testkit::{Agent, Topology, require_root, topology::Tally};
+use switchyard_testkit::{
+    Agent, Topology, entries,
+    expect::{count, errors},
+    require_root,
+    topology::Tally,
+};
 
 const VIP: &str = "10.96.0.20:80";
 const SINK_VIP: &str = "10.96.0.21:9090";
@@ -17,26 +22,10 @@ fn vip() -> SocketAddr {
 }
 
 /// A proxy-mode service over backends `which`, with extra settings.
+/// The proxy-mode service `web` over backends `which`, with extra settings.
 fn service(topo: &Topology, which: &[usize], extra: &str) -> String {
-    let list: Vec<String> = which
-        .iter()
-        .map(|&i| format!("\"{}\"", topo.backend(i, false)))
-        .collect();
-    format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nmode = \"proxy\"\n{extra}\nbackends = [{}]\n\n",
-        list.join(", ")
-    )
-}
-
-fn count(t: &Tally, i: usize) -> usize {
-    t.get(&Topology::backend_name(i)).copied().unwrap_or(0)
-}
-
-fn errors(t: &Tally) -> usize {
-    t.iter()
-        .filter(|(k, _)| k.starts_with("error:"))
-        .map(|(_, v)| v)
-        .sum()
+    let extra = format!("mode = \"proxy\"\n{extra}");
+    entries::service("web", VIP, &extra, &entries::backends(topo, which))
 }
 
 #[test]

@@ -2,25 +2,10 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use switchyard_testkit::{Agent, Topology, require_root, topology::Tally};
-
-fn service(name: &str, vip: &str, extra: &str, backends: &[String]) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("{b:?}")).collect();
-    format!(
-        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\n{extra}\nbackends = [{}]\n\n",
-        list.join(", ")
-    )
-}
+use switchyard_testkit::{Agent, Topology, entries::service, expect::count, require_root};
 
 fn three(topo: &Topology, v6: bool) -> Vec<String> {
     (0..3).map(|i| topo.backend(i, v6).to_string()).collect()
-}
-
-fn count(tally: &Tally, backend: usize) -> usize {
-    tally
-        .get(&Topology::backend_name(backend))
-        .copied()
-        .unwrap_or(0)
 }
 
 fn addr(s: &str) -> SocketAddr {

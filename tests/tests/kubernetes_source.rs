@@ -11,20 +11,20 @@ use std::{
 };
 
 use switchyard_testkit::{
-    Agent, Topology, require_root,
+    Agent, Topology,
+    expect::{LIMIT, ask, exactly, wait_until},
+    require_root,
     servers::TempDir,
     standin::{
         KubeApi,
         kube::{Endpoint, Kind, Port, endpoint_slice, service},
     },
-    topology::{BACKEND_PORT, Tally},
+    topology::BACKEND_PORT,
 };
 
 const WEB: &str = "10.96.0.10:80";
 const API: &str = "10.96.0.20:80";
 const NS: &str = "shop";
-/// Generous: conditions are waited for, never timed.
-const LIMIT: Duration = Duration::from_secs(60);
 
 fn ip(vip: &str) -> IpAddr {
     vip.parse::<SocketAddr>().map(|a| a.ip()).unwrap()
@@ -53,39 +53,11 @@ fn slice(topo: &Topology, name: &str, svc: &str, which: &[usize]) -> serde_json:
     endpoint_slice(NS, name, svc, &endpoints(topo, which), "", BACKEND_PORT)
 }
 
-fn ask(topo: &Topology, vip: &str, count: usize) -> anyhow::Result<Tally> {
-    topo.ask_with(0, vip.parse()?, count, true, &["--timeout-ms", "1000"])
-}
-
-/// Asks (12 connections) until `want` holds; fails with the last tally after `LIMIT`.
-fn wait_until(
-    topo: &Topology,
-    vip: &str,
-    what: &str,
-    want: impl Fn(&Tally) -> bool,
-) -> anyhow::Result<()> {
-    topo.wait_until(vip.parse()?, 12, LIMIT, what, want)
-        .map(drop)
-}
-
-/// Exactly these backends answered (each at least once), and nothing else.
-fn exactly(which: &'static [usize]) -> impl Fn(&Tally) -> bool {
-    move |t| {
-        which
-            .iter()
-            .all(|&i| t.get(&Topology::backend_name(i)).is_some_and(|n| *n > 0))
-            && t.len() == which.len()
-    }
-}
-
-fn said(agent: &Agent, words: &[&str]) -> Vec<String> {
-    agent.said(words)
-}
-
 /// Stops the agent and returns its kernel counter `name` (from the line it prints on exit).
 fn kernel_counter(agent: &mut Agent, name: &str) -> anyhow::Result<u64> {
     agent.process.stop(Duration::from_secs(10))?;
-    let line = said(agent, &["kernel counters:"])
+    let line = agent
+        .said(&["kernel counters:"])
         .pop()
         .ok_or_else(|| anyhow::anyhow!("no kernel counters line"))?;
     let value = line
@@ -130,8 +102,8 @@ fn a_service_with_three_endpoints_is_reachable_through_its_cluster_ip_in_both_mo
     );
     let mut agent = Agent::start(&topo, &config(&topo, &kube.write_kubeconfig(dir.path())?))?;
 
-    wait_until(&topo, WEB, "on all three", exactly(&[0, 1, 2]))?;
-    wait_until(&topo, API, "on all three", exactly(&[0, 1, 2]))?;
+    wait_until(&topo, WEB, 12, "on all three", exactly(&[0, 1, 2]))?;
+    wait_until(&topo, API, 12, "on all three", exactly(&[0, 1, 2]))?;
     // Round robin over the three, in the kernel and in the forwarder.
     for vip in [WEB, API] {
         let tally = ask(&topo, vip, 30)?;
@@ -185,18 +157,18 @@ fn scaled_and_terminating_endpoints_steer_new_connections() -> anyhow::Result<()
     }
     let _agent = Agent::start(&topo, &config(&topo, &kube.write_kubeconfig(dir.path())?))?;
     for (svc, vip) in [("web", WEB), ("api", API)] {
-        wait_until(&topo, vip, "on all three", exactly(&[0, 1, 2]))?;
+        wait_until(&topo, vip, 12, "on all three", exactly(&[0, 1, 2]))?;
 
         // Scaled down: the second slice goes.
         kube.delete(Kind::EndpointSlice, NS, &format!("{svc}-b"));
-        wait_until(&topo, vip, "scaled down to two", exactly(&[0, 1]))?;
+        wait_until(&topo, vip, 12, "scaled down to two", exactly(&[0, 1]))?;
 
         // Scaled up again.
         kube.apply(
             Kind::EndpointSlice,
             slice(&topo, &format!("{svc}-b"), svc, &[2]),
         );
-        wait_until(&topo, vip, "scaled up to three", exactly(&[0, 1, 2]))?;
+        wait_until(&topo, vip, 12, "scaled up to three", exactly(&[0, 1, 2]))?;
 
         // backend-1's pod terminates: it takes no new connections (drain).
         let mut eps = endpoints(&topo, &[0, 1]);
@@ -205,7 +177,13 @@ fn scaled_and_terminating_endpoints_steer_new_connections() -> anyhow::Result<()
             Kind::EndpointSlice,
             endpoint_slice(NS, &format!("{svc}-a"), svc, &eps, "", BACKEND_PORT),
         );
-        wait_until(&topo, vip, "off the terminating endpoint", exactly(&[1, 2]))?;
+        wait_until(
+            &topo,
+            vip,
+            12,
+            "off the terminating endpoint",
+            exactly(&[1, 2]),
+        )?;
         for _ in 0..3 {
             assert!(
                 exactly(&[1, 2])(&ask(&topo, vip, 12)?),
@@ -230,7 +208,7 @@ fn the_watch_survives_a_restart_and_a_410_and_honours_bookmarks() -> anyhow::Res
     );
     kube.apply(Kind::EndpointSlice, slice(&topo, "web-a", "web", &[0]));
     let agent = Agent::start(&topo, &config(&topo, &kube.write_kubeconfig(dir.path())?))?;
-    wait_until(&topo, WEB, "on backend-1", exactly(&[0]))?;
+    wait_until(&topo, WEB, 12, "on backend-1", exactly(&[0]))?;
     assert_eq!(kube.lists(Kind::EndpointSlice), 1);
 
     // A restart with the history kept: the watch resumes where it was, no list.
@@ -239,7 +217,7 @@ fn the_watch_survives_a_restart_and_a_410_and_honours_bookmarks() -> anyhow::Res
     // Meanwhile the agent serves what it had.
     assert!(exactly(&[0])(&ask(&topo, WEB, 6)?));
     kube.start_again()?;
-    wait_until(&topo, WEB, "moved to backend-2", exactly(&[1]))?;
+    wait_until(&topo, WEB, 12, "moved to backend-2", exactly(&[1]))?;
     assert_eq!(kube.lists(Kind::EndpointSlice), 1, "resumed by listing");
     assert_eq!(kube.lists(Kind::Service), 1, "resumed by listing");
 
@@ -248,7 +226,7 @@ fn the_watch_survives_a_restart_and_a_410_and_honours_bookmarks() -> anyhow::Res
     kube.apply(Kind::EndpointSlice, slice(&topo, "web-a", "web", &[2]));
     kube.compact();
     kube.start_again()?;
-    wait_until(&topo, WEB, "moved to backend-3", exactly(&[2]))?;
+    wait_until(&topo, WEB, 12, "moved to backend-3", exactly(&[2]))?;
     assert!(kube.gone(Kind::EndpointSlice) >= 1);
     assert_eq!(kube.lists(Kind::EndpointSlice), 2);
 
@@ -258,15 +236,15 @@ fn the_watch_survives_a_restart_and_a_410_and_honours_bookmarks() -> anyhow::Res
     kube.apply(Kind::EndpointSlice, slice(&topo, "web-a", "web", &[0]));
     kube.compact();
     kube.start_again()?;
-    wait_until(&topo, WEB, "back on backend-1", exactly(&[0]))?;
+    wait_until(&topo, WEB, 12, "back on backend-1", exactly(&[0]))?;
     assert_eq!(kube.lists(Kind::EndpointSlice), 3);
-    assert!(!said(&agent, &["410"]).is_empty());
+    assert!(!agent.said(&["410"]).is_empty());
 
     // Bookmarks: slices change, Services do not, so the Services watch has seen no object
     // since. A bookmark moves it to the current version; the history before that version is
     // then dropped. A watch that honoured the bookmark resumes without a 410 or a list.
     kube.apply(Kind::EndpointSlice, slice(&topo, "web-a", "web", &[1]));
-    wait_until(&topo, WEB, "moved to backend-2", exactly(&[1]))?;
+    wait_until(&topo, WEB, 12, "moved to backend-2", exactly(&[1]))?;
     // (Asked again until one is written: the Services watch may be between two requests.)
     let marked = kube.bookmarks_sent(Kind::Service);
     let deadline = Instant::now() + LIMIT;
@@ -291,7 +269,7 @@ fn the_watch_survives_a_restart_and_a_410_and_honours_bookmarks() -> anyhow::Res
         ),
     );
     kube.apply(Kind::EndpointSlice, slice(&topo, "web-a", "web", &[2]));
-    wait_until(&topo, WEB, "moved to backend-3", exactly(&[2]))?;
+    wait_until(&topo, WEB, 12, "moved to backend-3", exactly(&[2]))?;
     assert_eq!(
         kube.gone(Kind::Service),
         gone,
@@ -354,11 +332,11 @@ fn a_bad_service_is_rejected_alone_and_keeps_its_last_good_state() -> anyhow::Re
         );
     }
     let agent = Agent::start(&topo, &config(&topo, &kube.write_kubeconfig(dir.path())?))?;
-    wait_until(&topo, WEB, "on backend-1", exactly(&[0]))?;
+    wait_until(&topo, WEB, 12, "on backend-1", exactly(&[0]))?;
     for (name, _, _, _, reason) in &bad {
         let key = format!("{NS}/{name}");
         assert!(
-            !said(&agent, &["rejected", &key, reason]).is_empty(),
+            !agent.said(&["rejected", &key, reason]).is_empty(),
             "no rejection of {key} naming {reason:?}:\n{}",
             agent.process.output().join("\n")
         );
@@ -376,7 +354,11 @@ fn a_bad_service_is_rejected_alone_and_keeps_its_last_good_state() -> anyhow::Re
             &[("switchyard.io/retries", "many")],
         ),
     );
-    let rejections = || said(&agent, &["rejected", "shop/web:80/tcp", "retries"]).len();
+    let rejections = || {
+        agent
+            .said(&["rejected", "shop/web:80/tcp", "retries"])
+            .len()
+    };
     let wait_rejections = |n: usize| -> anyhow::Result<()> {
         let deadline = Instant::now() + LIMIT;
         while rejections() < n {
@@ -397,6 +379,6 @@ fn a_bad_service_is_rejected_alone_and_keeps_its_last_good_state() -> anyhow::Re
         "the last good state went"
     );
     kube.apply(Kind::Service, service(NS, "web", ip(WEB), &ports, &[]));
-    wait_until(&topo, WEB, "on both", exactly(&[0, 1]))?;
+    wait_until(&topo, WEB, 12, "on both", exactly(&[0, 1]))?;
     Ok(())
 }

@@ -25,23 +25,8 @@ fn listen() -> Vec<SocketAddr> {
 
 fn file_service(name: &str, vip: &str, backends: &[&str]) -> Service {
     Service {
-        name: name.into(),
-        addr: ServiceAddr {
-            vip: vip.parse().unwrap(),
-            protocol: Protocol::Tcp,
-        },
         mode: Mode::Proxy,
-        algorithm: Algorithm::RoundRobin,
-        affinity: None,
-        backends: backends
-            .iter()
-            .map(|b| Backend {
-                addr: b.parse().unwrap(),
-                weight: 1,
-                state: BackendState::Ready,
-            })
-            .collect(),
-        policy: Policy::default(),
+        ..crate::test_helpers::service(name, vip, backends)
     }
 }
 

@@ -74,31 +74,20 @@ pub fn kernel_algorithm(algorithm: Algorithm) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-
     use super::*;
-    use crate::catalog::{Backend, Mode, Protocol, ServiceAddr};
+    use crate::test_helpers::{self, backend};
 
     fn service(algorithm: Algorithm, weights: &[(u32, BackendState)]) -> Service {
         Service {
-            name: "s".into(),
-            addr: ServiceAddr {
-                vip: "10.96.0.1:80".parse().unwrap(),
-                protocol: Protocol::Tcp,
-            },
-            mode: Mode::Kernel,
             algorithm,
-            affinity: None,
-            policy: Default::default(),
             backends: weights
                 .iter()
                 .enumerate()
-                .map(|(i, &(weight, state))| Backend {
-                    addr: SocketAddr::new([10, 0, 0, i as u8 + 1].into(), 80),
-                    weight,
-                    state,
+                .map(|(i, &(weight, state))| {
+                    backend(&format!("10.0.0.{}:80", i + 1), weight, state)
                 })
                 .collect(),
+            ..test_helpers::service("s", "10.96.0.1:80", &[])
         }
     }
 

@@ -318,22 +318,7 @@ mod tests {
     use super::*;
 
     fn service() -> Service {
-        Service {
-            name: "web".into(),
-            addr: ServiceAddr {
-                vip: "10.96.0.10:80".parse().unwrap(),
-                protocol: Protocol::Tcp,
-            },
-            mode: Mode::Kernel,
-            algorithm: Algorithm::RoundRobin,
-            affinity: None,
-            policy: Policy::default(),
-            backends: vec![Backend {
-                addr: "10.0.0.1:8080".parse().unwrap(),
-                weight: 1,
-                state: BackendState::Ready,
-            }],
-        }
+        crate::test_helpers::service("web", "10.96.0.10:80", &["10.0.0.1:8080"])
     }
 
     #[test]

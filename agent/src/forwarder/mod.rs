@@ -255,43 +255,28 @@ fn client_hash(peer: SocketAddr, key: HashKey) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::{Candidate, Ring};
-
-    struct K(u64);
-    impl Candidate for K {
-        fn weight(&self) -> u32 {
-            1
-        }
-        fn usable(&self) -> bool {
-            true
-        }
-        fn active(&self) -> u64 {
-            0
-        }
-        fn latency(&self) -> f64 {
-            0.0
-        }
-        fn key(&self) -> u64 {
-            self.0
-        }
-    }
+    use crate::balance::{
+        Ring,
+        tests::{C, c},
+    };
 
     #[test]
     fn ring_with_real_keys_keeps_survivors() {
-        let key = |h: u8| {
-            let ip = crate::datapath::addr::to_words(IpAddr::from([10, 77, 0, h]));
-            switchyard_common::maglev::backend_key(&ip, 8080)
+        let key = |h: u8| candidates::backend_key(SocketAddr::from(([10, 77, 0, h], 8080)));
+        let k = |h: u8| C {
+            key: key(h),
+            ..c(1, true)
         };
-        let all = [K(key(11)), K(key(12)), K(key(13)), K(key(14))];
-        let three = [K(key(11)), K(key(12)), K(key(14))];
+        let all = [k(11), k(12), k(13), k(14)];
+        let three = [k(11), k(12), k(14)];
         let (r4, r3) = (Ring::build(&all), Ring::build(&three));
         for c in 100..140u8 {
             let h = client_hash(
                 SocketAddr::new(IpAddr::from([10, 77, 0, c]), 5555),
                 HashKey::ClientIp,
             );
-            let b = all[r4.pick(&all, h).unwrap()].0;
-            let a = three[r3.pick(&three, h).unwrap()].0;
+            let b = all[r4.pick(&all, h).unwrap()].key;
+            let a = three[r3.pick(&three, h).unwrap()].key;
             assert!(b == key(13) || a == b, "client {c} moved");
         }
     }

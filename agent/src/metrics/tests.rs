@@ -10,39 +10,23 @@ use hyper::{Method, StatusCode};
 
 use super::{Metrics, answer, exposition};
 use crate::{
-    catalog::{
-        Algorithm, Backend, BackendState, Catalog, Mode, Policy, Protocol, Service, ServiceAddr,
-    },
+    catalog::{BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
     forwarder::{ForwardingDefaults, SharedTable, Table},
     health::Board,
     live::Live,
     registry::{Registry, Source},
+    test_helpers::{backend, service},
 };
 
 fn world() -> (Arc<Metrics>, Arc<Board>, Arc<AtomicBool>) {
     let (registry, _rx) = Registry::open(None);
     let web = Service {
-        name: "web".into(),
-        addr: ServiceAddr {
-            vip: "10.96.0.20:80".parse().unwrap(),
-            protocol: Protocol::Tcp,
-        },
         mode: Mode::Proxy,
-        algorithm: Algorithm::RoundRobin,
-        affinity: None,
         backends: vec![
-            Backend {
-                addr: "10.0.0.1:8080".parse().unwrap(),
-                weight: 2,
-                state: BackendState::Ready,
-            },
-            Backend {
-                addr: "10.0.0.2:8080".parse().unwrap(),
-                weight: 1,
-                state: BackendState::Drain,
-            },
+            backend("10.0.0.1:8080", 2, BackendState::Ready),
+            backend("10.0.0.2:8080", 1, BackendState::Drain),
         ],
-        policy: Policy::default(),
+        ..service("web", "10.96.0.20:80", &[])
     };
     registry.replace(Source::File, BTreeMap::from([("web".into(), web)]), &[]);
     let board = Arc::new(Board::default());

@@ -132,7 +132,7 @@ fn parse(bytes: &[u8]) -> Result<BTreeMap<Source, Layer>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Algorithm, Mode, Protocol, Service, ServiceAddr};
+    use crate::catalog::{Algorithm, Mode, Service};
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("sy-lkg-{}-{name}", std::process::id()));
@@ -145,16 +145,9 @@ mod tests {
         l.entries.insert(
             "web".into(),
             Service {
-                name: "web".into(),
-                addr: ServiceAddr {
-                    vip: "10.96.0.1:80".parse().unwrap(),
-                    protocol: Protocol::Tcp,
-                },
                 mode: Mode::Proxy,
                 algorithm: Algorithm::Maglev,
-                affinity: None,
-                policy: Default::default(),
-                backends: vec![],
+                ..crate::test_helpers::service("web", "10.96.0.1:80", &[])
             },
         );
         [(Source::Etcd, l)].into()

@@ -418,21 +418,9 @@ fn merge(layers: &BTreeMap<Source, Layer>) -> (Catalog, Vec<Rejected>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Algorithm, Mode, Protocol};
 
     fn svc(name: &str, vip: &str) -> Service {
-        Service {
-            name: name.into(),
-            addr: ServiceAddr {
-                vip: vip.parse().unwrap(),
-                protocol: Protocol::Tcp,
-            },
-            mode: Mode::Kernel,
-            algorithm: Algorithm::RoundRobin,
-            affinity: None,
-            policy: Default::default(),
-            backends: vec![],
-        }
+        crate::test_helpers::service(name, vip, &[])
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -83,17 +83,7 @@ struct Store {
     asked: Vec<String>,
 }
 
-#[derive(Default)]
-struct Shared {
-    store: Mutex<Store>,
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+type Shared = super::shared::Shared<Store>;
 
 /// The stand-in Consul agent, listening inside a namespace.
 pub struct ConsulApi<'a> {
@@ -183,7 +173,7 @@ impl<'a> ConsulApi<'a> {
             store.catalog_index = index;
         }
         drop(store);
-        self.shared.changed.notify_all();
+        self.shared.notify();
     }
 
     /// Registers (or replaces) an instance of `service`.
@@ -307,11 +297,7 @@ fn handle(shared: &Shared, req: &Request, resp: &mut Response) -> io::Result<()>
                 &body.to_string(),
             );
         }
-        let (guard, _) = shared
-            .changed
-            .wait_timeout(store, (deadline - now).min(Duration::from_millis(200)))
-            .unwrap_or_else(|e| e.into_inner());
-        store = guard;
+        store = shared.wait(store, (deadline - now).min(Duration::from_millis(200)));
         if resp.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }

@@ -24,7 +24,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Condvar, Mutex, MutexGuard, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -92,17 +92,7 @@ struct Store {
     bookmarks_sent: BTreeMap<Kind, usize>,
 }
 
-#[derive(Default)]
-struct Shared {
-    store: Mutex<Store>,
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+type Shared = super::shared::Shared<Store>;
 
 /// The stand-in API server, listening inside a namespace.
 pub struct KubeApi<'a> {
@@ -167,7 +157,7 @@ impl<'a> KubeApi<'a> {
             object,
         });
         drop(store);
-        self.shared.changed.notify_all();
+        self.shared.notify();
         rv
     }
 
@@ -190,7 +180,7 @@ impl<'a> KubeApi<'a> {
             object,
         });
         drop(store);
-        self.shared.changed.notify_all();
+        self.shared.notify();
     }
 
     /// Forgets the history up to now: a watch from any older version gets 410.
@@ -209,7 +199,7 @@ impl<'a> KubeApi<'a> {
     /// Every open watch that asked for bookmarks gets one, at the current version.
     pub fn bookmark(&self) {
         self.shared.lock().bookmarks += 1;
-        self.shared.changed.notify_all();
+        self.shared.notify();
     }
 
     /// The current resource version.
@@ -399,11 +389,7 @@ fn watch(shared: &Shared, kind: Kind, req: &Request, resp: &mut Response) -> io:
         }
         let marked = lines.iter().any(|l| l.contains("\"BOOKMARK\""));
         if lines.is_empty() {
-            let (guard, _) = shared
-                .changed
-                .wait_timeout(store, Duration::from_millis(200))
-                .unwrap_or_else(|e| e.into_inner());
-            drop(guard);
+            drop(shared.wait(store, Duration::from_millis(200)));
             continue;
         }
         drop(store);

@@ -10,6 +10,7 @@
 pub mod consul;
 pub mod http;
 pub mod kube;
+mod shared;
 
 pub use consul::ConsulApi;
 pub use kube::KubeApi;
