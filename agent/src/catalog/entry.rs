@@ -248,17 +248,8 @@ impl<'de> Deserialize<'de> for RawBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::config::AgentConfig;
-
-    const HEAD: &str =
-        "[datapath]\ncgroup = \"pods\"\n[forwarder]\nlisten = [\"10.77.0.1:15001\"]\n";
-
-    fn parse(rest: &str) -> Result<AgentConfig, String> {
-        AgentConfig::parse(Path::new("t.toml"), &format!("{HEAD}{rest}")).map_err(|e| e.to_string())
-    }
+    use crate::test_helpers::config_with_forwarder as parse;
 
     fn json(text: &str) -> Result<Service, String> {
         service_from_json(

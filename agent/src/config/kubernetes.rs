@@ -70,13 +70,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::AgentConfig;
-
-    const HEAD: &str = "[datapath]\ncgroup = \"pods\"\n";
-
-    fn parse(rest: &str) -> Result<AgentConfig, String> {
-        AgentConfig::parse(Path::new("t.toml"), &format!("{HEAD}{rest}")).map_err(|e| e.to_string())
-    }
+    use crate::test_helpers::config as parse;
 
     #[test]
     fn reads_a_kubernetes_section() {
