@@ -3,8 +3,8 @@
 //! Nothing is counted twice: the forwarder and the health checks already keep atomic counters
 //! per (service, backend) on the [`Board`](crate::health::Board), the kernel keeps per-CPU
 //! counters in a map, the registry knows its sources. A scrape reads them all at that moment
-//! ([`Collector`]) and writes OpenMetrics text, one section per file: [`backends`],
-//! [`services`], [`kernel`], [`sources`], [`process`]. Only the two histograms
+//! ([`Collector`]) and writes OpenMetrics text, one section per file: `backends.rs`,
+//! `services.rs`, `kernel.rs`, `sources.rs`, `process.rs`. Only the two histograms
 //! ([`Timings`](crate::health::Timings)) are metrics objects of their own, kept beside the
 //! counters they go with.
 //!
