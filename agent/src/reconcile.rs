@@ -2,7 +2,8 @@
 //! table. It translates a catalog into map entries (what balancing decides comes from
 //! [`balance::slots`]) and writes them incrementally (unchanged services are not touched),
 //! never letting a concurrent `connect()` see a half-written backend set (see
-//! `switchyard_common::maps`).
+//! `switchyard_common::maps`). The agent's loop in `run.rs` calls [`Reconciler::apply`] with
+//! every catalog the registry publishes, and again when a health verdict changes.
 
 use std::{
     collections::{HashMap, HashSet},

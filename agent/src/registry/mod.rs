@@ -4,8 +4,10 @@
 //! the source's own name for them (an etcd key, a service name). A source replaces or edits its
 //! layer; the registry merges the layers by precedence ([`Source`] order: the first source to
 //! name a service address owns it), publishes the merged catalog on a watch channel for the
-//! reconciler, and saves every layer as last known good ([`last_known_good`]) so that a
-//! restarted agent serves the last state at once, before any source answers.
+//! reconciler (the agent's loop in `run.rs` waits on it and calls
+//! [`Reconciler::apply`](crate::reconcile::Reconciler::apply)), and saves every layer as last
+//! known good ([`last_known_good`]) so that a restarted agent serves the last state at once,
+//! before any source answers.
 //!
 //! An entry that fails validation is rejected alone, with its reason logged and counted; the
 //! entry it would have replaced keeps its last good state.
