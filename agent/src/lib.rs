@@ -30,4 +30,5 @@ pub mod limits;
 pub mod metrics;
 pub mod reconcile;
 pub mod registry;
+pub mod reload;
 pub mod run;
