@@ -8,24 +8,7 @@
 
 pub mod board;
 pub mod check;
+mod timings;
 
 pub use board::{BackendHealth, Board, Counters, Verdict};
-
-/// Panic mode, one rule for both modes: with fewer than the panic threshold of a service's
-/// admitted backends healthy, health (and, in the forwarder, ejection) is ignored and every
-/// admitted backend takes connections, rather than the service refusing everyone.
-pub fn panics(admitted: usize, healthy: usize) -> bool {
-    admitted > 0 && healthy * 100 < admitted * crate::defaults::PANIC_THRESHOLD_PERCENT as usize
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn panic_mode_below_half_healthy() {
-        assert!(!super::panics(0, 0));
-        assert!(super::panics(2, 0));
-        assert!(!super::panics(2, 1));
-        assert!(super::panics(3, 1));
-        assert!(!super::panics(4, 2));
-    }
-}
+pub use timings::Timings;
