@@ -19,6 +19,10 @@ pub const COPY_BUFFER: usize = 64 * 1024;
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default).
 pub const AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
 
+/// Proxy-mode affinity entries kept node-wide (client address and service → backend), the
+/// same bound as the kernel's `AFFINITY` map; past it the entry nearest its expiry gives way.
+pub const PROXY_AFFINITY_ENTRIES: usize = 65_536;
+
 /// `SO_MARK` on the agent's own upstream sockets, so the connect hooks never steer them again
 /// even if the agent shares a cgroup with intercepted processes.
 pub const OWN_MARK: u32 = 0x5359_0001;

@@ -67,6 +67,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         },
         own_mark: defaults::OWN_MARK,
         descriptors: DescriptorReserve::new(),
+        affinity: Default::default(),
     });
     workers::start(listeners, forwarder.clone())?;
 
