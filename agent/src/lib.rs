@@ -3,6 +3,8 @@
 //! The flow of a connection, and where each step lives:
 //!
 //! - [`config`] reads the agent's file: where to attach, where the forwarder listens, services.
+//!   [`reload`] acts on later edits of its other sections (live where it can, a warning
+//!   naming the section where a restart is needed) and runs the network sources.
 //! - [`catalog`] is the model every source produces and every consumer reads.
 //! - [`reconcile`] turns a catalog into kernel map entries and the forwarder's table; it is the
 //!   only writer of either.
