@@ -337,6 +337,9 @@ impl Reconciler {
                 "ring_hash in kernel mode: the kernel has no ring and uses its Maglev table"
             );
         }
+        // Whether `MEMBERS` already lists the backend ids known here (a previous agent's may
+        // not have kept it).
+        let members_written = state.0.is_some();
         let (id, half, mut half_len, mut backend_ids) = match state {
             (Some(a), _) => (a.id, 1 - a.half, a.half_len, a.backend_ids),
             (None, Some(old)) => (old.id, 1 - old.live_half, old.half_len, old.backend_ids),
@@ -352,12 +355,14 @@ impl Reconciler {
         // Backends first: slots will point at them.
         let mut ids = Vec::with_capacity(service.backends.len());
         for b in &service.backends {
-            let bid = match backend_ids.get(&b.addr) {
-                Some(&bid) => bid,
-                None => self
-                    .backend_ids
-                    .take()
-                    .ok_or(ReconcileError::TooManyBackends(kmaps::MAX_BACKENDS))?,
+            let (bid, known) = match backend_ids.get(&b.addr) {
+                Some(&bid) => (bid, members_written),
+                None => (
+                    self.backend_ids
+                        .take()
+                        .ok_or(ReconcileError::TooManyBackends(kmaps::MAX_BACKENDS))?,
+                    false,
+                ),
             };
             backend_ids.insert(b.addr, bid);
             let kb = KernelBackend {
@@ -367,10 +372,12 @@ impl Reconciler {
                 _pad: 0,
             };
             self.maps.put_backend(bid, &kb)?;
-            self.maps.put_member(&MemberKey {
-                service: id,
-                backend: bid,
-            })?;
+            if !known {
+                self.maps.put_member(&MemberKey {
+                    service: id,
+                    backend: bid,
+                })?;
+            }
             ids.push(bid);
         }
 

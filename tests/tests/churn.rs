@@ -106,3 +106,29 @@ fn a_restarted_agent_holds_exactly_its_first_catalog_and_leaks_no_backends() -> 
     }
     Ok(())
 }
+
+#[test]
+fn a_sticky_client_keeps_its_backend_across_an_agent_restart() -> anyhow::Result<()> {
+    if !require_root("a_sticky_client_keeps_its_backend_across_an_agent_restart") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 3)?;
+    let all: Vec<SocketAddr> = (0..3).map(|i| topo.backend(i, false)).collect();
+    let config = topo.agent_config(&service(
+        "a",
+        A,
+        "algorithm = \"round_robin\"\naffinity_timeout = \"60s\"",
+        &all,
+    ));
+    let before = {
+        let _agent = Agent::start(&topo, &config)?;
+        topo.ask(0, addr(A), 5)?
+    };
+    assert_eq!(answered(&before).len(), 1, "{before:?}");
+    // The restarted agent keeps each backend's id, so the pinned affinity entries still hold
+    // (round robin alone would move on to the next backend).
+    let _agent = Agent::start(&topo, &config)?;
+    let after = topo.ask(0, addr(A), 5)?;
+    assert_eq!(after, before);
+    Ok(())
+}
