@@ -19,6 +19,10 @@ pub const COPY_BUFFER: usize = 64 * 1024;
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default).
 pub const AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
 
+/// Proxy-mode affinity entries kept node-wide (client address and service → backend), the
+/// same bound as the kernel's `AFFINITY` map; past it the entry nearest its expiry gives way.
+pub const PROXY_AFFINITY_ENTRIES: usize = 65_536;
+
 /// `SO_MARK` on the agent's own upstream sockets, so the connect hooks never steer them again
 /// even if the agent shares a cgroup with intercepted processes.
 pub const OWN_MARK: u32 = 0x5359_0001;
@@ -118,10 +122,15 @@ pub const API_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const API_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once per listener (API, metrics); more wait in the listen backlog.
 pub const API_MAX_CONNECTIONS: usize = 64;
-/// Descriptors the forwarder leaves for the control side: a full API and metrics listener each,
-/// and some for health checks and registry sources. HAProxy instead derives `maxconn` from
-/// `ulimit -n`; a reserve keeps the agent answerable whatever the limit.
-pub const FD_RESERVE: u64 = 2 * API_MAX_CONNECTIONS as u64 + 32;
+/// Connections the metrics listener keeps, past its `API_MAX_CONNECTIONS`, for `/healthz` and
+/// `/readyz` alone: the kubelet's probes are answered whatever scrapers hold (the kubelet
+/// probes one at a time per container; a few spare cover liveness, readiness and a human).
+pub const PROBE_RESERVE: usize = 4;
+/// Descriptors the forwarder leaves for the control side: a full API and metrics listener each
+/// (the probes' reserve included), and some for health checks and registry sources. HAProxy
+/// instead derives `maxconn` from `ulimit -n`; a reserve keeps the agent answerable whatever
+/// the limit.
+pub const FD_RESERVE: u64 = 2 * API_MAX_CONNECTIONS as u64 + PROBE_RESERVE as u64 + 32;
 /// No connection lives longer than this, whatever it does (keep-alive included).
 pub const API_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// How long `switchyard ctl` waits for the agent's answer.

@@ -5,7 +5,9 @@
 //! - [`cli`] is the command line; [`run`] is `switchyard agent` (load, attach, apply, serve, the
 //!   loop that hands each catalog to the reconciler) and `switchyard cleanup`.
 //! - [`config`] reads the agent's file: where to attach, where the forwarder listens, the
-//!   registry's sources, services. [`defaults`] holds every default, with the peers' values.
+//!   registry's sources, services; [`reload`] acts on later edits of its other sections (live
+//!   where it can, a warning naming the section where a restart is needed) and runs the
+//!   network sources. [`defaults`] holds every default, with the peers' values.
 //! - [`limits`] raises the descriptor limit at start.
 //!
 //! Services, from their sources to the datapath:
@@ -50,6 +52,7 @@ pub mod live;
 pub mod metrics;
 pub mod reconcile;
 pub mod registry;
+pub mod reload;
 pub mod run;
 pub mod socket;
 #[cfg(test)]

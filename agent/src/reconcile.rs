@@ -12,15 +12,18 @@ use std::{
 };
 
 use switchyard_common::maps::{
-    self as kmaps, Backend as KernelBackend, BackendId, Endpoint, SLOT_HALF, ServiceKey,
+    self as kmaps, Backend as KernelBackend, BackendId, Endpoint, MemberKey, SLOT_HALF, ServiceKey,
     ServiceValue, Settings, SlotKey,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     balance::{self, slots::slot_layout},
-    catalog::{BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
-    datapath::{KernelMaps, MapsError, addr::to_words},
+    catalog::{Algorithm, BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
+    datapath::{
+        KernelMaps, MapsError,
+        addr::{from_words, to_words},
+    },
     forwarder::{ForwardingDefaults, SharedTable, Table},
     health::Board,
 };
@@ -77,6 +80,8 @@ struct Inherited {
     id: u32,
     live_half: usize,
     half_len: [u32; 2],
+    /// Its backends' ids, kept for the same addresses so affinity entries stay valid.
+    backend_ids: HashMap<SocketAddr, BackendId>,
 }
 
 /// What the kernel holds for one service.
@@ -110,8 +115,14 @@ pub struct Reconciler {
     backend_ids: IdPool,
     /// Services found in the maps at start, not yet taken over by `apply`.
     inherited: HashMap<ServiceKey, Inherited>,
-    /// Backend entries found at start; removed once the first `apply` has replaced them.
-    inherited_backends: Vec<BackendId>,
+    /// Backend entries found at start; those the first `apply` did not take over are removed.
+    inherited_backends: HashSet<BackendId>,
+    /// `MEMBERS` entries found at start; likewise.
+    inherited_members: Vec<MemberKey>,
+    /// Whether an `apply` has completed: from then on the maps hold exactly the catalog.
+    settled: bool,
+    /// Services whose kernel view is in panic mode (too few healthy backends).
+    panicking: HashSet<ServiceAddr>,
 }
 
 impl Reconciler {
@@ -130,7 +141,10 @@ impl Reconciler {
             service_ids: IdPool::new(kmaps::MAX_SERVICES),
             backend_ids: IdPool::new(kmaps::MAX_BACKENDS),
             inherited: HashMap::new(),
-            inherited_backends: Vec::new(),
+            inherited_backends: HashSet::new(),
+            inherited_members: Vec::new(),
+            settled: false,
+            panicking: HashSet::new(),
         }
     }
 
@@ -140,26 +154,44 @@ impl Reconciler {
     pub fn adopt(&mut self) -> Result<usize, MapsError> {
         let existing = self.maps.existing()?;
         let mut half_len: HashMap<u32, [u32; 2]> = HashMap::new();
-        for k in &existing.slots {
+        // A service's backends: what `MEMBERS` lists, and (over maps pinned before it) what
+        // its slots point at.
+        let mut listed: HashMap<u32, HashSet<BackendId>> = HashMap::new();
+        for (k, bid) in &existing.slots {
             let half = (k.slot >= SLOT_HALF) as usize;
             let len = &mut half_len.entry(k.service).or_default()[half];
             *len = (*len).max(k.slot % SLOT_HALF + 1);
+            listed.entry(k.service).or_default().insert(*bid);
         }
+        for m in &existing.members {
+            listed.entry(m.service).or_default().insert(m.backend);
+        }
+        let backends: HashMap<BackendId, KernelBackend> =
+            existing.backends.iter().copied().collect();
         for (key, value) in &existing.services {
             self.service_ids.reserve(value.id);
+            let mut backend_ids = HashMap::new();
+            for bid in listed.get(&value.id).into_iter().flatten() {
+                if let Some(b) = backends.get(bid) {
+                    let addr = SocketAddr::new(from_words(&b.addr), b.port);
+                    backend_ids.entry(addr).or_insert(*bid);
+                }
+            }
             self.inherited.insert(
                 *key,
                 Inherited {
                     id: value.id,
                     live_half: (value.slot_base >= SLOT_HALF) as usize,
                     half_len: half_len.get(&value.id).copied().unwrap_or_default(),
+                    backend_ids,
                 },
             );
         }
-        for &id in &existing.backends {
+        for &(id, _) in &existing.backends {
             self.backend_ids.reserve(id);
         }
-        self.inherited_backends = existing.backends;
+        self.inherited_backends = existing.backends.iter().map(|&(id, _)| id).collect();
+        self.inherited_members = existing.members;
         if !self.inherited.is_empty() {
             info!(
                 services = self.inherited.len(),
@@ -204,8 +236,19 @@ impl Reconciler {
     pub fn apply(&mut self, catalog: &Catalog) -> Result<Changes, ReconcileError> {
         let started = std::time::Instant::now();
         let mut changes = Changes::default();
-        let kernel_view = without_down(catalog, &self.board.down());
+        let (kernel_view, panicking) = without_down(catalog, &self.board.down());
         let kernel_view: &Catalog = &kernel_view;
+        for s in panicking.difference(&self.panicking) {
+            warn!(
+                service = %s,
+                "too few healthy backends: panic mode, the kernel's choices keep every admitted \
+                 backend (as the forwarder does)"
+            );
+        }
+        for s in self.panicking.difference(&panicking) {
+            info!(service = %s, "enough healthy backends again: panic mode over");
+        }
+        self.panicking = panicking;
         // The forwarder learns of new proxy services before the kernel sends it their clients,
         // and forgets removed ones only after the kernel stops.
         let previous = self.table.load();
@@ -263,6 +306,10 @@ impl Reconciler {
         }
         let table = Table::build(catalog, &self.table.load(), &self.board, self.forwarding);
         self.table.store(table);
+        if !self.settled {
+            changes.removed += self.drop_inherited()?;
+            self.settled = true;
+        }
         if changes != Changes::default() {
             info!(
                 added = changes.added,
@@ -282,9 +329,21 @@ impl Reconciler {
             self.applied.remove(&service.addr),
             self.inherited.remove(&key),
         );
+        if state.0.is_none()
+            && service.mode == Mode::Kernel
+            && service.algorithm == Algorithm::RingHash
+        {
+            info!(
+                service = %service.addr,
+                "ring_hash in kernel mode: the kernel has no ring and uses its Maglev table"
+            );
+        }
+        // Whether `MEMBERS` already lists the backend ids known here (a previous agent's may
+        // not have kept it).
+        let members_written = state.0.is_some();
         let (id, half, mut half_len, mut backend_ids) = match state {
             (Some(a), _) => (a.id, 1 - a.half, a.half_len, a.backend_ids),
-            (None, Some(old)) => (old.id, 1 - old.live_half, old.half_len, HashMap::new()),
+            (None, Some(old)) => (old.id, 1 - old.live_half, old.half_len, old.backend_ids),
             (None, None) => {
                 let id = self
                     .service_ids
@@ -297,12 +356,14 @@ impl Reconciler {
         // Backends first: slots will point at them.
         let mut ids = Vec::with_capacity(service.backends.len());
         for b in &service.backends {
-            let bid = match backend_ids.get(&b.addr) {
-                Some(&bid) => bid,
-                None => self
-                    .backend_ids
-                    .take()
-                    .ok_or(ReconcileError::TooManyBackends(kmaps::MAX_BACKENDS))?,
+            let (bid, known) = match backend_ids.get(&b.addr) {
+                Some(&bid) => (bid, members_written),
+                None => (
+                    self.backend_ids
+                        .take()
+                        .ok_or(ReconcileError::TooManyBackends(kmaps::MAX_BACKENDS))?,
+                    false,
+                ),
             };
             backend_ids.insert(b.addr, bid);
             let kb = KernelBackend {
@@ -312,6 +373,12 @@ impl Reconciler {
                 _pad: 0,
             };
             self.maps.put_backend(bid, &kb)?;
+            if !known {
+                self.maps.put_member(&MemberKey {
+                    service: id,
+                    backend: bid,
+                })?;
+            }
             ids.push(bid);
         }
 
@@ -359,8 +426,15 @@ impl Reconciler {
             .map(|(a, b)| (*a, *b))
             .collect();
         for (a, bid) in stale {
+            // Membership first: from here no affinity entry resolves to this id for this
+            // service, whoever the id is given to next.
+            self.maps.remove_member(&MemberKey {
+                service: id,
+                backend: bid,
+            })?;
             self.maps.remove_backend(bid)?;
             self.backend_ids.give(bid);
+            self.inherited_backends.remove(&bid);
             backend_ids.remove(&a);
         }
 
@@ -392,36 +466,111 @@ impl Reconciler {
             }
         }
         for &bid in a.backend_ids.values() {
+            self.maps.remove_member(&MemberKey {
+                service: a.id,
+                backend: bid,
+            })?;
             self.maps.remove_backend(bid)?;
         }
         if let Some(a) = self.applied.remove(addr) {
-            a.backend_ids
-                .values()
-                .for_each(|&b| self.backend_ids.give(b));
+            for &b in a.backend_ids.values() {
+                self.backend_ids.give(b);
+                self.inherited_backends.remove(&b);
+            }
             self.service_ids.give(a.id);
         }
         Ok(())
     }
 }
 
+impl Reconciler {
+    /// After the first catalog: removes what a previous agent left that the catalog does not
+    /// hold (services deleted while no agent ran, backend entries and ids no service uses), so
+    /// nothing is steered that the catalog lacks and nothing leaks across restarts. Returns
+    /// the services removed.
+    fn drop_inherited(&mut self) -> Result<usize, ReconcileError> {
+        let gone: Vec<(ServiceKey, Inherited)> = self.inherited.drain().collect();
+        for (key, old) in &gone {
+            self.maps.remove_service(key)?;
+            for half in 0..2 {
+                for i in 0..old.half_len[half] {
+                    self.maps.remove_slot(&SlotKey {
+                        service: old.id,
+                        slot: half as u32 * SLOT_HALF + i,
+                    })?;
+                }
+            }
+            info!(
+                vip = %SocketAddr::new(from_words(&key.addr), key.port),
+                "removed a service a previous agent left that the catalog no longer has"
+            );
+        }
+        let held: HashSet<(u32, BackendId)> = self
+            .applied
+            .values()
+            .flat_map(|a| a.backend_ids.values().map(move |&b| (a.id, b)))
+            .collect();
+        for m in std::mem::take(&mut self.inherited_members) {
+            if !held.contains(&(m.service, m.backend)) {
+                self.maps.remove_member(&m)?;
+            }
+        }
+        let in_use: HashSet<BackendId> = held.iter().map(|&(_, b)| b).collect();
+        let mut freed = 0;
+        for bid in std::mem::take(&mut self.inherited_backends) {
+            if !in_use.contains(&bid) {
+                self.maps.remove_backend(bid)?;
+                self.backend_ids.give(bid);
+                freed += 1;
+            }
+        }
+        for (_, old) in &gone {
+            self.service_ids.give(old.id);
+        }
+        if freed > 0 {
+            info!(
+                backends = freed,
+                "removed backend entries a previous agent left that no service uses"
+            );
+        }
+        Ok(gone.len())
+    }
+}
+
 /// The catalog as the kernel should see it: backends held down by health checks are out of
-/// service (`maint`), so no slot points at them and affinity lets go of them.
+/// service (`maint`), so no slot points at them and affinity lets go of them. A service with
+/// too few healthy backends is in panic mode, as the forwarder's candidates are: its slots hold
+/// every admitted backend, down or not, rather than refuse every client. Returns the view and
+/// the services in panic mode.
 fn without_down<'a>(
     catalog: &'a Catalog,
     down: &HashSet<(ServiceAddr, SocketAddr)>,
-) -> std::borrow::Cow<'a, Catalog> {
+) -> (std::borrow::Cow<'a, Catalog>, HashSet<ServiceAddr>) {
+    let mut panicking = HashSet::new();
     if down.is_empty() {
-        return std::borrow::Cow::Borrowed(catalog);
+        return (std::borrow::Cow::Borrowed(catalog), panicking);
     }
     let mut view = catalog.clone();
     for (addr, s) in view.services.iter_mut() {
+        let admitted = s.usable().count();
+        let held = s
+            .usable()
+            .filter(|b| down.contains(&(*addr, b.addr)))
+            .count();
+        if held == 0 {
+            continue;
+        }
+        if balance::candidates::panics(admitted, admitted - held) {
+            panicking.insert(*addr);
+            continue;
+        }
         for b in s.backends.iter_mut() {
             if down.contains(&(*addr, b.addr)) {
                 b.state = BackendState::Maint;
             }
         }
     }
-    std::borrow::Cow::Owned(view)
+    (std::borrow::Cow::Owned(view), panicking)
 }
 
 fn service_key(addr: &ServiceAddr) -> ServiceKey {

@@ -67,6 +67,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         },
         own_mark: defaults::OWN_MARK,
         descriptors: DescriptorReserve::new(),
+        affinity: Default::default(),
     });
     workers::start(listeners, forwarder.clone())?;
 
@@ -93,12 +94,14 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         "switchyard agent ready"
     );
 
+    let (settings_tx, mut settings) = tokio::sync::watch::channel(Arc::new(config.clone()));
     let watcher = tokio::spawn(file::watch(
         registry.clone(),
         config_path.to_owned(),
         loaded_text,
+        settings_tx,
     ));
-    let _sources = crate::registry::start_sources(&registry, &config);
+    let mut sources = crate::reload::Sources::start(&registry, &config);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -121,6 +124,14 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
                     }
                     Err(e) => warn!("catalog not fully applied: {e}"),
                 }
+            }
+            Ok(()) = settings.changed() => {
+                // The file's other sections: live where they can be, said where they cannot.
+                let edited = settings.borrow_and_update().clone();
+                crate::reload::apply(&mut config, &edited, &mut sources, &registry, |d| {
+                    let ids = datapath::opt_out_cgroups(d).map_err(|e| e.to_string())?;
+                    reconciler.set_opt_out(&ids, &d.exclude_ports).map_err(|e| e.to_string())
+                });
             }
             _ = board.changed.notified() => {
                 // A health verdict changed: the kernel's choices follow.

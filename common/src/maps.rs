@@ -49,6 +49,8 @@ pub const MAX_SLOTS_PER_SERVICE: u32 = 65_536;
 /// removing one of N backends moves about 1/N of clients for N up to a few dozen.
 pub const MAGLEV_KERNEL_SIZE: u32 = 4_093;
 pub const MAX_AFFINITY: u32 = 65_536;
+/// Service–backend pairs in `MEMBERS`: one per backend id.
+pub const MAX_MEMBERS: u32 = MAX_BACKENDS;
 /// Opted-out cgroups and ports (a sidecar's cgroup, a mesh's ports).
 pub const MAX_OPT_OUT: u32 = 1_024;
 /// Cgroup depth searched for an opted-out ancestor.
@@ -140,6 +142,15 @@ pub struct AffinityKey {
     pub addr: Addr,
 }
 
+/// A backend id listed by a service (`MEMBERS`): an affinity entry is honoured only while its
+/// backend is one of its own service's current backends, whatever the ids were reused for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemberKey {
+    pub service: u32,
+    pub backend: BackendId,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AffinityValue {
@@ -193,6 +204,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for SockTuple {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for RevKey {}
@@ -214,6 +226,7 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 48);
         assert_eq!(size_of::<AffinityKey>(), 32);
         assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<MemberKey>(), 8);
         assert_eq!(size_of::<SockTuple>(), 36);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<RevKey>(), 32);

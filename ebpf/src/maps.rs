@@ -24,6 +24,9 @@ pub static BACKENDS: HashMap<BackendId, Backend> = HashMap::pinned(MAX_BACKENDS,
 /// Round-robin position per service id.
 #[map]
 pub static RR: Array<u64> = Array::pinned(MAX_SERVICES, 0);
+/// `{service id, backend id}` for every backend a service lists: what affinity checks.
+#[map]
+pub static MEMBERS: HashMap<MemberKey, u8> = HashMap::pinned(MAX_MEMBERS, NO_PREALLOC);
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 /// Socket cookie → what the application connected to (for getpeername and sock_ops).

@@ -271,7 +271,8 @@ fn pick_backend(ctx: &SockAddrContext, svc: &ServiceValue, client: &Addr) -> Opt
     })
 }
 
-/// The client's previous backend, if it was used within the timeout and is still ready.
+/// The client's previous backend, if it was used within the timeout, is still one of this
+/// service's backends (ids are reused once a backend goes, and entries outlive it) and is ready.
 #[inline(always)]
 fn sticky_backend(key: &AffinityKey, timeout_s: u32, now: u64) -> Option<Target> {
     let entry = AFFINITY.get_ptr_mut(key)?;
@@ -280,6 +281,11 @@ fn sticky_backend(key: &AffinityKey, timeout_s: u32, now: u64) -> Option<Target>
     if now.saturating_sub(entry.last_used_ns) > timeout_s as u64 * 1_000_000_000 {
         return None;
     }
+    let member = MemberKey {
+        service: key.service,
+        backend: entry.backend,
+    };
+    MEMBERS.get_ptr(member)?;
     let backend = *unsafe { BACKENDS.get(entry.backend) }?;
     if backend.state != state::READY {
         return None;

@@ -605,3 +605,38 @@ fn api_changes_are_kept_across_an_agent_restart() -> anyhow::Result<()> {
     assert_eq!(count(&t, 1), 4, "{t:?}");
     Ok(())
 }
+
+#[test]
+fn a_peer_that_is_not_root_the_agent_or_in_the_group_is_refused_whatever_the_socket_mode()
+-> anyhow::Result<()> {
+    if !require_root(
+        "a_peer_that_is_not_root_the_agent_or_in_the_group_is_refused_whatever_the_socket_mode",
+    ) {
+        return Ok(());
+    }
+    const NOBODY: u32 = 65534;
+    const STRANGER: u32 = 4242;
+    let topo = Topology::new(1, 1)?;
+    let config = topo
+        .agent_config(&web(&topo, &[0], ""))
+        .replace("[api]\n", "[api]\ngroup = \"nogroup\"\n");
+    let sock = topo.api_socket();
+    let agent = Agent::start(&topo, &config)?;
+    // Someone loosens the file's permissions behind the agent's back: the credentials still
+    // decide.
+    std::fs::set_permissions(&topo.run.root, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
+    let c = control::ctl_as(&sock, STRANGER, STRANGER, &["services"])?;
+    assert_ne!(c.code, 0, "a stranger was served: {c:?}");
+    assert!(!c.stdout.contains("web"), "{c:?}");
+    control::wait_for(Duration::from_secs(5), || {
+        Ok((!agent.said(&["connection refused", "uid=4242"]).is_empty()).then_some(()))
+    })?;
+    // The group's members (here by primary group) and root are served.
+    let c = control::ctl_as(&sock, NOBODY, NOBODY, &["services"])?;
+    assert_eq!(c.code, 0, "{c:?}");
+    let c = control::ctl_as(&sock, STRANGER, NOBODY, &["services"])?;
+    assert_eq!(c.code, 0, "{c:?}");
+    assert_eq!(control::ctl(&sock, &["version"])?.code, 0);
+    Ok(())
+}

@@ -51,3 +51,42 @@ fn an_edited_config_file_applies_without_restart() -> anyhow::Result<()> {
     assert_eq!(topo.ask(0, VIP.parse()?, 3)?.get("backend-2"), Some(&3));
     Ok(())
 }
+
+#[test]
+fn edits_to_other_sections_apply_live_or_say_they_need_a_restart() -> anyhow::Result<()> {
+    if !require_root("edits_to_other_sections_apply_live_or_say_they_need_a_restart") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 1)?;
+    let mut agent = Agent::start(&topo, &config(&topo, 0))?;
+    assert_eq!(topo.ask(0, VIP.parse()?, 3)?.get("backend-1"), Some(&3));
+
+    // `exclude_ports` applies live: port 80 is no longer steered (nothing answers there).
+    let excluded = config(&topo, 0).replace("[datapath]\n", "[datapath]\nexclude_ports = [80]\n");
+    agent.rewrite_config(&excluded)?;
+    agent
+        .process
+        .wait_for("exclude_ports applied", Duration::from_secs(5))?;
+    let t = topo.ask_with(0, VIP.parse()?, 3, true, &["--timeout-ms", "1000"])?;
+    assert!(t.keys().all(|k| k.starts_with("error:")), "{t:?}");
+
+    // `[metrics]` needs a restart: said, naming the section, and the metrics stay where they were.
+    agent.rewrite_config(&excluded.replace(
+        &format!("listen = \"{}\"", topo.metrics()),
+        "listen = \"10.77.0.1:9999\"",
+    ))?;
+    agent.process.wait_for(
+        "[metrics] takes effect only when the agent restarts",
+        Duration::from_secs(5),
+    )?;
+    let answer = switchyard_testkit::control::get_in(&topo.node, topo.metrics(), "/healthz", None)?;
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    // Back to no exclusions: steered again.
+    agent.rewrite_config(&config(&topo, 0))?;
+    let t = until(&topo, Duration::from_secs(5), |t| {
+        t.get("backend-1") == Some(&3)
+    })?;
+    assert_eq!(t.get("backend-1"), Some(&3), "{t:?}");
+    Ok(())
+}

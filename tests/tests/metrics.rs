@@ -319,3 +319,97 @@ fn a_prometheus_server_scrapes_the_agent() -> anyhow::Result<()> {
     assert_eq!(target["lastError"], "", "{v}");
     Ok(())
 }
+
+/// One scraper that keeps its connection busy: a `/metrics` request, its answer read, again,
+/// until `stop`. Returns once its first answer came (or it gave up).
+fn busy_scraper(
+    topo: &Topology,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let addr = topo.metrics();
+    let stream = topo
+        .node
+        .enter(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut writer = stream;
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        let mut first = true;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if writer.write_all(request.as_bytes()).is_err() {
+                break;
+            }
+            // The head, then exactly the body's length: the connection stays usable.
+            let mut length = 0usize;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            if first {
+                let _ = ready_tx.send(());
+                first = false;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    // A scraper beyond the 64 served waits in the backlog: do not wait on it for long.
+    let _ = ready_rx.recv_timeout(Duration::from_secs(2));
+    Ok(thread)
+}
+
+#[test]
+fn healthz_answers_while_scrapers_hold_every_metrics_connection() -> anyhow::Result<()> {
+    if !require_root("healthz_answers_while_scrapers_hold_every_metrics_connection") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 1)?;
+    let _agent = Agent::start(&topo, &topo.agent_config(&services(&topo)))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..70)
+        .map(|_| busy_scraper(&topo, stop.clone()))
+        .collect::<anyhow::Result<_>>()?;
+    let addr = topo.metrics();
+    let probe = |path: &'static str| {
+        topo.node.enter(move || -> anyhow::Result<String> {
+            use std::io::{Read, Write};
+            // The kubelet's way: a new connection, a 1 s client timeout.
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes())?;
+            let mut got = Vec::new();
+            anyhow::Context::with_context(s.read_to_end(&mut got), || {
+                format!("{path}: no answer within the 1 s client timeout")
+            })?;
+            Ok(String::from_utf8_lossy(&got).into_owned())
+        })
+    };
+    for path in ["/healthz", "/readyz", "/healthz"] {
+        let answer = probe(path)??;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+    }
+    // A scrape on a reserved place is told why, not left waiting.
+    let answer = probe("/metrics")??;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in scrapers {
+        let _ = s.join();
+    }
+    Ok(())
+}

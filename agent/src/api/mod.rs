@@ -10,10 +10,12 @@
 //! `{"error": "...", "field": "..."}` with a 4xx status.
 //!
 //! Access is the socket file's permissions (mode 0600 by default; `[api] group` opens it to a
-//! group). [`crate::listener::http`] bounds what any one client can hold.
+//! group; a mode open to "other" is refused), and [`peer`] checks every connection's
+//! credentials too. [`crate::listener::http`] bounds what any one client can hold.
 //!
 //! [`Source::Api`]: crate::registry::Source::Api
 
+pub mod peer;
 mod routes;
 pub mod state;
 pub mod view;
@@ -91,6 +93,8 @@ pub fn start(config: &ApiConfig, api: Api) -> Result<Option<ApiServer>, ApiError
         return Ok(None);
     };
     let listener = bind(path, config.mode, config.group.as_deref())?;
+    // `bind` refused an unknown group already.
+    let listener = peer::Trusted::new(listener, config.group.as_deref().and_then(gid_of));
     info!(socket = %path.display(), mode = format!("{:#o}", config.mode), group = ?config.group, "API listening");
     let task = tokio::spawn(crate::listener::http::serve(
         listener,

@@ -86,6 +86,14 @@ impl Candidate for UpstreamCandidate<'_> {
     }
 }
 
+/// Panic mode, one rule for both modes (the kernel's slots follow it too, see `reconcile`):
+/// with fewer than the panic threshold of a service's admitted backends healthy, health (and,
+/// in the forwarder, ejection) is ignored and every admitted backend takes connections, rather
+/// than the service refusing everyone.
+pub fn panics(admitted: usize, healthy: usize) -> bool {
+    admitted > 0 && healthy * 100 < admitted * defaults::PANIC_THRESHOLD_PERCENT as usize
+}
+
 /// Candidates for one attempt (`tried`: per backend, whether this connection tried it
 /// already); panic mode when under the panic threshold of the admitted backends are healthy.
 pub fn candidates<'a>(backends: &'a [Upstream], tried: &[bool]) -> Vec<UpstreamCandidate<'a>> {
@@ -95,8 +103,7 @@ pub fn candidates<'a>(backends: &'a [Upstream], tried: &[bool]) -> Vec<UpstreamC
         .iter()
         .filter(|u| u.admitted() && u.healthy(now))
         .count();
-    let panic =
-        admitted > 0 && healthy * 100 < admitted * defaults::PANIC_THRESHOLD_PERCENT as usize;
+    let panic = panics(admitted, healthy);
     backends
         .iter()
         .zip(tried)
@@ -138,4 +145,16 @@ pub fn retry_allowed(active: u64, in_flight: u32) -> bool {
     let budget =
         (active as u32 * defaults::RETRY_BUDGET_PERCENT / 100).max(defaults::RETRY_BUDGET_MIN);
     in_flight < budget
+}
+
+#[cfg(test)]
+mod panic_tests {
+    #[test]
+    fn panic_mode_below_half_healthy() {
+        assert!(!super::panics(0, 0));
+        assert!(super::panics(2, 0));
+        assert!(!super::panics(2, 1));
+        assert!(super::panics(3, 1));
+        assert!(!super::panics(4, 2));
+    }
 }

@@ -65,17 +65,15 @@ pub enum Algorithm {
     LeastConnections,
     /// Proxy mode: power of two choices on peak-EWMA connect latency (linkerd2-proxy).
     PeakEwma,
-    /// Proxy mode: consistent hashing on a ring (Envoy's ring_hash).
+    /// Proxy mode: consistent hashing on a ring (Envoy's ring_hash). Kernel mode has no ring:
+    /// it uses its Maglev table, which keeps clients the same way.
     RingHash,
 }
 
 impl Algorithm {
     /// Algorithms only the forwarder can run: they need load or latency the kernel does not see.
     pub fn proxy_only(self) -> bool {
-        matches!(
-            self,
-            Algorithm::LeastConnections | Algorithm::PeakEwma | Algorithm::RingHash
-        )
+        matches!(self, Algorithm::LeastConnections | Algorithm::PeakEwma)
     }
 
     pub fn hashes_client(self) -> bool {
@@ -238,10 +236,21 @@ pub enum Invalid {
     ProxyOnly(Algorithm),
     #[error("health: interval, timeout, rise and fall must be positive, timeout at most interval")]
     Health,
+    #[error(
+        "health.path: must start with '/' and hold only visible ASCII (no spaces, CR or LF), \
+         at most 1024 bytes"
+    )]
+    HealthPath,
 }
 
 fn family(addr: &SocketAddr) -> &'static str {
     if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Whether `path` can go on an HTTP request line as it is: anything else (a CR or LF above
+/// all) would let a registry entry write the probe's headers.
+fn request_target(path: &str) -> bool {
+    path.starts_with('/') && path.len() <= 1024 && path.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl Service {
@@ -277,6 +286,14 @@ impl Service {
                 || h.fall == 0)
         {
             return Err(Invalid::Health);
+        }
+        if let Some(HealthCheck {
+            probe: Probe::Http { path, .. },
+            ..
+        }) = &self.policy.health
+            && !request_target(path)
+        {
+            return Err(Invalid::HealthPath);
         }
         if let Some(t) = self.affinity
             && (t < Duration::from_secs(1) || t > Duration::from_secs(86_400))
@@ -324,6 +341,40 @@ mod tests {
     #[test]
     fn accepts_a_plain_service() {
         assert_eq!(service().validate(), Ok(()));
+    }
+
+    #[test]
+    fn ring_hash_in_kernel_mode_is_accepted_as_maglev() {
+        let mut s = service();
+        s.algorithm = Algorithm::RingHash;
+        assert_eq!(s.validate(), Ok(()));
+        for refused in [Algorithm::LeastConnections, Algorithm::PeakEwma] {
+            s.algorithm = refused;
+            assert_eq!(s.validate(), Err(Invalid::ProxyOnly(refused)));
+        }
+    }
+
+    #[test]
+    fn a_health_path_that_could_write_headers_is_refused() {
+        let check = |path: &str| {
+            let mut s = service();
+            s.policy.health = Some(HealthCheck {
+                probe: Probe::Http {
+                    path: path.into(),
+                    status: 200,
+                },
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                rise: 2,
+                fall: 3,
+            });
+            s.validate()
+        };
+        assert_eq!(check("/healthz?full=1"), Ok(()));
+        for bad in ["/x\r\nHost: evil", "/a b", "healthz", "/\n", ""] {
+            let e = check(bad).unwrap_err();
+            assert!(e.to_string().starts_with("health.path"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -109,6 +109,12 @@ impl RawApi {
                     "api.mode: {m:#o} is not a permission mode (0 to 0777; write it as \"0600\")"
                 ));
             }
+            Some(Mode(m)) if m & 0o002 != 0 => {
+                return Err(format!(
+                    "api.mode: {m:#o} lets every local user write to the socket, which is full \
+                     control of the agent; use 0600, or 0660 with api.group"
+                ));
+            }
             Some(Mode(m)) if m & 0o200 == 0 => {
                 return Err(format!(
                     "api.mode: {m:#o} leaves the owner without write permission: nobody could connect"
@@ -189,6 +195,8 @@ mod tests {
             ("[api]\nmode = 600\n", "api.mode"),
             ("[api]\nmode = \"0400\"\n", "api.mode"),
             ("[api]\ngroup = \"\"\n", "api.group"),
+            ("[api]\nmode = \"0666\"\n", "lets every local user write"),
+            ("[api]\nmode = 0o602\n", "api.mode"),
             ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
             ("[api]\nport = 1\n", "unknown field `port`"),
         ] {

@@ -77,7 +77,7 @@ impl KernelLog {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DatapathConfig {
     /// The cgroup v2 whose processes are steered: absolute, or relative to the cgroup v2 mount.
     pub cgroup: PathBuf,
@@ -93,7 +93,7 @@ pub struct DatapathConfig {
     pub exclude_ports: Vec<u16>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ForwarderConfig {
     /// Node addresses the forwarder listens on: one per family it serves. Pods live in their
     /// own network namespaces, so this cannot be loopback for them.
@@ -104,7 +104,7 @@ pub struct ForwarderConfig {
     pub threads: usize,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RegistryConfig {
     /// Where the last-known-good catalog is kept; `None`: memory only.
     pub state_dir: Option<PathBuf>,

@@ -7,8 +7,8 @@ use aya::{
 use switchyard_common::{
     counters::Counter,
     maps::{
-        Backend, BackendId, Endpoint, RevKey, ServiceKey, ServiceValue, Settings, SlotKey,
-        SockTuple,
+        Backend, BackendId, Endpoint, MemberKey, RevKey, ServiceKey, ServiceValue, Settings,
+        SlotKey, SockTuple,
     },
 };
 
@@ -48,14 +48,17 @@ fn gone_ok(name: &'static str, r: Result<(), MapError>) -> Result<(), MapsError>
 /// The contents of the maps when the agent starts.
 pub struct Existing {
     pub services: Vec<(ServiceKey, ServiceValue)>,
-    pub slots: Vec<SlotKey>,
-    pub backends: Vec<BackendId>,
+    pub slots: Vec<(SlotKey, BackendId)>,
+    pub backends: Vec<(BackendId, Backend)>,
+    /// Empty over maps pinned by an agent that did not keep `MEMBERS`.
+    pub members: Vec<MemberKey>,
 }
 
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, BackendId>,
     backends: HashMap<MapData, BackendId, Backend>,
+    members: HashMap<MapData, MemberKey, u8>,
     settings: Array<MapData, Settings>,
     counters: PerCpuArray<MapData, u64>,
     rev_nat: HashMap<MapData, RevKey, Endpoint>,
@@ -69,6 +72,7 @@ impl KernelMaps {
             services: take(ebpf, "SERVICES")?,
             slots: take(ebpf, "SLOTS")?,
             backends: take(ebpf, "BACKENDS")?,
+            members: take(ebpf, "MEMBERS")?,
             settings: take(ebpf, "SETTINGS")?,
             counters: take(ebpf, "COUNTERS")?,
             rev_nat: take(ebpf, "REV_NAT")?,
@@ -105,6 +109,14 @@ impl KernelMaps {
         gone_ok("BACKENDS", self.backends.remove(&id))
     }
 
+    pub fn put_member(&mut self, k: &MemberKey) -> Result<(), MapsError> {
+        op("MEMBERS", self.members.insert(k, 1, 0))
+    }
+
+    pub fn remove_member(&mut self, k: &MemberKey) -> Result<(), MapsError> {
+        gone_ok("MEMBERS", self.members.remove(k))
+    }
+
     /// What a previous agent left in the (pinned) maps, for the reconciler to adopt.
     pub fn existing(&self) -> Result<Existing, MapsError> {
         let services = self
@@ -117,7 +129,7 @@ impl KernelMaps {
             })?;
         let slots = self
             .slots
-            .keys()
+            .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| MapsError::Map {
                 name: "SLOTS",
@@ -125,16 +137,25 @@ impl KernelMaps {
             })?;
         let backends = self
             .backends
-            .keys()
+            .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| MapsError::Map {
                 name: "BACKENDS",
+                source,
+            })?;
+        let members = self
+            .members
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapsError::Map {
+                name: "MEMBERS",
                 source,
             })?;
         Ok(Existing {
             services,
             slots,
             backends,
+            members,
         })
     }
 

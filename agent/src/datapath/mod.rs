@@ -112,14 +112,7 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
 
     // Cgroup attachments are made as BPF links, which coexist with other programs on the same
     // cgroup whatever the mode; the kernel refuses flags on link creation, so `Single` it is.
-    let mut opt_out_cgroups = Vec::new();
-    for c in &cfg.exclude_cgroups {
-        use std::os::unix::fs::MetadataExt;
-        let path = host::resolve_cgroup(&mount, c)?;
-        let meta =
-            std::fs::metadata(&path).map_err(|source| DatapathError::Cgroup { path, source })?;
-        opt_out_cgroups.push(meta.ino());
-    }
+    let opt_out_cgroups = opt_out_cgroups(cfg)?;
     let target = open_cgroup(&cgroup)?;
     let links_dir = pin::links_dir(&pin_dir);
     let mut links = Vec::new();
@@ -179,6 +172,21 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
         maps,
         orig,
     ))
+}
+
+/// The ids of the opted-out cgroups (their directories' inode numbers), for the opt-out map;
+/// also when an edited file changes them.
+pub fn opt_out_cgroups(cfg: &DatapathConfig) -> Result<Vec<u64>, DatapathError> {
+    use std::os::unix::fs::MetadataExt;
+    let mount = host::cgroup2_mount()?;
+    let mut ids = Vec::new();
+    for c in &cfg.exclude_cgroups {
+        let path = host::resolve_cgroup(&mount, c)?;
+        let meta =
+            std::fs::metadata(&path).map_err(|source| DatapathError::Cgroup { path, source })?;
+        ids.push(meta.ino());
+    }
+    Ok(ids)
 }
 
 fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> DatapathError {

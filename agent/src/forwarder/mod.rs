@@ -2,6 +2,7 @@
 //! original service address, connects to a backend (retrying others) and moves bytes both ways
 //! until both sides are done, the connection idles out, or its backend's drain deadline passes.
 
+pub mod affinity;
 mod copy;
 mod occupancy;
 mod origdst;
@@ -26,7 +27,7 @@ pub use reserve::DescriptorReserve;
 pub use table::{ForwardingDefaults, SharedTable, Table};
 
 use self::{
-    occupancy::Occupancy,
+    occupancy::{Admission, Occupancy},
     table::ProxyService,
     upstream::{Connected, FirstSign},
 };
@@ -38,6 +39,8 @@ pub struct Forwarder {
     pub own_mark: u32,
     /// Keeps descriptors for the control side (see [`reserve`]).
     pub descriptors: DescriptorReserve,
+    /// Proxy-mode session affinity, node-wide.
+    pub affinity: affinity::AffinityTable,
 }
 
 impl Forwarder {
@@ -71,7 +74,7 @@ impl Forwarder {
     /// relay.
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
         let accepted = Instant::now();
-        let Some(service) = self.admit(&client, peer) else {
+        let Some((service, _admitted)) = self.admit(&client, peer) else {
             return;
         };
         let Some((upstream, occupied)) = self.connect(&service, &client, peer).await else {
@@ -82,7 +85,11 @@ impl Forwarder {
 
     /// The proxy-mode service the client was sent here for, if it takes one more connection.
     /// A refused client is reset.
-    fn admit(&self, client: &TcpStream, peer: SocketAddr) -> Option<Arc<ProxyService>> {
+    fn admit(
+        &self,
+        client: &TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(Arc<ProxyService>, Admission)> {
         let Some(vip) = self.orig.recover(client, peer) else {
             debug!(%peer, "no original destination: not a redirected connection");
             return None;
@@ -93,15 +100,14 @@ impl Forwarder {
             return None;
         };
         let shared = &service.shared;
-        if let Some(max) = service.max_connections
-            && shared.active.load(Ordering::Relaxed) >= max as u64
-        {
+        let Some(admitted) = Admission::take(shared, service.max_connections) else {
             shared.refused_limit.fetch_add(1, Ordering::Relaxed);
+            let max = service.max_connections.unwrap_or_default();
             debug!(service = %service.name, %peer, "refused: connection limit {max} reached");
             refuse(client);
             return None;
-        }
-        Some(service)
+        };
+        Some((service, admitted))
     }
 
     /// Connects to a backend and waits for the first sign of life: a backend that closes
@@ -115,6 +121,12 @@ impl Forwarder {
     ) -> Option<(Connected, Occupancy<'s>)> {
         let hash = client_hash(peer, service.hash_key);
         let mut attempts = upstream::Attempts::new(service);
+        // A sticky client tries its backend first, if that is still one of the service's.
+        if service.affinity.is_some()
+            && let Some(addr) = self.affinity.get(service.addr, peer.ip(), Instant::now())
+        {
+            attempts.preferred = service.backends.iter().position(|b| b.addr == addr);
+        }
         loop {
             let u = match upstream::connect(service, hash, self.own_mark, &mut attempts).await {
                 Ok(u) => u,
@@ -160,6 +172,10 @@ impl Forwarder {
                 FirstSign::Client | FirstSign::Dead => {}
             }
             debug!(service = %service.name, %peer, backend = %b.addr, hash, "connected");
+            if let Some(timeout) = service.affinity {
+                self.affinity
+                    .set(service.addr, peer.ip(), b.addr, timeout, Instant::now());
+            }
             return Some((u, occupied));
         }
     }

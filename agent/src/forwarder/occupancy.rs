@@ -4,7 +4,10 @@
 //! cancelled). Once the backend keeps the connection ([`Occupancy::open`]), the drop also
 //! counts it closed, with its bytes and its duration.
 
-use std::{sync::atomic::Ordering, time::Instant};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use super::{copy::Moved, table::ServiceShared};
 use crate::health::BackendHealth;
@@ -56,5 +59,47 @@ impl Drop for Occupancy<'_> {
         }
         counters.active.fetch_sub(1, Ordering::Relaxed);
         self.service.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection counted against its service's `max_connections` from admission on (before its
+/// upstream connect, so a burst of concurrent connects cannot all pass the check); dropped, it
+/// lets its place go.
+pub struct Admission(Arc<ServiceShared>);
+
+impl Admission {
+    /// Takes a place if fewer than `max` are taken (no limit: always).
+    pub fn take(service: &Arc<ServiceShared>, max: Option<u32>) -> Option<Self> {
+        let max = max.map_or(u64::MAX, u64::from);
+        service
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Admission(service.clone()))
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_never_exceeds_the_limit_and_lets_go_on_drop() {
+        let shared = Arc::new(ServiceShared::default());
+        let held: Vec<Admission> = (0..10)
+            .filter_map(|_| Admission::take(&shared, Some(3)))
+            .collect();
+        assert_eq!(held.len(), 3);
+        drop(held);
+        assert_eq!(shared.admitted.load(Ordering::Relaxed), 0);
+        assert!(Admission::take(&shared, None).is_some());
     }
 }

@@ -22,6 +22,9 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct ServiceShared {
     pub active: AtomicU64,
+    /// Connections admitted and not yet ended, connecting or not: what `max_connections`
+    /// bounds (see `occupancy::Admission`).
+    pub admitted: AtomicU64,
     pub retries_in_flight: AtomicU32,
     pub refused_limit: AtomicU64,
     pub refused_no_backend: AtomicU64,
@@ -38,6 +41,8 @@ pub struct ProxyService {
     pub connect_timeout: Duration,
     pub retries: u32,
     pub max_connections: Option<u32>,
+    /// Session affinity by client address, with its timeout.
+    pub affinity: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub hash_key: HashKey,
     pub byte_path: BytePath,
@@ -119,6 +124,7 @@ impl Table {
                     connect_timeout: s.policy.connect_timeout.unwrap_or(agent.connect_timeout),
                     retries: s.policy.retries.unwrap_or(agent.retries),
                     max_connections: s.policy.max_connections,
+                    affinity: s.affinity,
                     idle_timeout: s.policy.idle_timeout,
                     hash_key: s.policy.hash_key,
                     byte_path: s.policy.byte_path,

@@ -7,7 +7,10 @@ use tokio::{net::TcpStream, time::timeout};
 use tracing::debug;
 
 use super::table::ProxyService;
-use crate::{balance::candidates, socket::connect_marked};
+use crate::{
+    balance::{Candidate as _, candidates},
+    socket::connect_marked,
+};
 
 /// A connected upstream and the index of its backend in the service.
 pub struct Connected {
@@ -35,6 +38,8 @@ pub enum ConnectError {
 pub struct Attempts {
     pub tried: Vec<bool>,
     pub made: u32,
+    /// Tried first if usable (session affinity's backend), before the balancer's choice.
+    pub preferred: Option<usize>,
 }
 
 impl Attempts {
@@ -42,6 +47,7 @@ impl Attempts {
         Attempts {
             tried: vec![false; service.backends.len()],
             made: 0,
+            preferred: None,
         }
     }
 
@@ -62,7 +68,11 @@ pub async fn connect(
     let mut last: Option<(SocketAddr, io::Error)> = None;
     loop {
         let choices = candidates::candidates(&service.backends, &attempts.tried);
-        let Some(i) = service.balancer.pick(&choices, client) else {
+        let preferred = attempts
+            .preferred
+            .take()
+            .filter(|&i| choices.get(i).is_some_and(|c| c.usable()));
+        let Some(i) = preferred.or_else(|| service.balancer.pick(&choices, client)) else {
             break;
         };
         drop(choices);

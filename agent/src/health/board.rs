@@ -272,6 +272,11 @@ impl Board {
             .clone()
     }
 
+    /// The backend's entry if there is one (unlike [`Board::get`], never creates it).
+    pub fn find(&self, service: ServiceAddr, addr: SocketAddr) -> Option<Arc<BackendHealth>> {
+        lock(&self.backends).get(&(service, addr)).cloned()
+    }
+
     /// Forgets backends no longer in the catalog; connections still holding one keep it (and
     /// its drain deadline) until they close.
     /// `keep` is asked about the board's entries only (a few per proxied or checked backend),

@@ -7,11 +7,7 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    task::JoinHandle,
-    time::timeout,
-};
+use tokio::{task::JoinHandle, time::timeout};
 use tracing::{info, warn};
 
 use super::{BackendHealth, Board, Verdict};
@@ -41,6 +37,17 @@ impl Checker {
             let keep = wanted.get(k) == Some(check);
             if !keep {
                 task.abort();
+            }
+            // A check that goes takes its verdict with it: the backend is judged by the other
+            // signals alone (a changed check's new task judges on from the old verdict).
+            if !wanted.contains_key(k)
+                && let Some(h) = board.find(k.0, k.1)
+            {
+                let was = h.verdict();
+                h.set_verdict(Verdict::Unknown);
+                if was == Verdict::Down {
+                    info!(service = %k.0, backend = %k.1, "health check removed: no longer held down");
+                }
             }
             keep
         });
@@ -103,21 +110,92 @@ async fn run(health: Arc<BackendHealth>, check: HealthCheck, board: Arc<Board>, 
 
 async fn probe(addr: SocketAddr, check: &HealthCheck, own_mark: u32) -> bool {
     let attempt = async {
-        let mut stream = connect_marked(addr, own_mark).await.ok()?;
+        let stream = connect_marked(addr, own_mark).await.ok()?;
         match &check.probe {
             Probe::Tcp => Some(()),
-            Probe::Http { path, status } => {
-                let req = format!(
-                    "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: switchyard-health\r\n\r\n"
-                );
-                stream.write_all(req.as_bytes()).await.ok()?;
-                let mut head = [0u8; 64];
-                let n = stream.read(&mut head).await.ok()?;
-                let line = std::str::from_utf8(&head[..n]).ok()?;
-                let code: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
-                (code == *status).then_some(())
-            }
+            Probe::Http { path, status } => http_status(stream, addr, path)
+                .await
+                .map(|got| (got == *status).then_some(()))?,
         }
     };
     matches!(timeout(check.timeout, attempt).await, Ok(Some(())))
+}
+
+/// `GET path` over `stream` with hyper's client: whatever the server's framing (a head split
+/// over reads, any length), only a well-formed answer gives a status. `path` was checked at
+/// validation (no CR, LF or space can reach the request line).
+async fn http_status(stream: tokio::net::TcpStream, addr: SocketAddr, path: &str) -> Option<u16> {
+    use hyper::header::{HOST, USER_AGENT};
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    let request = hyper::Request::get(path)
+        .header(HOST, addr.to_string())
+        .header(USER_AGENT, "switchyard-health")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .ok()?;
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        answer = sender.send_request(request) => answer.ok().map(|r| r.status().as_u16()),
+        // The connection ended (or failed) before an answer.
+        _ = conn.as_mut() => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+
+    use super::*;
+
+    /// A server that answers once with `parts`, written one at a time with a pause between.
+    async fn server(parts: Vec<Vec<u8>>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut head).await;
+                for p in &parts {
+                    let _ = s.write_all(p).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        addr
+    }
+
+    fn http(status: u16) -> HealthCheck {
+        HealthCheck {
+            probe: Probe::Http {
+                path: "/healthz".into(),
+                status,
+            },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            rise: 1,
+            fall: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http_check_reads_a_whole_answer_however_it_arrives() {
+        let parts = [
+            "HTTP/1.1 2".to_owned(),
+            "00 OK\r\n".to_owned(),
+            format!("X-Long: {}\r\n", "x".repeat(200)),
+            "Content-Length: 2\r\n\r\nok".to_owned(),
+        ];
+        let addr = server(parts.map(String::into_bytes).to_vec()).await;
+        assert!(probe(addr, &http(200), 0).await, "a split 200 is a pass");
+        assert!(
+            !probe(addr, &http(204), 0).await,
+            "another status is a fail"
+        );
+        let garbage = server(vec![b"backend-1\n".to_vec()]).await;
+        assert!(!probe(garbage, &http(200), 0).await, "not HTTP: a fail");
+    }
 }

@@ -4,7 +4,9 @@
 //! within a few seconds (also between keep-alive requests), the body within its own deadline
 //! and under a size limit (413 before reading when the length is announced), a connection is
 //! closed after a minute (once its request in flight is answered), and only so many are served
-//! at once; the rest wait in the backlog.
+//! at once; the rest wait in the backlog. A listener may keep a few more places for some paths
+//! alone (the metrics listener's probes), one request each, so those are answered whatever the
+//! other clients hold.
 
 use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
 
@@ -49,6 +51,10 @@ pub struct Limits {
     pub body_timeout: Duration,
     pub max_connections: usize,
     pub lifetime: Duration,
+    /// Connections past `max_connections` kept for these paths alone (probes), one request
+    /// each; any other path there is answered 503.
+    pub reserve: usize,
+    pub reserved_paths: &'static [&'static str],
 }
 
 impl Default for Limits {
@@ -59,6 +65,8 @@ impl Default for Limits {
             body_timeout: defaults::API_BODY_TIMEOUT,
             max_connections: defaults::API_MAX_CONNECTIONS,
             lifetime: defaults::API_CONNECTION_LIFETIME,
+            reserve: 0,
+            reserved_paths: &[],
         }
     }
 }
@@ -154,9 +162,16 @@ where
 {
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let reserve = Arc::new(Semaphore::new(limits.reserve));
     let mut failures = AcceptFailures::default();
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
+        // The reserve only once every ordinary place is taken.
+        let (permit, reserved) = tokio::select! {
+            biased;
+            p = permits.clone().acquire_owned() => (p, false),
+            p = reserve.clone().acquire_owned(), if limits.reserve > 0 => (p, true),
+        };
+        let Ok(mut permit) = permit else {
             return;
         };
         let (io, peer) = match listener.accept().await {
@@ -171,18 +186,41 @@ where
                 continue;
             }
         };
+        // An ordinary place freed while this one waited: it is an ordinary connection.
+        let reserved = reserved
+            && match permits.clone().try_acquire_owned() {
+                Ok(ordinary) => {
+                    permit = ordinary;
+                    false
+                }
+                Err(_) => true,
+            };
         let handler = handler.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
                 let handler = handler.clone();
                 let peer = peer.clone();
-                async move { Ok::<_, Infallible>(respond(req, peer, limits, &*handler).await) }
+                async move {
+                    if reserved && !limits.reserved_paths.contains(&req.uri().path()) {
+                        return Ok::<_, Infallible>(into_response(Reply::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "too many connections: only {} are answered now",
+                                limits.reserved_paths.join(" and ")
+                            ),
+                            None,
+                        )));
+                    }
+                    Ok::<_, Infallible>(respond(req, peer, limits, &*handler).await)
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(MAX_HEAD)
+                // A reserved place serves one request and is free again.
+                .keep_alive(!reserved)
                 .serve_connection(TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
             let ended = match timeout(limits.lifetime, conn.as_mut()).await {

@@ -171,7 +171,13 @@ pub async fn start(
         .map_err(|source| MetricsError::Bind { addr, source })?;
     info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
     let metrics = Arc::new(metrics);
-    let task = tokio::spawn(http::serve(listener, Limits::default(), move |req| {
+    // Probes are answered whatever scrapers hold (see `defaults::PROBE_RESERVE`).
+    let limits = Limits {
+        reserve: crate::defaults::PROBE_RESERVE,
+        reserved_paths: &["/healthz", "/readyz"],
+        ..Limits::default()
+    };
+    let task = tokio::spawn(http::serve(listener, limits, move |req| {
         let openmetrics = req
             .headers
             .get_all(hyper::header::ACCEPT)

@@ -22,8 +22,14 @@ pub fn entries(catalog: &Catalog) -> BTreeMap<String, crate::catalog::Service> {
         .collect()
 }
 
-/// Watches `path` until the task is dropped. `initial` is the text already applied.
-pub async fn watch(registry: Registry, path: PathBuf, initial: String) {
+/// Watches `path` until the task is dropped. `initial` is the text already applied. The rest
+/// of each valid edit (without its services) goes to `settings`, for `reload` to act on.
+pub async fn watch(
+    registry: Registry,
+    path: PathBuf,
+    initial: String,
+    settings: tokio::sync::watch::Sender<std::sync::Arc<AgentConfig>>,
+) {
     let mut applied = initial;
     let mut interval = tokio::time::interval(POLL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -36,9 +42,11 @@ pub async fn watch(registry: Registry, path: PathBuf, initial: String) {
             continue;
         }
         match AgentConfig::parse(&path, &text) {
-            Ok(config) => {
+            Ok(mut config) => {
                 info!(path = %path.display(), services = config.catalog.services.len(), "config file changed: applying its services");
                 registry.replace(Source::File, entries(&config.catalog), &[]);
+                config.catalog = Catalog::default();
+                settings.send_replace(std::sync::Arc::new(config));
             }
             Err(e) => {
                 warn!("config file changed but is not valid; nothing applied: {e}");

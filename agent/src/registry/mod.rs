@@ -322,56 +322,6 @@ pub fn clash(entries: &BTreeMap<String, Service>, key: &str, entry: &Service) ->
         })
 }
 
-/// The network sources' tasks; dropping this ends them.
-pub struct SourceTasks(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for SourceTasks {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-/// Starts the network sources `config` names (etcd, Kubernetes, Consul, DNS), each keeping its layer current in
-/// the background; the agent serves what it has (last-known-good included) meanwhile. The
-/// saved layer of a source no longer configured is dropped.
-pub fn start_sources(registry: &Registry, config: &crate::config::AgentConfig) -> SourceTasks {
-    let mut tasks = Vec::new();
-    let listen = config.forwarder.listen.clone();
-    match &config.registry.etcd {
-        Some(etcd) => tasks.push(tokio::spawn(etcd::run(
-            registry.clone(),
-            etcd.clone(),
-            listen.clone(),
-        ))),
-        None => registry.forget(Source::Etcd),
-    }
-    match &config.registry.kubernetes {
-        Some(k) => tasks.push(tokio::spawn(kubernetes::run(
-            registry.clone(),
-            k.clone(),
-            listen.clone(),
-        ))),
-        None => registry.forget(Source::Kubernetes),
-    }
-    match &config.registry.consul {
-        Some(c) => tasks.push(tokio::spawn(consul::run(
-            registry.clone(),
-            c.clone(),
-            listen.clone(),
-        ))),
-        None => registry.forget(Source::Consul),
-    }
-    if config.registry.dns.is_empty() {
-        registry.forget(Source::Dns);
-    } else {
-        let dns = config.registry.dns.clone();
-        tasks.push(tokio::spawn(dns::run(registry.clone(), dns)));
-    }
-    SourceTasks(tasks)
-}
-
 /// Merges layers by precedence: the first source to name a service address owns it; a second
 /// entry for the same address (or name) is not applied, and said so.
 fn merge(layers: &BTreeMap<Source, Layer>) -> (Catalog, Vec<Rejected>) {

@@ -145,6 +145,16 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Open `count` connections at the same instant (one thread each), hold every one for
+    /// `hold_ms`, and print `greeted N`: how many a backend answered.
+    Burst {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 1000)]
+        hold_ms: u64,
+    },
     /// Connect `count` times and tally who answered.
     Ask {
         #[arg(long)]
@@ -243,6 +253,7 @@ fn main() -> io::Result<()> {
             Duration::from_millis(interval_ms),
             Duration::from_millis(timeout_ms),
         ),
+        Cmd::Burst { to, count, hold_ms } => burst(to, count, Duration::from_millis(hold_ms)),
         Cmd::Ask {
             to,
             count,
@@ -455,6 +466,31 @@ fn connect_named(to: SocketAddr) -> io::Result<(TcpStream, String)> {
         name.push(byte[0]);
     }
     Ok((stream, String::from_utf8_lossy(&name).into_owned()))
+}
+
+fn burst(to: SocketAddr, count: usize, hold: Duration) -> io::Result<()> {
+    let start = std::sync::Arc::new(std::sync::Barrier::new(count));
+    let threads: Vec<_> = (0..count)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let greeted = match connect_named(to) {
+                    Ok((stream, name)) if !name.is_empty() => Some(stream),
+                    _ => None,
+                };
+                std::thread::sleep(hold);
+                greeted.is_some()
+            })
+        })
+        .collect();
+    let greeted = threads
+        .into_iter()
+        .filter_map(|t| t.join().ok())
+        .filter(|&g| g)
+        .count();
+    println!("greeted {greeted}");
+    Ok(())
 }
 
 fn hold(to: SocketAddr, seconds: Duration, ping_ms: u64) -> io::Result<()> {
