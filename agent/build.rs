@@ -6,8 +6,10 @@ use std::path::Path;
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
-    let manifest = env!("CARGO_MANIFEST_DIR");
-    let ebpf = Path::new(manifest)
+    // Read at run time, not compiled in: a build script reused from a target directory copied
+    // or moved with another checkout must build this checkout's programs.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR is not set")?;
+    let ebpf = Path::new(&manifest)
         .parent()
         .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
         .join("ebpf");

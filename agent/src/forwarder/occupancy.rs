@@ -89,7 +89,10 @@ impl Drop for Admission {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::health::Board;
 
     #[test]
     fn admission_never_exceeds_the_limit_and_lets_go_on_drop() {
@@ -101,5 +104,53 @@ mod tests {
         drop(held);
         assert_eq!(shared.admitted.load(Ordering::Relaxed), 0);
         assert!(Admission::take(&shared, None).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_connection_still_counts_its_end() {
+        let board = Board::default();
+        let backend = board.get(
+            crate::test_helpers::service("s", "10.96.0.1:80", &[]).addr,
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        let service = Arc::new(ServiceShared::default());
+        let (b, s) = (backend.clone(), service.clone());
+        let task = tokio::spawn(async move {
+            let mut held = Occupancy::take(&b, &s);
+            held.open();
+            held.moved.to_backend.store(5, Ordering::Relaxed);
+            std::future::pending::<()>().await
+        });
+        while backend.counters.opened.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(service.active.load(Ordering::Relaxed), 1);
+        task.abort();
+        let _ = task.await;
+        let c = &backend.counters;
+        assert_eq!(c.active.load(Ordering::Relaxed), 0);
+        assert_eq!(service.active.load(Ordering::Relaxed), 0);
+        assert_eq!(c.closed.load(Ordering::Relaxed), 1);
+        assert_eq!(c.bytes_out.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn a_connection_retried_elsewhere_is_not_counted_closed() {
+        let board = Board::default();
+        let backend = board.get(
+            crate::test_helpers::service("s", "10.96.0.1:80", &[]).addr,
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        let service = ServiceShared::default();
+        drop(Occupancy::take(&backend, &service));
+        let c = &backend.counters;
+        assert_eq!(c.active.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            (
+                c.opened.load(Ordering::Relaxed),
+                c.closed.load(Ordering::Relaxed)
+            ),
+            (0, 0)
+        );
     }
 }
