@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
 };
 
 use tokio::{task::JoinHandle, time::timeout};
@@ -19,7 +19,16 @@ use crate::{
 /// The running checks, reconciled with each catalog.
 #[derive(Default)]
 pub struct Checker {
-    tasks: HashMap<(ServiceAddr, SocketAddr), (HealthCheck, JoinHandle<()>)>,
+    tasks: HashMap<(ServiceAddr, SocketAddr), Running>,
+}
+
+/// One backend's check task. `stopped` is set (under its lock) before the task is aborted: a
+/// task still running its last probe on another thread then gives no verdict after its check
+/// was removed and its verdict reset.
+struct Running {
+    check: HealthCheck,
+    task: JoinHandle<()>,
+    stopped: Arc<Mutex<bool>>,
 }
 
 impl Checker {
@@ -33,10 +42,11 @@ impl Checker {
                 }
             }
         }
-        self.tasks.retain(|k, (check, task)| {
-            let keep = wanted.get(k) == Some(check);
+        self.tasks.retain(|k, running| {
+            let keep = wanted.get(k) == Some(&running.check);
             if !keep {
-                task.abort();
+                *running.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                running.task.abort();
             }
             // A check that goes takes its verdict with it: the backend is judged by the other
             // signals alone (a changed check's new task judges on from the old verdict).
@@ -58,21 +68,36 @@ impl Checker {
             let health = board.get(k.0, k.1);
             let board = board.clone();
             let c = check.clone();
-            let task = tokio::spawn(async move { run(health, c, board, own_mark).await });
-            self.tasks.insert(k, (check, task));
+            let stopped = Arc::new(Mutex::new(false));
+            let s = stopped.clone();
+            let task = tokio::spawn(async move { run(health, c, board, own_mark, s).await });
+            self.tasks.insert(
+                k,
+                Running {
+                    check,
+                    task,
+                    stopped,
+                },
+            );
         }
     }
 }
 
 impl Drop for Checker {
     fn drop(&mut self) {
-        for (_, task) in self.tasks.values() {
-            task.abort();
+        for running in self.tasks.values() {
+            running.task.abort();
         }
     }
 }
 
-async fn run(health: Arc<BackendHealth>, check: HealthCheck, board: Arc<Board>, own_mark: u32) {
+async fn run(
+    health: Arc<BackendHealth>,
+    check: HealthCheck,
+    board: Arc<Board>,
+    own_mark: u32,
+    stopped: Arc<Mutex<bool>>,
+) {
     let mut interval = tokio::time::interval(check.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut ups, mut downs) = (0u32, 0u32);
@@ -93,7 +118,14 @@ async fn run(health: Arc<BackendHealth>, check: HealthCheck, board: Arc<Board>, 
             v => v,
         };
         let old = health.verdict();
-        if health.set_verdict(verdict) {
+        let changed = {
+            let stopped = stopped.lock().unwrap_or_else(|e| e.into_inner());
+            if *stopped {
+                return;
+            }
+            health.set_verdict(verdict)
+        };
+        if changed {
             match verdict {
                 Verdict::Down => {
                     warn!(service = %health.service, backend = %health.addr, "health check: down after {} failures", check.fall)
