@@ -14,6 +14,8 @@
 //! - [`api`] is the local API on a Unix socket (services, backends, live state, registry);
 //!   [`ctl`] is its client, `switchyard ctl`. [`metrics`] serves Prometheus, `/healthz`,
 //!   `/readyz`.
+//! - [`handover`] passes the listening sockets from a running agent to its successor, and
+//!   [`fallback`] reports the kernel's balancing of proxy-mode services while none listens.
 //! - [`defaults`] holds every default, with the peers' values beside ours.
 
 pub mod api;
@@ -24,7 +26,9 @@ pub mod config;
 pub mod ctl;
 pub mod datapath;
 pub mod defaults;
+pub mod fallback;
 pub mod forwarder;
+pub mod handover;
 pub mod health;
 pub mod limits;
 pub mod metrics;

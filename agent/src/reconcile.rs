@@ -345,8 +345,9 @@ impl Reconciler {
                 Algorithm::Random | Algorithm::WeightedRandom => kmaps::algorithm::RANDOM,
                 Algorithm::RoundRobin => kmaps::algorithm::ROUND_ROBIN,
                 Algorithm::Maglev | Algorithm::RingHash => kmaps::algorithm::MAGLEV,
-                // Proxy-only algorithms: the kernel only redirects, any slot order will do.
-                Algorithm::LeastConnections | Algorithm::PeakEwma => kmaps::algorithm::RANDOM,
+                // Proxy-only algorithms: the kernel uses the slots only while no forwarder
+                // listens (the fallback), and then goes round the weighted order.
+                Algorithm::LeastConnections | Algorithm::PeakEwma => kmaps::algorithm::ROUND_ROBIN,
             },
             flags: if service.affinity.is_some() {
                 kmaps::service_flags::AFFINITY
@@ -470,20 +471,20 @@ fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
     let divisor = usable.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
     let weights: Vec<u32> = usable.iter().map(|&(_, w)| w / divisor).collect();
     match service.algorithm {
-        Algorithm::Random | Algorithm::LeastConnections | Algorithm::PeakEwma => {
-            usable.iter().map(|&(i, _)| ids[i]).collect()
-        }
+        Algorithm::Random => usable.iter().map(|&(i, _)| ids[i]).collect(),
         Algorithm::WeightedRandom => usable
             .iter()
             .zip(&weights)
             .flat_map(|(&(i, _), &w)| std::iter::repeat_n(ids[i], w as usize))
             .take(MAX_SLOTS_PER_SERVICE as usize)
             .collect(),
-        Algorithm::RoundRobin => smooth_weighted_order(&weights)
-            .into_iter()
-            .map(|k| ids[usable[k].0])
-            .take(MAX_SLOTS_PER_SERVICE as usize)
-            .collect(),
+        Algorithm::RoundRobin | Algorithm::LeastConnections | Algorithm::PeakEwma => {
+            smooth_weighted_order(&weights)
+                .into_iter()
+                .map(|k| ids[usable[k].0])
+                .take(MAX_SLOTS_PER_SERVICE as usize)
+                .collect()
+        }
         Algorithm::Maglev | Algorithm::RingHash => {
             let keys: Vec<u64> = usable
                 .iter()
