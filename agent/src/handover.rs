@@ -80,12 +80,12 @@ impl Listeners {
     }
 }
 
-/// Where the handover socket lives: beside the API socket (the agent's run directory).
-pub fn socket_path(api_socket: Option<&Path>) -> PathBuf {
+/// The agent's run directory: the API socket's (the handover socket lives beside it).
+pub fn run_dir(api_socket: Option<&Path>) -> PathBuf {
     api_socket
         .and_then(Path::parent)
         .unwrap_or(Path::new(crate::defaults::RUN_DIR))
-        .join(crate::defaults::HANDOVER_SOCKET)
+        .to_owned()
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> HandoverError + '_ {
@@ -232,6 +232,8 @@ impl Taken {
 pub struct Offer {
     listener: OwnedFd,
     path: PathBuf,
+    /// The socket file's inode, to tell it from a successor's.
+    inode: Option<u64>,
 }
 
 impl Offer {
@@ -257,9 +259,11 @@ impl Offer {
             let _ = std::fs::remove_file(&tmp);
             return Err(err(e));
         }
+        use std::os::unix::fs::MetadataExt;
         Ok(Offer {
             listener: sock,
             path: path.to_owned(),
+            inode: std::fs::metadata(path).ok().map(|m| m.ino()),
         })
     }
 
@@ -298,9 +302,8 @@ impl Offer {
     /// Removes the socket file if it is still this agent's (a successor binds its own).
     pub fn remove(&self) {
         use std::os::unix::fs::MetadataExt;
-        let ours = rustix::fs::fstat(&self.listener).ok();
-        if let (Some(ours), Ok(meta)) = (ours, std::fs::metadata(&self.path))
-            && ours.st_ino == meta.ino()
+        if let (Some(ours), Ok(meta)) = (self.inode, std::fs::metadata(&self.path))
+            && ours == meta.ino()
         {
             let _ = std::fs::remove_file(&self.path);
         }

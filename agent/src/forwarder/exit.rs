@@ -78,8 +78,10 @@ impl Exit {
     pub async fn guard<F: Future<Output = ()>>(&self, client: RawFd, connection: F) {
         let _open = self.open();
         let mut cut = self.cut.subscribe();
+        // Pinned here, not in the select: it must still own the socket when the cut is seen.
+        let mut connection = std::pin::pin!(connection);
         tokio::select! {
-            _ = connection => {}
+            _ = connection.as_mut() => {}
             _ = cut.wait_for(|c| *c) => {
                 // SAFETY: `client` is owned by `connection`, which is still alive here.
                 let fd = unsafe { BorrowedFd::borrow_raw(client) };
@@ -153,7 +155,11 @@ mod tests {
         use std::io::Read as _;
         let mut c = client;
         let mut buf = [0u8; 8];
-        let e = c.read(&mut buf).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+        let got = c.read(&mut buf);
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{got:?}"
+        );
     }
 }
