@@ -71,6 +71,22 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
             "took the listeners over from the running agent"
         );
     }
+    // Not handed over, yet an agent answers on the API socket: refuse before touching the
+    // kernel (the maps and the hooks' listener slots are that agent's).
+    if taken.is_none()
+        && let Some(path) = &config.api.socket
+        && std::os::unix::net::UnixStream::connect(path).is_ok()
+    {
+        anyhow::bail!(
+            "api.socket: {} answers already: another agent is serving there{}",
+            path.display(),
+            if options.handover {
+                " and offers no handover"
+            } else {
+                " (--no-handover)"
+            }
+        );
+    }
     let (listeners, _) = workers::adopt_or_bind(
         &config.forwarder.listen,
         threads,
@@ -84,7 +100,7 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
     registry.replace(Source::File, file::entries(&file_catalog), &[]);
     drop(file_catalog);
 
-    let (datapath, maps, orig) = datapath::load(&config.datapath)?;
+    let (mut datapath, maps, orig) = datapath::load(&config.datapath)?;
     let table = SharedTable::default();
     let board = Arc::new(Board::default());
     let mut reconciler = Reconciler::new(
@@ -134,11 +150,11 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
         table: forwarder.table.clone(),
     };
     let api = crate::api::Api::new(live.clone(), config.forwarder.listen.clone());
-    let api_server = crate::api::start_on(&config.api, api, inherited.api.take())?;
+    let mut api_server = crate::api::start_on(&config.api, api, inherited.api.take())?;
     let kernel = reconciler.maps().counters_handle()?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let metrics = crate::metrics::Metrics::new(live, Some(kernel), ready.clone());
-    let metrics_server =
+    let mut metrics_server =
         crate::metrics::start_on(&config.metrics, metrics, inherited.metrics.take()).await?;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(inherited);
@@ -232,16 +248,18 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
     };
     watcher.abort();
     drop(sources);
-    let handed_over = matches!(stop, Stop::HandedOver(_));
+    let mut handed_over = matches!(stop, Stop::HandedOver(_));
     match stop {
         Stop::HandedOver(request) => {
             // The new agent owns the maps, the sockets and the last-known-good from now on.
             forwarder.exit.stop_accepting();
-            if let Some(a) = api_server {
+            if let Some(a) = api_server.take() {
                 a.hand_over();
             }
-            drop(metrics_server);
+            drop(metrics_server.take());
             drop(kept);
+            // Its programs are attached and pinned; these links of ours would run beside them.
+            datapath.release_links();
             info!(
                 to_pid = request.pid,
                 open = forwarder.exit.open_now(),
@@ -260,9 +278,6 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
             tokio::time::sleep(defaults::LISTENER_SETTLE).await;
             forwarder.exit.stop_accepting();
             drop(kept);
-            if let Some(s) = &successors {
-                s.remove();
-            }
             info!(
                 pin_dir = %datapath.pin_dir.display(),
                 open = forwarder.exit.open_now(),
@@ -271,10 +286,38 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
             );
         }
     }
-    // SIGTERM again (the kubelet's, after a handover) lets the drain run on; SIGINT cuts it.
-    let drained = tokio::select! {
-        d = forwarder.exit.drain(config.forwarder.drain_on_exit) => d,
-        _ = int.recv() => forwarder.exit.drain(std::time::Duration::ZERO).await,
+    // While it drains, the API and metrics keep answering, and an agent started meanwhile
+    // takes them over. SIGTERM again (the kubelet's, after a handover) lets the drain run on;
+    // SIGINT cuts it short.
+    let drain = forwarder.exit.drain(config.forwarder.drain_on_exit);
+    let mut drain = std::pin::pin!(drain);
+    let drained = loop {
+        tokio::select! {
+            d = drain.as_mut() => break d,
+            _ = int.recv() => forwarder.exit.cut_now(),
+            request = next_successor(&mut successors), if !handed_over => {
+                info!(pid = request.pid, "a new agent asks for the API and metrics listeners");
+                let offered = listeners_of(&[], api_server.as_ref(), metrics_server.as_ref())
+                    .map_err(|e| handover::HandoverError::Io {
+                        path: handover_path.clone(),
+                        source: e,
+                    })
+                    .and_then(|l| tokio::task::block_in_place(|| request.offer(&l)));
+                match offered {
+                    Ok(true) => {
+                        if let Some(a) = api_server.take() {
+                            a.hand_over();
+                        }
+                        drop(metrics_server.take());
+                        handed_over = true;
+                        request.stopped();
+                        info!("handed the API and metrics listeners over; draining");
+                    }
+                    Ok(false) => warn!("the new agent went away before accepting"),
+                    Err(e) => warn!("{e}"),
+                }
+            }
+        }
     };
     info!(
         open = drained.open_at_start,
@@ -282,6 +325,10 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
         deadline_s = config.forwarder.drain_on_exit.as_secs(),
         "drained: connections ran to their end; cut = closed at the drain deadline"
     );
+    if let Some(s) = &successors {
+        // Only if it is still this agent's (a successor binds its own).
+        s.remove();
+    }
     if handed_over && options.wait_after_handover {
         info!("handed over and drained: waiting for SIGTERM");
         tokio::select! {

@@ -401,15 +401,16 @@ fn the_config_the_daemonset_renders_is_accepted_and_matches_its_mounts() {
     let (_, host) = host_path("/sys/fs/cgroup");
     assert_eq!(host.as_deref(), Some("/sys/fs/cgroup"));
 
-    // The metrics port is the one probed and announced.
+    // The metrics port is the one probed and announced (no `ports:`: see the upgrade test).
     let listen = config_value(&template, "metrics", "listen");
     let port: i32 = listen.rsplit(':').next().unwrap().parse().unwrap();
-    let ports = agent.ports.clone().unwrap_or_default();
-    assert!(
-        ports
-            .iter()
-            .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == port)
-    );
+    for probe in [&agent.readiness_probe, &agent.liveness_probe] {
+        let probed = probe.as_ref().and_then(|p| p.http_get.as_ref());
+        assert_eq!(
+            probed.map(|h| h.port.clone()),
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port))
+        );
+    }
     let annotations = ds
         .spec
         .as_ref()

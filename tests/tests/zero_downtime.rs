@@ -341,3 +341,62 @@ fn kill_9_sends_new_connections_through_the_kernel_fallback_at_once() -> anyhow:
     r.check(r.corrupt() == 0, "corrupt payloads");
     r.finish()
 }
+
+#[test]
+fn an_agent_started_while_the_old_one_drains_takes_the_api_and_metrics_over() -> anyhow::Result<()>
+{
+    if !require_root("an_agent_started_while_the_old_one_drains_takes_the_api_and_metrics_over") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 3)?;
+    let config = config(&topo, "");
+    let mut old = Agent::start(&topo, &config)?;
+    let watch = Watch::start(&topo)?;
+    let load = Load::start(&topo, 0, vip(), 600.0, &LOAD)?;
+    let streams = Streams::open(&topo, 0, vip(), 4, 4.0)?;
+    pause(0.5);
+    // SIGTERM, not waited for: the old agent drains its streams, new connections go to the
+    // kernel fallback, and its API still answers.
+    // SAFETY: signalling our own child by its PID.
+    unsafe { libc::kill(old.process.pid() as i32, libc::SIGTERM) };
+    old.process
+        .wait_for("draining proxied connections", Duration::from_secs(10))?;
+    pause(0.5);
+    let new = Agent::start(&topo, &config)?;
+    old.process.wait_for(
+        "handed the API and metrics listeners over",
+        Duration::from_secs(10),
+    )?;
+    let status = old.process.wait_exit(Duration::from_secs(30))?;
+    anyhow::ensure!(status.success(), "old agent exit: {status}");
+    pause(0.5);
+    let load = load.stop_and_finish()?;
+    let streams = streams.finish()?;
+    let (asked, missed) = watch.finish();
+
+    let mut r = Report::new(
+        "proxy-restart-during-drain",
+        "failed == 0, corrupt == 0; the draining agent's streams complete; /healthz and the API \
+         always answer",
+    );
+    r.add_load(&load);
+    r.add_streams(&streams);
+    r.note("health_asked", asked);
+    r.note("health_missed", missed);
+    r.note("errors", load.first_errors());
+    r.check(load.failed == 0, format!("{} requests failed", load.failed));
+    r.check(
+        streams.ok == streams.opened && streams.opened == 4,
+        format!("streams: {streams:?}"),
+    );
+    r.check(
+        missed == 0,
+        format!("{missed} of {asked} health checks missed"),
+    );
+    r.check(
+        !new.said(&["took the listeners over"]).is_empty(),
+        "the new agent did not take the API and metrics over",
+    );
+    r.check(r.corrupt() == 0, "corrupt payloads");
+    r.finish()
+}

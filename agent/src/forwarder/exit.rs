@@ -54,6 +54,11 @@ impl Exit {
         self.stop.send_replace(true);
     }
 
+    /// Closes every connection now, as the deadline would.
+    pub fn cut_now(&self) {
+        self.cut.send_replace(true);
+    }
+
     pub fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
