@@ -400,3 +400,26 @@ fn an_agent_started_while_the_old_one_drains_takes_the_api_and_metrics_over() ->
     r.check(r.corrupt() == 0, "corrupt payloads");
     r.finish()
 }
+
+#[test]
+fn an_agent_told_not_to_take_over_leaves_the_running_one_alone() -> anyhow::Result<()> {
+    if !require_root("an_agent_told_not_to_take_over_leaves_the_running_one_alone") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 3)?;
+    let config = config(&topo, "");
+    let _running = Agent::start(&topo, &config)?;
+    let mut second = Agent::spawn_with(&topo, &config, &["--no-handover"])?;
+    let status = second.process.wait_exit(Duration::from_secs(20))?;
+    assert!(!status.success());
+    let said = second.process.output().join("\n");
+    assert!(said.contains("answers already"), "{said}");
+    assert!(!said.contains("eBPF programs attached"), "{said}");
+    // The running agent's forwarder still gets the proxy-mode connections.
+    let before = fallback_total(&topo)?;
+    let tally = topo.ask(0, vip(), 6)?;
+    assert_eq!(tally.values().sum::<usize>(), 6, "{tally:?}");
+    assert!(tally.keys().all(|k| k.starts_with("backend-")), "{tally:?}");
+    assert_eq!(fallback_total(&topo)?, before, "went through the fallback");
+    Ok(())
+}
