@@ -59,20 +59,6 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Descriptors of the same sockets, for the agent to keep while its servers use the
-    /// originals: what it offers a successor.
-    pub fn try_clone(&self) -> io::Result<Listeners> {
-        Ok(Listeners {
-            forwarder: self
-                .forwarder
-                .iter()
-                .map(|w| w.iter().map(|l| l.try_clone()).collect())
-                .collect::<io::Result<_>>()?,
-            api: self.api.as_ref().map(|l| l.try_clone()).transpose()?,
-            metrics: self.metrics.as_ref().map(|l| l.try_clone()).transpose()?,
-        })
-    }
-
     pub fn count(&self) -> usize {
         self.forwarder.iter().map(Vec::len).sum::<usize>()
             + self.api.is_some() as usize
@@ -445,6 +431,27 @@ mod tests {
         got.set_nonblocking(false).unwrap();
         let (_s, _) = got.accept().unwrap();
         assert!(!path.exists(), "the old agent removed its own socket");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_successor_that_goes_away_before_accepting_leaves_the_old_agent_serving() {
+        let dir = std::env::temp_dir().join(format!("sy-handover-gone-{}", std::process::id()));
+        let path = dir.join("handover.sock");
+        let offer = Offer::bind(&path).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mine = Listeners {
+            forwarder: vec![vec![listener]],
+            api: None,
+            metrics: None,
+        };
+        let old = std::thread::spawn(move || {
+            let request = offer.next().unwrap();
+            request.offer(&mine).unwrap()
+        });
+        let taken = take(&path, Duration::from_secs(5)).unwrap().unwrap();
+        drop(taken);
+        assert!(!old.join().unwrap(), "the old agent must carry on");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -216,9 +216,13 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
                     Ok(false) => warn!("the new agent went away before accepting: carrying on"),
                     Err(e) => warn!("{e}; carrying on"),
                 }
-                // Whatever the new agent did meanwhile, the maps match this agent's catalog again.
+                // Whatever the new agent did meanwhile, the maps match this agent's catalog and
+                // listeners again.
                 if let Err(e) = reconciler.apply(&catalog) {
                     warn!("catalog not fully applied: {e}");
+                }
+                if let Err(e) = reconciler.set_listeners(&workers::per_family(&kept)) {
+                    warn!("{e}: proxy-mode connects go to the kernel fallback");
                 }
             }
             changed = catalogs.changed() => {

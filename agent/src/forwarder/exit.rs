@@ -59,10 +59,6 @@ impl Exit {
         self.cut.send_replace(true);
     }
 
-    pub fn stopping(&self) -> bool {
-        *self.stop.borrow()
-    }
-
     /// Resolves once the forwarder must stop accepting.
     pub async fn stopped(&self) {
         let mut rx = self.stop.subscribe();
