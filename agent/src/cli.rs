@@ -19,11 +19,20 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: attach the programs to the configured cgroup, apply the services,
-    /// forward proxy-mode connections. Stops cleanly on SIGINT or SIGTERM.
+    /// forward proxy-mode connections. Stops cleanly on SIGINT or SIGTERM, draining its
+    /// proxied connections. Started while another agent runs, it takes that agent's
+    /// listening sockets over (README: Upgrade).
     Agent {
         /// The agent's TOML configuration (see README: Configuration).
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Do not take the listeners over from a running agent (nor offer them to a successor).
+        #[arg(long)]
+        no_handover: bool,
+        /// Once handed over and drained, wait for SIGTERM before exiting (under a DaemonSet an
+        /// exited container is restarted, and would take the listeners back).
+        #[arg(long)]
+        wait_after_handover: bool,
     },
     /// Detach the pinned programs and remove the pinned maps (run with the agent stopped).
     /// Kernel-mode services stop being steered.

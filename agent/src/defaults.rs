@@ -153,3 +153,24 @@ pub const CONSUL_REQUEST_SLACK: Duration = Duration::from_secs(10);
 /// The Kubernetes source counts as live again this long after its last watch error (kube's
 /// watcher resumes silently; a resumed watch that fails again within this shows at once).
 pub const KUBE_LIVE_AFTER: Duration = Duration::from_secs(10);
+
+/// Restarts without downtime (see docs/zero-downtime.md).
+///
+/// The agent's run directory (the API socket's directory when `[api] socket` names one): the
+/// handover socket lives there, mode 0600.
+pub const RUN_DIR: &str = "/run/switchyard";
+pub const HANDOVER_SOCKET: &str = "handover.sock";
+/// How long each side of a handover waits for the other's next message. The new agent loads
+/// and attaches the programs and applies the catalog between two of them: seconds, not ms.
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[forwarder] drain_on_exit`: how long a stopping (or handed-over) agent keeps copying the
+/// connections it carries before it closes them. Matched to the DaemonSet's
+/// `terminationGracePeriodSeconds` (deploy/daemonset.yaml: 300), less the time to stop, so the
+/// kubelet's SIGKILL never comes first. HAProxy's `hard-stop-after` is unset (no deadline) by
+/// default; Envoy's hot restart drains for 600 s (`--drain-time-s`), then its parent lingers
+/// 900 s (`--parent-shutdown-time-s`); a node agent's pods are being rolled too, so minutes.
+pub const DRAIN_ON_EXIT: Duration = Duration::from_secs(290);
+/// A graceful stop without a successor empties the forwarder's listener slots (new connects
+/// are balanced in the kernel from then on) and keeps accepting this long, so a connect that
+/// passed the hook just before is not reset by a closing listener.
+pub const LISTENER_SETTLE: Duration = Duration::from_millis(200);

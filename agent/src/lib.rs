@@ -35,6 +35,8 @@
 //! - [`api`] is the local API on a Unix socket; [`ctl`] is its client, `switchyard ctl`.
 //! - [`metrics`] serves Prometheus, `/healthz` and `/readyz`.
 //! - [`listener`] is what the listeners share: the bounded HTTP server, failed accepts.
+//! - [`handover`] passes the listening sockets from a running agent to its successor, and
+//!   [`fallback`] reports the kernel's balancing of proxy-mode services while none listens.
 
 pub mod api;
 pub mod balance;
@@ -44,7 +46,9 @@ pub mod config;
 pub mod ctl;
 pub mod datapath;
 pub mod defaults;
+pub mod fallback;
 pub mod forwarder;
+pub mod handover;
 pub mod health;
 pub mod limits;
 pub mod listener;

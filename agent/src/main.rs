@@ -20,11 +20,21 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         // The control side; the forwarder runs its own threads (forwarder::workers).
-        Command::Agent { config } => tokio::runtime::Builder::new_multi_thread()
+        Command::Agent {
+            config,
+            no_handover,
+            wait_after_handover,
+        } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()?
-            .block_on(run::agent(&config)),
+            .block_on(run::agent(
+                &config,
+                run::Options {
+                    handover: !no_handover,
+                    wait_after_handover,
+                },
+            )),
         Command::Cleanup { config, pin_dir } => {
             let dir = match (config, pin_dir) {
                 (_, Some(dir)) => dir,

@@ -227,6 +227,17 @@ impl Reconciler {
         self.maps.set_opt_out(cgroups, ports)
     }
 
+    /// Files the forwarder's listening sockets where the hooks look: proxy-mode services go to
+    /// the forwarder from now on, instead of the kernel fallback.
+    pub fn set_listeners(&mut self, listeners: &[&std::net::TcpListener]) -> Result<(), MapsError> {
+        self.maps.set_listeners(listeners)
+    }
+
+    /// Takes them out: new proxy-mode connections are balanced in the kernel (a graceful stop).
+    pub fn clear_listeners(&mut self) -> Result<(), MapsError> {
+        self.maps.clear_listeners()
+    }
+
     pub fn maps(&self) -> &KernelMaps {
         &self.maps
     }

@@ -7,14 +7,32 @@ use tracing::{info, warn};
 
 use crate::{
     config::AgentConfig,
-    datapath, defaults,
-    forwarder::{DescriptorReserve, Forwarder, ForwardingDefaults, OrigDst, SharedTable, workers},
+    datapath, defaults, fallback,
+    forwarder::{
+        DescriptorReserve, Exit, Forwarder, ForwardingDefaults, OrigDst, SharedTable, workers,
+    },
+    handover,
     health::{Board, check::Checker},
     reconcile::Reconciler,
     registry::{Registry, Source, file},
 };
 
-pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
+/// How `switchyard agent` treats another agent on the node.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Take a running agent's listeners over, and offer them to a successor.
+    pub handover: bool,
+    /// Once handed over and drained, wait for SIGTERM before exiting.
+    pub wait_after_handover: bool,
+}
+
+/// Why the main loop ended.
+enum Stop {
+    Signal(&'static str),
+    HandedOver(handover::Request),
+}
+
+pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
     // Before any socket: each proxied connection takes two descriptors (see limits).
     match crate::limits::raise_nofile() {
         Ok(n) if n.now > n.was => info!(was = n.was, now = n.now, "raised the descriptor limit"),
@@ -29,7 +47,51 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let listeners = workers::bind(&config.forwarder.listen, threads)?;
+    // A running agent hands its listening sockets over: the kernel's accept queues never lack
+    // a reader, so no connection attempt is refused while the agents change places.
+    let run_dir = handover::run_dir(config.api.socket.as_deref());
+    let handover_path = run_dir.join(defaults::HANDOVER_SOCKET);
+    let mut taken = None;
+    if options.handover {
+        match tokio::task::block_in_place(|| {
+            handover::take(&handover_path, defaults::HANDOVER_TIMEOUT)
+        }) {
+            Ok(t) => taken = t,
+            Err(e) => warn!("{e}; starting without the running agent's listeners"),
+        }
+    }
+    let mut inherited = taken
+        .as_mut()
+        .map(|t: &mut handover::Taken| std::mem::take(&mut t.listeners))
+        .unwrap_or_default();
+    if let Some(t) = &taken {
+        info!(
+            from_pid = t.from_pid,
+            listeners = inherited.count(),
+            "took the listeners over from the running agent"
+        );
+    }
+    // Not handed over, yet an agent answers on the API socket: refuse before touching the
+    // kernel (the maps and the hooks' listener slots are that agent's).
+    if taken.is_none()
+        && let Some(path) = &config.api.socket
+        && std::os::unix::net::UnixStream::connect(path).is_ok()
+    {
+        anyhow::bail!(
+            "api.socket: {} answers already: another agent is serving there{}",
+            path.display(),
+            if options.handover {
+                " and offers no handover"
+            } else {
+                " (--no-handover)"
+            }
+        );
+    }
+    let (listeners, _) = workers::adopt_or_bind(
+        &config.forwarder.listen,
+        threads,
+        std::mem::take(&mut inherited.forwarder),
+    )?;
 
     // The registry serves the last-known-good at once; the file is the first source to answer.
     let (registry, mut catalogs) = Registry::open(config.registry.state_dir.clone());
@@ -38,7 +100,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     registry.replace(Source::File, file::entries(&file_catalog), &[]);
     drop(file_catalog);
 
-    let (datapath, maps, orig) = datapath::load(&config.datapath)?;
+    let (mut datapath, maps, orig) = datapath::load(&config.datapath)?;
     let table = SharedTable::default();
     let board = Arc::new(Board::default());
     let mut reconciler = Reconciler::new(
@@ -68,8 +130,17 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         own_mark: defaults::OWN_MARK,
         descriptors: DescriptorReserve::new(),
         affinity: Default::default(),
+        exit: Exit::default(),
     });
+    // Other descriptors of the same sockets: what a successor is offered.
+    let kept: Vec<Vec<std::net::TcpListener>> = listeners
+        .iter()
+        .map(|w| w.iter().map(|l| l.try_clone()).collect())
+        .collect::<std::io::Result<_>>()?;
     workers::start(listeners, forwarder.clone())?;
+    // From now on the hooks send proxy-mode connections here, not to the kernel fallback.
+    reconciler.set_listeners(&workers::per_family(&kept))?;
+    fallback::ended(reconciler.maps(), &run_dir);
 
     // ── Local API and Prometheus metrics (see api/, metrics/) ─────────────────────────────────
     // Served until this function returns (dropping the guards stops them and removes the
@@ -80,12 +151,36 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         table: forwarder.table.clone(),
     };
     let api = crate::api::Api::new(live.clone(), config.forwarder.listen.clone());
-    let _api = crate::api::start(&config.api, api)?;
+    let mut api_server = crate::api::start_on(&config.api, api, inherited.api.take())?;
     let kernel = reconciler.maps().counters_handle()?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let metrics = crate::metrics::Metrics::new(live, Some(kernel), ready.clone());
-    let _metrics = crate::metrics::start(&config.metrics, metrics).await?;
+    let mut metrics_server =
+        crate::metrics::start_on(&config.metrics, metrics, inherited.metrics.take()).await?;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(inherited);
+    // Everything is served here now: the previous agent stops accepting and drains.
+    if let Some(t) = taken {
+        match tokio::task::block_in_place(|| t.accepting(defaults::HANDOVER_TIMEOUT)) {
+            Ok(()) => info!("the previous agent stopped accepting; it drains its connections"),
+            Err(e) => warn!("{e}"),
+        }
+    }
+    let mut successors = if options.handover {
+        match handover::Offer::bind(&handover_path).map(handover::Successors::start) {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                warn!("handover thread: {e}; a new agent will not find this one");
+                None
+            }
+            Err(e) => {
+                warn!("{e}; a new agent will not find this one");
+                None
+            }
+        }
+    } else {
+        None
+    };
     // ─────────────────────────────────────────────────────────────────────────────────────────
 
     info!(
@@ -105,13 +200,37 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let which = loop {
+    let stop = loop {
         tokio::select! {
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
+            _ = term.recv() => break Stop::Signal("SIGTERM"),
+            _ = int.recv() => break Stop::Signal("SIGINT"),
+            request = next_successor(&mut successors) => {
+                // From here until it accepts, nothing changes the maps: the new agent adopts
+                // them as they are.
+                info!(pid = request.pid, "a new agent asks for the listeners: handing them over");
+                let offered = listeners_of(&kept, api_server.as_ref(), metrics_server.as_ref())
+                    .map_err(|e| handover::HandoverError::Io {
+                        path: handover_path.clone(),
+                        source: e,
+                    })
+                    .and_then(|l| tokio::task::block_in_place(|| request.offer(&l)));
+                match offered {
+                    Ok(true) => break Stop::HandedOver(request),
+                    Ok(false) => warn!("the new agent went away before accepting: carrying on"),
+                    Err(e) => warn!("{e}; carrying on"),
+                }
+                // Whatever the new agent did meanwhile, the maps match this agent's catalog and
+                // listeners again.
+                if let Err(e) = reconciler.apply(&catalog) {
+                    warn!("catalog not fully applied: {e}");
+                }
+                if let Err(e) = reconciler.set_listeners(&workers::per_family(&kept)) {
+                    warn!("{e}: proxy-mode connects go to the kernel fallback");
+                }
+            }
             changed = catalogs.changed() => {
                 if changed.is_err() {
-                    break "registry closed";
+                    break Stop::Signal("registry closed");
                 }
                 catalog = catalogs.borrow_and_update().clone();
                 checker.reconcile(&catalog, &board, defaults::OWN_MARK);
@@ -143,12 +262,95 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         }
     };
     watcher.abort();
-    registry.flush();
+    drop(sources);
+    let mut handed_over = matches!(stop, Stop::HandedOver(_));
+    match stop {
+        Stop::HandedOver(request) => {
+            // The new agent owns the maps, the sockets and the last-known-good from now on.
+            forwarder.exit.stop_accepting();
+            if let Some(a) = api_server.take() {
+                a.hand_over();
+            }
+            drop(metrics_server.take());
+            drop(kept);
+            // Its programs are attached and pinned; these links of ours would run beside them.
+            datapath.release_links();
+            info!(
+                to_pid = request.pid,
+                open = forwarder.exit.open_now(),
+                "handed the listeners over to the new agent; draining"
+            );
+            request.stopped();
+        }
+        Stop::Signal(which) => {
+            registry.flush();
+            // New connections go to the kernel fallback before any listener closes; the ones
+            // already past the hook are still accepted.
+            match reconciler.clear_listeners() {
+                Ok(()) => fallback::started(reconciler.maps()),
+                Err(e) => warn!("{e}: proxy-mode connects may be refused until an agent listens"),
+            }
+            tokio::time::sleep(defaults::LISTENER_SETTLE).await;
+            forwarder.exit.stop_accepting();
+            drop(kept);
+            info!(
+                pin_dir = %datapath.pin_dir.display(),
+                open = forwarder.exit.open_now(),
+                "{which}: stopping; kernel-mode services keep working (programs and maps stay \
+                 pinned; `switchyard cleanup` removes them); draining proxied connections"
+            );
+        }
+    }
+    // While it drains, the API and metrics keep answering, and an agent started meanwhile
+    // takes them over. SIGTERM again (the kubelet's, after a handover) lets the drain run on;
+    // SIGINT cuts it short.
+    let drain = forwarder.exit.drain(config.forwarder.drain_on_exit);
+    let mut drain = std::pin::pin!(drain);
+    let drained = loop {
+        tokio::select! {
+            d = drain.as_mut() => break d,
+            _ = int.recv() => forwarder.exit.cut_now(),
+            request = next_successor(&mut successors), if !handed_over => {
+                info!(pid = request.pid, "a new agent asks for the API and metrics listeners");
+                let offered = listeners_of(&[], api_server.as_ref(), metrics_server.as_ref())
+                    .map_err(|e| handover::HandoverError::Io {
+                        path: handover_path.clone(),
+                        source: e,
+                    })
+                    .and_then(|l| tokio::task::block_in_place(|| request.offer(&l)));
+                match offered {
+                    Ok(true) => {
+                        if let Some(a) = api_server.take() {
+                            a.hand_over();
+                        }
+                        drop(metrics_server.take());
+                        handed_over = true;
+                        request.stopped();
+                        info!("handed the API and metrics listeners over; draining");
+                    }
+                    Ok(false) => warn!("the new agent went away before accepting"),
+                    Err(e) => warn!("{e}"),
+                }
+            }
+        }
+    };
     info!(
-        pin_dir = %datapath.pin_dir.display(),
-        "{which}: stopping; kernel-mode services keep working (programs and maps stay pinned; \
-         `switchyard cleanup` removes them)"
+        open = drained.open_at_start,
+        cut = drained.cut,
+        deadline_s = config.forwarder.drain_on_exit.as_secs(),
+        "drained: connections ran to their end; cut = closed at the drain deadline"
     );
+    if let Some(s) = &successors {
+        // Only if it is still this agent's (a successor binds its own).
+        s.remove();
+    }
+    if handed_over && options.wait_after_handover {
+        info!("handed over and drained: waiting for SIGTERM");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
     if let Ok(counters) = reconciler.maps().counters() {
         let summary: Vec<String> = counters
             .iter()
@@ -158,6 +360,36 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
     }
     drop(datapath);
     Ok(())
+}
+
+/// The next successor asking to take over (never, without a handover socket).
+async fn next_successor(successors: &mut Option<handover::Successors>) -> handover::Request {
+    match successors {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Other descriptors of every listening socket this agent serves, for a successor.
+fn listeners_of(
+    forwarder: &[Vec<std::net::TcpListener>],
+    api: Option<&crate::api::ApiServer>,
+    metrics: Option<&crate::metrics::MetricsServer>,
+) -> std::io::Result<handover::Listeners> {
+    Ok(handover::Listeners {
+        forwarder: forwarder
+            .iter()
+            .map(|w| w.iter().map(|l| l.try_clone()).collect())
+            .collect::<std::io::Result<_>>()?,
+        api: api
+            .and_then(|a| a.listener())
+            .map(|l| l.try_clone())
+            .transpose()?,
+        metrics: metrics
+            .and_then(|m| m.listener())
+            .map(|l| l.try_clone())
+            .transpose()?,
+    })
 }
 
 /// `switchyard cleanup`: detach and remove everything the agent pinned.

@@ -26,10 +26,13 @@ pub enum Counter {
     RecvTranslated = 9,
     /// Connects or sends left alone because the cgroup or the port is opted out.
     OptedOut = 10,
+    /// Connects to a proxy-mode service balanced in the kernel because no forwarder listened
+    /// (the agent stopped, crashed, or not yet listening).
+    Fallback = 20,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Connect,
         Counter::ServiceHit,
         Counter::Translated,
@@ -41,6 +44,7 @@ impl Counter {
         Counter::SendTranslated,
         Counter::RecvTranslated,
         Counter::OptedOut,
+        Counter::Fallback,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -56,6 +60,7 @@ impl Counter {
             Counter::SendTranslated => "send_translated",
             Counter::RecvTranslated => "recv_translated",
             Counter::OptedOut => "opted_out",
+            Counter::Fallback => "proxy_fallback",
         }
     }
 }

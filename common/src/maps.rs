@@ -55,6 +55,10 @@ pub const MAX_MEMBERS: u32 = MAX_BACKENDS;
 pub const MAX_OPT_OUT: u32 = 1_024;
 /// Cgroup depth searched for an opted-out ancestor.
 pub const MAX_CGROUP_DEPTH: i32 = 16;
+/// `FORWARDER_LISTENERS` slots: one listening socket of the forwarder per family.
+pub const LISTENER_V4: u32 = 0;
+pub const LISTENER_V6: u32 = 1;
+pub const LISTENER_SLOTS: u32 = 2;
 /// Connections between `connect()` and the forwarder's `accept()`, or alive and tracked.
 pub const MAX_TRACKED_SOCKETS: u32 = 262_144;
 

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
 };
 use switchyard_common::{
     counters::{Counter, COUNTER_SLOTS},
@@ -46,6 +46,10 @@ pub static OPT_OUT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(MAX_OPT_OUT, 0);
 pub static OPT_OUT_PORTS: HashMap<u32, u8> = HashMap::pinned(MAX_OPT_OUT, 0);
 #[map]
 pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+/// One listening socket of the forwarder per family ([`LISTENER_V4`], [`LISTENER_V6`]); empty
+/// while no forwarder listens (the kernel removes a socket that closes).
+#[map]
+pub static FORWARDER_LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 

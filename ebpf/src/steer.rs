@@ -3,7 +3,8 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_set_retval,
+        bpf_sk_release,
     },
     programs::SockAddrContext,
     EbpfContext,
@@ -84,7 +85,10 @@ fn steer<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
 
-    let proxied = svc.mode == mode::PROXY && key.proto == PROTO_TCP;
+    let proxy_mode = svc.mode == mode::PROXY && key.proto == PROTO_TCP;
+    // Proxy mode while no forwarder listens: balanced here, as kernel mode would.
+    let fallback = proxy_mode && svc.slot_count != 0 && !forwarder_listening(&vip);
+    let proxied = proxy_mode && !fallback;
     let target = if proxied {
         // Nothing usable (all drained, in maintenance or down): refuse here rather than hand
         // the forwarder a connection it can only reset.
@@ -120,7 +124,8 @@ fn steer<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
     if key.proto == PROTO_TCP {
         let orig = OrigDst {
             vip: vip_endpoint,
-            mode: svc.mode,
+            // A fallback connection goes straight to its backend, as in kernel mode.
+            mode: if proxied { mode::PROXY } else { mode::KERNEL },
             _pad: [0; 3],
         };
         let _ = SOCK_ORIG.insert(cookie, orig, 0);
@@ -148,6 +153,8 @@ fn steer<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
         bump(Counter::SendTranslated);
     } else if proxied {
         bump(Counter::Redirected);
+    } else if fallback {
+        bump(Counter::Fallback);
     } else {
         bump(Counter::Translated);
     }
@@ -171,6 +178,27 @@ fn opted_out(port: u16) -> bool {
         }
     }
     false
+}
+
+/// Whether a forwarder socket listens for this family: the agent files one of its listening
+/// sockets in `FORWARDER_LISTENERS`, and the kernel takes it out when the socket closes, so a
+/// killed agent's entry is gone with its last descriptor (see docs/zero-downtime.md).
+#[inline(always)]
+fn forwarder_listening(vip: &Addr) -> bool {
+    let index: u32 = if is_v4_mapped(vip) {
+        LISTENER_V4
+    } else {
+        LISTENER_V6
+    };
+    let map = core::ptr::from_ref(&FORWARDER_LISTENERS).cast_mut().cast();
+    // SAFETY: a lookup in a sockmap returns a referenced socket or null; the reference is
+    // given back at once.
+    let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&index).cast()) };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk) };
+    true
 }
 
 /// The node forwarder for this family; v4-mapped service addresses use the IPv4 forwarder.

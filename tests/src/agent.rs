@@ -22,10 +22,15 @@ impl Agent {
 
     /// Starts the agent without waiting: for configs it should refuse.
     pub fn spawn(topo: &Topology, config: &str) -> anyhow::Result<Agent> {
+        Self::spawn_with(topo, config, &[])
+    }
+
+    /// As [`Agent::spawn`], with more `switchyard agent` arguments (`--no-handover`).
+    pub fn spawn_with(topo: &Topology, config: &str, args: &[&str]) -> anyhow::Result<Agent> {
         let path = std::env::temp_dir().join(format!("{}.toml", unique("sy-agent-")));
         fs::write(&path, config)?;
         let mut cmd = Command::new(crate::binary("SWITCHYARD_BIN", "switchyard"));
-        cmd.arg("agent").arg("--config").arg(&path);
+        cmd.arg("agent").arg("--config").arg(&path).args(args);
         let place = Place {
             netns: Some(&topo.node),
             cgroup: Some(&topo.agent_cgroup),

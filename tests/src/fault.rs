@@ -317,6 +317,92 @@ fn idle_line(out: &[String], prefix: &str) -> anyhow::Result<IdleCounts> {
     })
 }
 
+/// `sy-probe streams` from a pod: long-lived connections that keep exchanging checked chunks.
+pub struct Streams {
+    process: Process,
+    seconds: f64,
+    pub opened: u64,
+}
+
+/// What the streams came to.
+#[derive(Debug, Clone, Default)]
+pub struct StreamCounts {
+    pub opened: u64,
+    /// Streams asked for: opened or failed to open.
+    pub started: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub corrupt: u64,
+    /// How each failed stream ended (`failed-echo-reset`, …).
+    pub failures: Vec<String>,
+}
+
+impl Streams {
+    /// Opens `count` streams to `to` that talk for `seconds`; returns once they are open.
+    pub fn open(
+        topo: &Topology,
+        pod: usize,
+        to: SocketAddr,
+        count: usize,
+        seconds: f64,
+    ) -> anyhow::Result<Self> {
+        let (to, n, secs) = (to.to_string(), count.to_string(), format!("{seconds}"));
+        let args = ["streams", "--to", &to, "--count", &n, "--seconds", &secs];
+        let mut process = topo.probe(pod, &args)?;
+        process.wait_for("streams opened=", Duration::from_secs(60))?;
+        let line = process
+            .output()
+            .iter()
+            .find_map(|l| l.strip_prefix("streams opened=").map(str::to_owned))
+            .context("streams opened")?;
+        let opened = line
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .context("streams opened")?;
+        Ok(Streams {
+            process,
+            seconds,
+            opened,
+        })
+    }
+
+    /// Waits for every stream to end and reads how each did.
+    pub fn finish(mut self) -> anyhow::Result<StreamCounts> {
+        let limit = Duration::from_secs_f64(self.seconds) + Duration::from_secs(60);
+        let status = self.process.wait_exit(limit)?;
+        let out = self.process.output();
+        anyhow::ensure!(
+            status.success(),
+            "sy-probe streams failed: {}",
+            out.join("\n")
+        );
+        let line = out
+            .iter()
+            .find_map(|l| l.strip_prefix("streams done="))
+            .with_context(|| format!("no streams summary in {out:?}"))?;
+        let f = fields(line);
+        Ok(StreamCounts {
+            opened: self.opened,
+            started: line
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .context("streams done")?,
+            ok: number(&f, "ok")?,
+            failed: number(&f, "failed")?,
+            corrupt: number(&f, "corrupt")?,
+            failures: out
+                .iter()
+                .filter_map(|l| l.strip_prefix("stream "))
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|w| w.starts_with("failed"))
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+}
+
 /// One scenario's result: what it counted, the rule it is judged by, and the verdict.
 pub struct Report {
     scenario: String,
@@ -356,6 +442,13 @@ impl Report {
         self.sent += check.checked;
         self.failed += check.failed;
         self.corrupt += check.corrupt;
+    }
+
+    /// Adds long-lived streams to the totals (each counts as a request).
+    pub fn add_streams(&mut self, streams: &StreamCounts) {
+        self.sent += streams.started;
+        self.failed += streams.failed;
+        self.corrupt += streams.corrupt;
     }
 
     /// Records a scenario-specific number or fact.

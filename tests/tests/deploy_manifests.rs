@@ -213,11 +213,6 @@ fn the_agent_daemonset_is_least_privilege_on_every_node() {
     let spec = ds.spec.as_ref().unwrap();
     let strategy = spec.update_strategy.as_ref().unwrap();
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
-    let rolling = strategy.rolling_update.as_ref().unwrap();
-    assert_eq!(
-        rolling.max_unavailable,
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
-    );
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true));
     let tolerations = pod.tolerations.clone().unwrap_or_default();
@@ -254,8 +249,7 @@ fn the_agent_daemonset_is_least_privilege_on_every_node() {
             .and_then(|p| p.http_get.as_ref())
             .map(|h| (h.path.clone().unwrap_or_default(), h.port.clone()))
     };
-    let metrics =
-        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into());
+    let metrics = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9479);
     assert_eq!(
         probe_path(&agent.readiness_probe),
         Some(("/readyz".into(), metrics.clone()))
@@ -263,6 +257,60 @@ fn the_agent_daemonset_is_least_privilege_on_every_node() {
     assert_eq!(
         probe_path(&agent.liveness_probe),
         Some(("/healthz".into(), metrics))
+    );
+}
+
+/// An upgrade starts the new pod before the old one stops, the new agent takes the listeners
+/// over, and the old one has the time to drain (docs/zero-downtime.md).
+#[test]
+fn the_agent_daemonset_upgrades_without_downtime() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let m = manifests();
+    let ds = &m.daemonsets["switchyard"];
+    let spec = ds.spec.as_ref().unwrap();
+    let rolling = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref())
+        .unwrap();
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    let pod = spec.template.spec.as_ref().unwrap();
+    let agent = agent_container(ds);
+    // With hostNetwork a declared port is a hostPort, and a surge pod asking for the old pod's
+    // hostPorts is never scheduled on its node.
+    assert!(
+        agent.ports.as_ref().is_none_or(Vec::is_empty),
+        "no ports on a surging hostNetwork pod"
+    );
+    let args = agent.args.clone().unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a == "--wait-after-handover"),
+        "{args:?}"
+    );
+    assert!(!args.iter().any(|a| a == "--no-handover"), "{args:?}");
+    // The grace period covers the drain (the agent's default, or the config's) plus a margin.
+    let cm = &m.config_maps[0];
+    let template = cm.data.as_ref().unwrap()["agent.toml"].clone();
+    let drain: i64 = config_value(&template, "forwarder", "drain_on_exit")
+        .trim_end_matches('s')
+        .parse()
+        .expect("drain_on_exit in whole seconds");
+    let grace = pod.termination_grace_period_seconds.unwrap_or(30);
+    assert!(grace >= drain + 5, "grace {grace}s, drain {drain}s");
+    // Both pods mount the same run directory: the new agent finds the old one's handover
+    // socket there, beside the API socket.
+    let run = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "run")
+        .and_then(|v| v.host_path.as_ref())
+        .map(|h| h.path.clone());
+    assert_eq!(run.as_deref(), Some("/run/switchyard"));
+    assert_eq!(
+        config_value(&template, "api", "socket"),
+        "/run/switchyard/api.sock"
     );
 }
 
@@ -353,15 +401,16 @@ fn the_config_the_daemonset_renders_is_accepted_and_matches_its_mounts() {
     let (_, host) = host_path("/sys/fs/cgroup");
     assert_eq!(host.as_deref(), Some("/sys/fs/cgroup"));
 
-    // The metrics port is the one probed and announced.
+    // The metrics port is the one probed and announced (no `ports:`: see the upgrade test).
     let listen = config_value(&template, "metrics", "listen");
     let port: i32 = listen.rsplit(':').next().unwrap().parse().unwrap();
-    let ports = agent.ports.clone().unwrap_or_default();
-    assert!(
-        ports
-            .iter()
-            .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == port)
-    );
+    for probe in [&agent.readiness_probe, &agent.liveness_probe] {
+        let probed = probe.as_ref().and_then(|p| p.http_get.as_ref());
+        assert_eq!(
+            probed.map(|h| h.port.clone()),
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port))
+        );
+    }
     let annotations = ds
         .spec
         .as_ref()

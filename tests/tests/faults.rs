@@ -19,7 +19,7 @@ use std::{
 use serde_json::Value;
 use switchyard_testkit::{
     Agent, Topology, control, entries,
-    fault::{self, Idle, Load, Report, monotonic_ns},
+    fault::{self, Idle, Load, Report, Streams, monotonic_ns},
     require_root,
     servers::Etcd,
 };
@@ -28,8 +28,7 @@ const KERNEL_VIP: &str = "10.96.0.10:80";
 const PROXY_VIP: &str = "10.96.0.20:80";
 /// Load clients per load: in-flight requests at any instant are at most this many.
 const CLIENTS: usize = 4;
-/// A restarted agent's proxy-mode service must serve every request started this long after
-/// the agent said it was ready.
+/// A saturated forwarder must serve every request started this long after it has room again.
 const RECOVERY: Duration = Duration::from_secs(2);
 /// Descriptors the agent needs beside two per held connection: its own, the forwarder's
 /// reserve for the control side (160), the load's connections.
@@ -146,9 +145,19 @@ fn a_backend_killed_under_load_costs_no_request_started_after_it() -> anyhow::Re
     r.finish()
 }
 
+/// The kernel's proxy-mode fallback counter, from the agent's metrics.
+fn fallback_total(topo: &Topology) -> anyhow::Result<u64> {
+    let a = control::get_in(&topo.node, topo.metrics(), "/metrics", None)?;
+    Ok(control::sample(
+        &a.body,
+        "switchyard_kernel_events_total{counter=\"proxy_fallback\"}",
+    )
+    .unwrap_or(0.0) as u64)
+}
+
 #[test]
-fn kernel_mode_flows_while_the_agent_restarts_and_proxy_mode_recovers() -> anyhow::Result<()> {
-    if !require_root("kernel_mode_flows_while_the_agent_restarts_and_proxy_mode_recovers") {
+fn both_modes_flow_while_the_agent_restarts() -> anyhow::Result<()> {
+    if !require_root("both_modes_flow_while_the_agent_restarts") {
         return Ok(());
     }
     let topo = Topology::new(1, 3)?;
@@ -162,41 +171,39 @@ fn kernel_mode_flows_while_the_agent_restarts_and_proxy_mode_recovers() -> anyho
     let half = ["--rate", "100"];
     let kernel = Load::start(&topo, 0, vip(KERNEL_VIP), 600.0, &half)?;
     let proxy = Load::start(&topo, 0, vip(PROXY_VIP), 600.0, &half)?;
+    let streams = Streams::open(&topo, 0, vip(PROXY_VIP), 4, seconds / 3.0 + 1.0)?;
     pause(seconds / 3.0);
     let stopping = monotonic_ns();
-    agent.process.stop(Duration::from_secs(10))?;
+    // SIGTERM: proxy mode goes to the kernel fallback; the old forwarder drains the streams.
+    agent.process.stop(Duration::from_secs(30))?;
     drop(agent);
     pause(seconds / 3.0);
     let restarting = monotonic_ns();
     let _agent = Agent::start(&topo, &config)?;
     let ready = monotonic_ns();
-    pause((seconds / 3.0).max(RECOVERY.as_secs_f64() + 1.0));
+    pause(seconds / 3.0);
     let kernel = kernel.stop_and_finish()?;
     let proxy = proxy.stop_and_finish()?;
+    let streams = streams.finish()?;
+    let fallback = fallback_total(&topo)?;
 
-    let recovered = ready + RECOVERY.as_nanos();
-    let late = proxy.failed_after(recovered);
-    let last_failure = proxy.failures.iter().map(|f| f.end_ns).max().unwrap_or(0);
     let mut r = Report::new(
         "agent-restart",
-        &format!(
-            "kernel mode: failed == 0 throughout; proxy mode: every request started {}s after \
-             the restarted agent is ready succeeds; corrupt == 0",
-            RECOVERY.as_secs()
-        ),
+        "graceful stop and start: kernel mode and proxy mode failed == 0 throughout (proxy mode \
+         through the kernel fallback while no forwarder listens); proxied long-lived streams \
+         complete; corrupt == 0",
     );
     r.add_load(&kernel);
     r.add_load(&proxy);
+    r.add_streams(&streams);
     r.note("kernel_sent", kernel.sent);
     r.note("kernel_failed", kernel.failed);
     r.note("proxy_sent", proxy.sent);
     r.note("proxy_failed", proxy.failed);
+    r.note("proxy_fallback", fallback);
+    r.note("streams_ok", streams.ok);
     r.note("agent_down_ms", ms(ready - stopping));
     r.note("restart_ms", ms(ready - restarting));
-    r.note(
-        "proxy_last_failure_after_ready_ms",
-        ms(last_failure.saturating_sub(ready)),
-    );
     r.note("proxy_errors", proxy.first_errors());
     r.check(
         kernel.failed == 0,
@@ -206,15 +213,86 @@ fn kernel_mode_flows_while_the_agent_restarts_and_proxy_mode_recovers() -> anyho
             kernel.first_errors()
         ),
     );
-    r.check(kernel.ok > 0, "kernel mode: nothing succeeded");
     r.check(
-        late == 0,
-        format!("proxy mode: {late} failed after recovery"),
+        proxy.failed == 0,
+        format!(
+            "proxy mode: {} failed ({})",
+            proxy.failed,
+            proxy.first_errors()
+        ),
+    );
+    r.check(kernel.ok > 0 && proxy.ok > 0, "nothing succeeded");
+    r.check(
+        streams.ok == streams.opened && streams.opened == 4,
+        format!("streams: {streams:?}"),
+    );
+    r.check(fallback > 0, "proxy mode never went through the fallback");
+    r.check(r.corrupt() == 0, "corrupt payloads");
+    r.finish()
+}
+
+#[test]
+fn both_modes_flow_when_the_agent_is_killed() -> anyhow::Result<()> {
+    if !require_root("both_modes_flow_when_the_agent_is_killed") {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 3)?;
+    let config = topo.agent_config(
+        &(service(&topo, "kern", KERNEL_VIP, "kernel", &[0, 1, 2], "")
+            + &service(&topo, "prox", PROXY_VIP, "proxy", &[0, 1, 2], "")),
+    );
+    let mut agent = Agent::start(&topo, &config)?;
+    let seconds = fault::load_seconds();
+    let half = ["--rate", "100"];
+    let kernel = Load::start(&topo, 0, vip(KERNEL_VIP), 600.0, &half)?;
+    let proxy = Load::start(&topo, 0, vip(PROXY_VIP), 600.0, &half)?;
+    let streams = Streams::open(&topo, 0, vip(PROXY_VIP), 4, seconds)?;
+    pause(seconds / 3.0);
+    agent.process.kill();
+    // After the kill returned: the agent is reaped, its sockets closed.
+    let killed_at = monotonic_ns();
+    drop(agent);
+    pause(seconds / 3.0);
+    let _agent = Agent::start(&topo, &config)?;
+    pause(seconds / 3.0);
+    let kernel = kernel.stop_and_finish()?;
+    let proxy = proxy.stop_and_finish()?;
+    let streams = streams.finish()?;
+    let fallback = fallback_total(&topo)?;
+
+    let after = proxy.failed_after(killed_at);
+    let mut r = Report::new(
+        "agent-kill",
+        &format!(
+            "kill -9: kernel mode failed == 0; proxy mode: requests started after the kill \
+             failed == 0 (the kernel fallback), in flight at most one per client ({CLIENTS}); \
+             the streams the dead forwarder carried are the only ones lost; corrupt == 0"
+        ),
+    );
+    r.add_load(&kernel);
+    r.add_load(&proxy);
+    r.add_streams(&streams);
+    r.note("kernel_sent", kernel.sent);
+    r.note("kernel_failed", kernel.failed);
+    r.note("proxy_sent", proxy.sent);
+    r.note("proxy_failed", proxy.failed);
+    r.note("proxy_failed_after_kill", after);
+    r.note("proxy_fallback", fallback);
+    r.note("streams_lost", streams.failed);
+    r.note("proxy_errors", proxy.first_errors());
+    r.check(
+        kernel.failed == 0,
+        format!("kernel mode: {} failed", kernel.failed),
     );
     r.check(
-        proxy.last_ok_ns > ready,
-        "proxy mode: nothing succeeded after the restart",
+        after == 0,
+        format!("proxy mode: {after} started after the kill failed"),
     );
+    r.check(
+        proxy.failed - after <= CLIENTS as u64,
+        format!("proxy mode: {} in flight failed", proxy.failed - after),
+    );
+    r.check(fallback > 0, "proxy mode never went through the fallback");
     r.check(r.corrupt() == 0, "corrupt payloads");
     r.finish()
 }

@@ -78,21 +78,85 @@ pub enum ApiError {
 pub struct ApiServer {
     task: JoinHandle<()>,
     path: PathBuf,
+    /// Another descriptor of the listening socket, for a successor to take over.
+    listener: Option<std::os::unix::net::UnixListener>,
+    remove: bool,
+}
+
+impl ApiServer {
+    /// The listening socket, for a successor agent (see `handover`).
+    pub fn listener(&self) -> Option<&std::os::unix::net::UnixListener> {
+        self.listener.as_ref()
+    }
+
+    /// Stops accepting and leaves the socket file in place: a successor serves on it now.
+    /// Requests already accepted are answered.
+    pub fn hand_over(mut self) {
+        self.remove = false;
+    }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.task.abort();
-        let _ = std::fs::remove_file(&self.path);
+        if self.remove {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
 /// Binds the socket as configured and serves `api` on it (`None`: the API is turned off).
 pub fn start(config: &ApiConfig, api: Api) -> Result<Option<ApiServer>, ApiError> {
+    start_on(config, api, None)
+}
+
+/// As [`start`], serving on `inherited` (a previous agent's listening socket, handed over)
+/// when it is bound to the configured path: the socket never stops answering.
+pub fn start_on(
+    config: &ApiConfig,
+    api: Api,
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> Result<Option<ApiServer>, ApiError> {
     let Some(path) = &config.socket else {
         return Ok(None);
     };
-    let listener = bind(path, config.mode, config.group.as_deref())?;
+    let io = |source| ApiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    // A socket is bound under a temporary name and renamed into place (see `bind`): its
+    // address is that name, `<path>.<pid>.tmp`.
+    let same_path = |l: &std::os::unix::net::UnixListener| {
+        let bound_as = l.local_addr().ok();
+        let bound_as = bound_as.as_ref().and_then(|a| a.as_pathname());
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".");
+        bound_as.is_some_and(|b| {
+            b == path.as_path()
+                || (b
+                    .as_os_str()
+                    .as_encoded_bytes()
+                    .starts_with(tmp.as_encoded_bytes())
+                    && b.as_os_str().as_encoded_bytes().ends_with(b".tmp"))
+        })
+    };
+    let listener = match inherited.filter(same_path) {
+        Some(l) => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.mode))
+                .map_err(io)?;
+            l.set_nonblocking(true).map_err(io)?;
+            UnixListener::from_std(l).map_err(io)?
+        }
+        None => bind(path, config.mode, config.group.as_deref())?,
+    };
+    let kept = {
+        use std::os::fd::AsFd as _;
+        listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::os::unix::net::UnixListener::from)
+            .map_err(io)?
+    };
     // `bind` refused an unknown group already.
     let listener = peer::Trusted::new(listener, config.group.as_deref().and_then(gid_of));
     info!(socket = %path.display(), mode = format!("{:#o}", config.mode), group = ?config.group, "API listening");
@@ -112,6 +176,8 @@ pub fn start(config: &ApiConfig, api: Api) -> Result<Option<ApiServer>, ApiError
     Ok(Some(ApiServer {
         task,
         path: path.clone(),
+        listener: Some(kept),
+        remove: true,
     }))
 }
 

@@ -29,20 +29,22 @@ pub fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
     let divisor = usable.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
     let weights: Vec<u32> = usable.iter().map(|&(_, w)| w / divisor).collect();
     match service.algorithm {
-        Algorithm::Random | Algorithm::LeastConnections | Algorithm::PeakEwma => {
-            usable.iter().map(|&(i, _)| ids[i]).collect()
-        }
+        Algorithm::Random => usable.iter().map(|&(i, _)| ids[i]).collect(),
         Algorithm::WeightedRandom => usable
             .iter()
             .zip(&weights)
             .flat_map(|(&(i, _), &w)| std::iter::repeat_n(ids[i], w as usize))
             .take(MAX_SLOTS_PER_SERVICE as usize)
             .collect(),
-        Algorithm::RoundRobin => smooth_weighted_order(&weights)
-            .into_iter()
-            .map(|k| ids[usable[k].0])
-            .take(MAX_SLOTS_PER_SERVICE as usize)
-            .collect(),
+        // Proxy-only algorithms use the slots only while no forwarder listens (the kernel
+        // fallback): in turn, weights honoured.
+        Algorithm::RoundRobin | Algorithm::LeastConnections | Algorithm::PeakEwma => {
+            smooth_weighted_order(&weights)
+                .into_iter()
+                .map(|k| ids[usable[k].0])
+                .take(MAX_SLOTS_PER_SERVICE as usize)
+                .collect()
+        }
         Algorithm::Maglev | Algorithm::RingHash => {
             let keys: Vec<u64> = usable
                 .iter()
@@ -67,8 +69,9 @@ pub fn kernel_algorithm(algorithm: Algorithm) -> u8 {
         Algorithm::Random | Algorithm::WeightedRandom => kmaps::algorithm::RANDOM,
         Algorithm::RoundRobin => kmaps::algorithm::ROUND_ROBIN,
         Algorithm::Maglev | Algorithm::RingHash => kmaps::algorithm::MAGLEV,
-        // Proxy-only algorithms: the kernel only redirects, any slot order will do.
-        Algorithm::LeastConnections | Algorithm::PeakEwma => kmaps::algorithm::RANDOM,
+        // Proxy-only algorithms: the kernel picks only while no forwarder listens (the
+        // fallback), and then goes round the weighted order.
+        Algorithm::LeastConnections | Algorithm::PeakEwma => kmaps::algorithm::ROUND_ROBIN,
     }
 }
 
@@ -112,6 +115,18 @@ mod tests {
         assert_eq!(slots.iter().filter(|&&b| b == 2).count(), 3);
         let s = service(Algorithm::Random, &[(2, Ready), (6, Ready)]);
         assert_eq!(slot_layout(&s, &[1, 2]), vec![1, 2]);
+    }
+
+    #[test]
+    fn proxy_only_algorithms_fall_back_to_weighted_round_robin() {
+        use BackendState::*;
+        for a in [Algorithm::LeastConnections, Algorithm::PeakEwma] {
+            let s = service(a, &[(1, Ready), (3, Ready), (1, Maint)]);
+            let slots = slot_layout(&s, &[1, 2, 3]);
+            assert_eq!(slots.len(), 4, "{a:?}");
+            assert_eq!(slots.iter().filter(|&&b| b == 2).count(), 3, "{a:?}");
+            assert_eq!(kernel_algorithm(a), kmaps::algorithm::ROUND_ROBIN);
+        }
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct ForwarderConfig {
     pub retries: u32,
     /// Forwarder threads; 0: one per CPU the agent may run on.
     pub threads: usize,
+    /// How long a stopping (or handed-over) agent keeps copying its open connections.
+    pub drain_on_exit: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -198,6 +200,7 @@ struct RawForwarder {
     retries: Option<u32>,
     #[serde(default)]
     threads: usize,
+    drain_on_exit: Option<HumanDuration>,
 }
 
 impl AgentConfig {
@@ -237,6 +240,10 @@ impl AgentConfig {
                 .map_or(defaults::CONNECT_TIMEOUT, |d| d.0),
             retries: raw.forwarder.retries.unwrap_or(defaults::CONNECT_RETRIES),
             threads: raw.forwarder.threads,
+            drain_on_exit: raw
+                .forwarder
+                .drain_on_exit
+                .map_or(defaults::DRAIN_ON_EXIT, |d| d.0),
         };
         if raw
             .datapath
@@ -410,6 +417,10 @@ backends = ["10.77.0.11:8080", { address = "10.77.0.12:8080", weight = 3, state 
         assert_eq!(s.backends[1].weight, 3);
         assert_eq!(s.backends[1].state, BackendState::Drain);
         assert_eq!(c.forwarder.connect_timeout, defaults::CONNECT_TIMEOUT);
+        assert_eq!(c.forwarder.drain_on_exit, defaults::DRAIN_ON_EXIT);
+        let c =
+            parse(&GOOD.replace("[forwarder]\n", "[forwarder]\ndrain_on_exit = \"2s\"\n")).unwrap();
+        assert_eq!(c.forwarder.drain_on_exit, Duration::from_secs(2));
     }
 
     #[test]

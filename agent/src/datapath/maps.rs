@@ -2,13 +2,13 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockMap},
 };
 use switchyard_common::{
     counters::Counter,
     maps::{
-        Backend, BackendId, Endpoint, MemberKey, RevKey, ServiceKey, ServiceValue, Settings,
-        SlotKey, SockTuple,
+        Backend, BackendId, Endpoint, LISTENER_V4, LISTENER_V6, MemberKey, RevKey, ServiceKey,
+        ServiceValue, Settings, SlotKey, SockTuple,
     },
 };
 
@@ -64,6 +64,7 @@ pub struct KernelMaps {
     rev_nat: HashMap<MapData, RevKey, Endpoint>,
     opt_out_cgroups: HashMap<MapData, u64, u8>,
     opt_out_ports: HashMap<MapData, u32, u8>,
+    listeners: SockMap<MapData>,
 }
 
 impl KernelMaps {
@@ -78,6 +79,7 @@ impl KernelMaps {
             rev_nat: take(ebpf, "REV_NAT")?,
             opt_out_cgroups: take(ebpf, "OPT_OUT_CGROUPS")?,
             opt_out_ports: take(ebpf, "OPT_OUT_PORTS")?,
+            listeners: take(ebpf, "FORWARDER_LISTENERS")?,
         })
     }
 
@@ -178,6 +180,32 @@ impl KernelMaps {
         }
         for &p in ports {
             op("OPT_OUT_PORTS", self.opt_out_ports.insert(p as u32, 1, 0))?;
+        }
+        Ok(())
+    }
+
+    /// Files the forwarder's listening sockets (one per family) where the connect hooks look:
+    /// from now on they steer proxy-mode services to the forwarder instead of balancing them
+    /// in the kernel. The kernel drops an entry by itself when its socket closes.
+    pub fn set_listeners(&mut self, listeners: &[&std::net::TcpListener]) -> Result<(), MapsError> {
+        for family_v4 in [true, false] {
+            let index = if family_v4 { LISTENER_V4 } else { LISTENER_V6 };
+            let found = listeners
+                .iter()
+                .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == family_v4));
+            match found {
+                Some(l) => op("FORWARDER_LISTENERS", self.listeners.set(index, *l, 0))?,
+                None => gone_ok("FORWARDER_LISTENERS", self.listeners.clear_index(&index))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties the listener slots: proxy-mode services fall back to the kernel's choice at
+    /// once, before the forwarder closes its listeners (a graceful stop).
+    pub fn clear_listeners(&mut self) -> Result<(), MapsError> {
+        for index in [LISTENER_V4, LISTENER_V6] {
+            gone_ok("FORWARDER_LISTENERS", self.listeners.clear_index(&index))?;
         }
         Ok(())
     }

@@ -189,6 +189,14 @@ pub fn opt_out_cgroups(cfg: &DatapathConfig) -> Result<Vec<u64>, DatapathError> 
     Ok(ids)
 }
 
+impl Datapath {
+    /// Lets go of the steering links: after a handover the successor has attached and pinned
+    /// its own, and these (unpinned by it) would run beside them until this agent exits.
+    pub fn release_links(&mut self) {
+        self._links.clear();
+    }
+}
+
 fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> DatapathError {
     move |source| DatapathError::Program { name, source }
 }

@@ -4,6 +4,7 @@
 
 pub mod affinity;
 mod copy;
+pub mod exit;
 mod occupancy;
 mod origdst;
 pub mod reserve;
@@ -22,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 pub use copy::{CopyError, Moved};
+pub use exit::Exit;
 pub use origdst::OrigDst;
 pub use reserve::DescriptorReserve;
 pub use table::{ForwardingDefaults, SharedTable, Table};
@@ -41,25 +43,27 @@ pub struct Forwarder {
     pub descriptors: DescriptorReserve,
     /// Proxy-mode session affinity, node-wide.
     pub affinity: affinity::AffinityTable,
+    /// Stopping: accepting ends, connections drain (see [`exit`]).
+    pub exit: Exit,
 }
 
 impl Forwarder {
-    /// Accepts until the task is dropped.
+    /// Accepts until the forwarder stops accepting (see [`exit`]); then takes what the
+    /// listener's queue already holds and closes this descriptor of it.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "forwarder listening");
         let mut failures = AcceptFailures::default();
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                biased;
+                _ = self.exit.stopped() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     failures.accepted("forwarder");
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let Some(_held) = me.descriptors.take() else {
-                            return refuse(&stream);
-                        };
-                        me.handle(stream, peer).await
-                    });
+                    self.clone().spawn(stream, peer);
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off briefly rather than spin.
@@ -68,6 +72,36 @@ impl Forwarder {
                 }
             }
         }
+        // Connections queued before accepting stopped passed the hook while this listener was
+        // in its sight: they are served, not reset by the close.
+        let Ok(listener) = listener.into_std() else {
+            return;
+        };
+        while let Ok((stream, peer)) = listener.accept() {
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                self.clone().spawn(stream, peer);
+            }
+        }
+        debug!(listen = ?local, "forwarder stopped accepting");
+    }
+
+    /// Serves one accepted connection on this thread, counted for the drain.
+    fn spawn(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        tokio::spawn(async move {
+            let fd = exit::raw(&stream);
+            let me = self.clone();
+            self.exit
+                .guard(fd, async move {
+                    let Some(_held) = me.descriptors.take() else {
+                        return refuse(&stream);
+                    };
+                    me.handle(stream, peer).await
+                })
+                .await
+        });
     }
 
     /// One redirected connection: admit it, connect until the backend shows a sign of life,

@@ -141,11 +141,22 @@ pub enum MetricsError {
 }
 
 /// The running endpoint; dropping it stops serving.
-pub struct MetricsServer(JoinHandle<()>);
+pub struct MetricsServer {
+    task: JoinHandle<()>,
+    /// Another descriptor of the listening socket, for a successor to take over.
+    listener: Option<std::net::TcpListener>,
+}
+
+impl MetricsServer {
+    /// The listening socket, for a successor agent (see `handover`).
+    pub fn listener(&self) -> Option<&std::net::TcpListener> {
+        self.listener.as_ref()
+    }
+}
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
@@ -163,12 +174,35 @@ pub async fn start(
     config: &MetricsConfig,
     metrics: Metrics,
 ) -> Result<Option<MetricsServer>, MetricsError> {
+    start_on(config, metrics, None).await
+}
+
+/// As [`start`], serving on `inherited` (a previous agent's listening socket, handed over)
+/// when it listens on the configured address: `/healthz` never stops answering.
+pub async fn start_on(
+    config: &MetricsConfig,
+    metrics: Metrics,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<Option<MetricsServer>, MetricsError> {
     let Some(addr) = config.listen else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let err = |source| MetricsError::Bind { addr, source };
+    let listener = match inherited.filter(|l| l.local_addr().is_ok_and(|a| a == addr)) {
+        Some(l) => {
+            l.set_nonblocking(true).map_err(err)?;
+            TcpListener::from_std(l).map_err(err)?
+        }
+        None => TcpListener::bind(addr).await.map_err(err)?,
+    };
+    let kept = {
+        use std::os::fd::AsFd as _;
+        listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::net::TcpListener::from)
+            .map_err(err)?
+    };
     info!(%addr, "metrics listening (/metrics, /healthz, /readyz)");
     let metrics = Arc::new(metrics);
     // Probes are answered whatever scrapers hold (see `defaults::PROBE_RESERVE`).
@@ -186,7 +220,10 @@ pub async fn start(
             .any(|v| v.contains("application/openmetrics-text"));
         std::future::ready(answer(&metrics, &req.method, &req.path, openmetrics))
     }));
-    Ok(Some(MetricsServer(task)))
+    Ok(Some(MetricsServer {
+        task,
+        listener: Some(kept),
+    }))
 }
 
 fn answer(metrics: &Arc<Metrics>, method: &Method, path: &str, openmetrics: bool) -> Reply {

@@ -4,7 +4,7 @@
 //! receives until the client half-closes; every UDP datagram is answered with the name.
 //! `ask` connects N times to an address and prints which names answered (one `NAME COUNT` line
 //! each; failures as `error:KIND COUNT`).
-//! `load` and `idle` are the fault-injection suite's clients (see `faults`).
+//! `load`, `idle` and `streams` are the fault-injection suite's clients (see `faults`).
 
 // In a directory of its own: a file beside this one would be taken for another binary.
 #[path = "sy-probe/faults.rs"]
@@ -132,6 +132,24 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Long-lived connections that keep talking: each sends `chunk` bytes every
+    /// `interval_ms` and checks their echo, for `seconds`; then ends cleanly.
+    Streams {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        count: usize,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4096)]
+        chunk: usize,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// One connection that ends abruptly. With `reset`: read a line from the server, send
     /// `bytes`, then close with a reset, and print `reset-sent`. Without: read to the end and
     /// print `ended eof N` or `ended reset N` (N bytes read) — or `ended timeout N`.
@@ -238,6 +256,23 @@ fn main() -> io::Result<()> {
             timeout: Duration::from_millis(timeout_ms),
             give_up,
             release,
+            seed,
+        }),
+        Cmd::Streams {
+            to,
+            count,
+            seconds,
+            chunk,
+            interval_ms,
+            timeout_ms,
+            seed,
+        } => faults::streams(faults::StreamsArgs {
+            to,
+            count,
+            seconds: Duration::from_secs_f64(seconds),
+            chunk: chunk.max(1),
+            interval: Duration::from_millis(interval_ms),
+            timeout: Duration::from_millis(timeout_ms),
             seed,
         }),
         Cmd::UdpAsk {

@@ -283,3 +283,103 @@ fn raise_nofile() {
         }
     }
 }
+
+/// The arguments of `sy-probe streams`.
+pub struct StreamsArgs {
+    pub to: SocketAddr,
+    pub count: usize,
+    pub seconds: Duration,
+    pub chunk: usize,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub seed: u64,
+}
+
+/// Long-lived connections that keep talking: opens `count` (each must show the backend's
+/// name), prints `streams opened=..`, then on each sends a seeded chunk every `interval` and
+/// checks its echo, for `seconds`; half-closes, reads to EOF, and prints one
+/// `stream I ok|corrupt|failed-KIND bytes=N end_ns=..` line each and a `streams done=.. ok=..
+/// failed=.. corrupt=..` summary.
+pub fn streams(args: StreamsArgs) -> io::Result<()> {
+    let mut open = Vec::with_capacity(args.count);
+    let mut failed_open = 0usize;
+    for _ in 0..args.count {
+        match open_named(args.to, args.timeout) {
+            Ok(s) => open.push(s),
+            Err(_) => failed_open += 1,
+        }
+    }
+    println!("streams opened={} failed={failed_open}", open.len());
+    io::stdout().flush()?;
+    let args = Arc::new(args);
+    let threads: Vec<_> = open
+        .into_iter()
+        .enumerate()
+        .map(|(i, stream)| {
+            let args = args.clone();
+            std::thread::spawn(move || talk(stream, &args, args.seed ^ ((i as u64) << 32)))
+        })
+        .collect();
+    let (mut ok, mut failed, mut corrupt) = (0usize, failed_open, 0usize);
+    let mut out = io::stdout().lock();
+    for (i, t) in threads.into_iter().enumerate() {
+        let (outcome, bytes) = t.join().unwrap_or((Outcome::Failed("panic".into()), 0));
+        let end_ns = monotonic_ns();
+        let word = match outcome {
+            Outcome::Ok => {
+                ok += 1;
+                "ok".to_owned()
+            }
+            Outcome::Corrupt => {
+                corrupt += 1;
+                "corrupt".to_owned()
+            }
+            Outcome::Failed(kind) => {
+                failed += 1;
+                format!("failed-{kind}")
+            }
+        };
+        writeln!(out, "stream {i} {word} bytes={bytes} end_ns={end_ns}")?;
+    }
+    writeln!(
+        out,
+        "streams done={} ok={ok} failed={failed} corrupt={corrupt}",
+        ok + failed + corrupt
+    )?;
+    out.flush()
+}
+
+/// One stream's exchanges: (how it ended, bytes echoed intact).
+fn talk(mut stream: TcpStream, args: &StreamsArgs, seed: u64) -> (Outcome, u64) {
+    let kind = |what: &str, e: io::Error| format!("{what}-{}", error_kind(&e));
+    if let Err(e) = stream.set_write_timeout(Some(args.timeout)) {
+        return (Outcome::Failed(kind("setup", e)), 0);
+    }
+    let started = Instant::now();
+    let mut state = seed.max(1);
+    let (mut sent, mut got) = (vec![0u8; args.chunk], vec![0u8; args.chunk]);
+    let mut echoed = 0u64;
+    while started.elapsed() < args.seconds {
+        fill(&mut state, &mut sent);
+        if let Err(e) = stream.write_all(&sent) {
+            return (Outcome::Failed(kind("write", e)), echoed);
+        }
+        if let Err(e) = stream.read_exact(&mut got) {
+            return (Outcome::Failed(kind("echo", e)), echoed);
+        }
+        if got != sent {
+            return (Outcome::Corrupt, echoed);
+        }
+        echoed += got.len() as u64;
+        std::thread::sleep(args.interval);
+    }
+    if let Err(e) = stream.shutdown(Shutdown::Write) {
+        return (Outcome::Failed(kind("shutdown", e)), echoed);
+    }
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => (Outcome::Ok, echoed),
+        Ok(_) => (Outcome::Corrupt, echoed),
+        Err(e) => (Outcome::Failed(kind("eof", e)), echoed),
+    }
+}
