@@ -58,21 +58,20 @@ pub enum Algorithm {
     RoundRobin,
     /// Consistent hashing on the client: a client keeps its backend while the set changes.
     Maglev,
-    /// Proxy mode: power of two choices on active connections (Envoy's least_request).
+    /// Power of two choices on active connections per weight (Envoy's least_request); in
+    /// kernel mode on the programs' own per-backend counts.
     LeastConnections,
-    /// Proxy mode: power of two choices on peak-EWMA connect latency (linkerd2-proxy).
+    /// Power of two choices on peak-EWMA latency × (active + 1) per weight (linkerd2-proxy);
+    /// in kernel mode the latency is the connect time the programs measure.
     PeakEwma,
     /// Proxy mode: consistent hashing on a ring (Envoy's ring_hash).
     RingHash,
 }
 
 impl Algorithm {
-    /// Algorithms only the forwarder can run: they need load or latency the kernel does not see.
+    /// Algorithms only the forwarder runs: the kernel's consistent hash is Maglev.
     pub fn proxy_only(self) -> bool {
-        matches!(
-            self,
-            Algorithm::LeastConnections | Algorithm::PeakEwma | Algorithm::RingHash
-        )
+        matches!(self, Algorithm::RingHash)
     }
 
     pub fn hashes_client(self) -> bool {
@@ -231,7 +230,9 @@ pub enum Invalid {
     AffinityTimeout,
     #[error("mode: proxy mode is for TCP; UDP services use kernel mode")]
     UdpProxy,
-    #[error("algorithm: {0:?} needs mode = \"proxy\" (the kernel does not see load or latency)")]
+    #[error(
+        "algorithm: {0:?} needs mode = \"proxy\" (the kernel's consistent hash is `maglev`)"
+    )]
     ProxyOnly(Algorithm),
     #[error("health: interval, timeout, rise and fall must be positive, timeout at most interval")]
     Health,
@@ -336,6 +337,18 @@ mod tests {
     #[test]
     fn accepts_a_plain_service() {
         assert_eq!(service().validate(), Ok(()));
+    }
+
+    #[test]
+    fn kernel_mode_takes_the_load_aware_algorithms_but_not_ring_hash() {
+        for a in [Algorithm::LeastConnections, Algorithm::PeakEwma] {
+            let mut s = service();
+            s.algorithm = a;
+            assert_eq!(s.validate(), Ok(()), "{a:?}");
+        }
+        let mut s = service();
+        s.algorithm = Algorithm::RingHash;
+        assert_eq!(s.validate(), Err(Invalid::ProxyOnly(Algorithm::RingHash)));
     }
 
     #[test]

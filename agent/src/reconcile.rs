@@ -309,7 +309,7 @@ impl Reconciler {
                 addr: to_words(b.addr.ip()),
                 port: b.addr.port(),
                 state: kernel_state(b.state),
-                _pad: 0,
+                weight: 1,
             };
             self.maps.put_backend(bid, &kb)?;
             ids.push(bid);
