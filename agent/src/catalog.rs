@@ -230,9 +230,7 @@ pub enum Invalid {
     AffinityTimeout,
     #[error("mode: proxy mode is for TCP; UDP services use kernel mode")]
     UdpProxy,
-    #[error(
-        "algorithm: {0:?} needs mode = \"proxy\" (the kernel's consistent hash is `maglev`)"
-    )]
+    #[error("algorithm: {0:?} needs mode = \"proxy\" (the kernel's consistent hash is `maglev`)")]
     ProxyOnly(Algorithm),
     #[error("health: interval, timeout, rise and fall must be positive, timeout at most interval")]
     Health,

@@ -20,7 +20,7 @@ use tracing::info;
 use crate::{
     balance::smooth_weighted_order,
     catalog::{Algorithm, BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
-    datapath::{KernelMaps, MapsError, addr::to_words},
+    datapath::{KernelMaps, MapsError, addr::to_words, learned},
     forwarder::{Defaults, SharedTable, Table},
     health::Board,
 };
@@ -77,6 +77,9 @@ struct Inherited {
     id: u32,
     live_half: usize,
     half_len: [u32; 2],
+    /// Its backends' ids (from their learning entries), kept so that what the programs
+    /// count for open connections carries over the restart.
+    backend_ids: HashMap<SocketAddr, BackendId>,
 }
 
 /// What the kernel holds for one service.
@@ -145,6 +148,16 @@ impl Reconciler {
             let len = &mut half_len.entry(k.service).or_default()[half];
             *len = (*len).max(k.slot % SLOT_HALF + 1);
         }
+        let mut backends_of: HashMap<u32, HashMap<SocketAddr, BackendId>> = HashMap::new();
+        for (bid, stats) in self.maps.all_backend_stats()? {
+            if let Some(b) = self.maps.backend(bid) {
+                let addr = SocketAddr::new(crate::datapath::addr::from_words(&b.addr), b.port);
+                backends_of
+                    .entry(stats.service)
+                    .or_default()
+                    .insert(addr, bid);
+            }
+        }
         for (key, value) in &existing.services {
             self.service_ids.reserve(value.id);
             self.inherited.insert(
@@ -153,6 +166,7 @@ impl Reconciler {
                     id: value.id,
                     live_half: (value.slot_base >= SLOT_HALF) as usize,
                     half_len: half_len.get(&value.id).copied().unwrap_or_default(),
+                    backend_ids: backends_of.remove(&value.id).unwrap_or_default(),
                 },
             );
         }
@@ -284,7 +298,7 @@ impl Reconciler {
         );
         let (id, half, mut half_len, mut backend_ids) = match state {
             (Some(a), _) => (a.id, 1 - a.half, a.half_len, a.backend_ids),
-            (None, Some(old)) => (old.id, 1 - old.live_half, old.half_len, HashMap::new()),
+            (None, Some(old)) => (old.id, 1 - old.live_half, old.half_len, old.backend_ids),
             (None, None) => {
                 let id = self
                     .service_ids
@@ -296,7 +310,10 @@ impl Reconciler {
 
         // Backends first: slots will point at them.
         let mut ids = Vec::with_capacity(service.backends.len());
-        for b in &service.backends {
+        let weights: Vec<u32> = service.backends.iter().map(|b| b.weight).collect();
+        let weights = learned::kernel_weights(&weights);
+        let tcp = service.addr.protocol == Protocol::Tcp;
+        for (b, &weight) in service.backends.iter().zip(&weights) {
             let bid = match backend_ids.get(&b.addr) {
                 Some(&bid) => bid,
                 None => self
@@ -305,11 +322,15 @@ impl Reconciler {
                     .ok_or(ReconcileError::TooManyBackends(kmaps::MAX_BACKENDS))?,
             };
             backend_ids.insert(b.addr, bid);
+            // The programs' counts for this backend: made once per id, never rewritten.
+            if tcp && self.maps.backend_stats(bid).is_none_or(|s| s.service != id) {
+                self.maps.create_backend_stats(bid, &learned::fresh(id))?;
+            }
             let kb = KernelBackend {
                 addr: to_words(b.addr.ip()),
                 port: b.addr.port(),
                 state: kernel_state(b.state),
-                weight: 1,
+                weight,
             };
             self.maps.put_backend(bid, &kb)?;
             ids.push(bid);
@@ -341,12 +362,16 @@ impl Reconciler {
                 Mode::Kernel => kmaps::mode::KERNEL,
                 Mode::Proxy => kmaps::mode::PROXY,
             },
-            algorithm: match service.algorithm {
-                Algorithm::Random | Algorithm::WeightedRandom => kmaps::algorithm::RANDOM,
-                Algorithm::RoundRobin => kmaps::algorithm::ROUND_ROBIN,
-                Algorithm::Maglev | Algorithm::RingHash => kmaps::algorithm::MAGLEV,
-                // Proxy-only algorithms: the kernel only redirects, any slot order will do.
-                Algorithm::LeastConnections | Algorithm::PeakEwma => kmaps::algorithm::RANDOM,
+            algorithm: match (service.algorithm, service.mode) {
+                (Algorithm::Random | Algorithm::WeightedRandom, _) => kmaps::algorithm::RANDOM,
+                (Algorithm::RoundRobin, _) => kmaps::algorithm::ROUND_ROBIN,
+                (Algorithm::Maglev | Algorithm::RingHash, _) => kmaps::algorithm::MAGLEV,
+                (Algorithm::LeastConnections, Mode::Kernel) => kmaps::algorithm::LEAST_CONNECTIONS,
+                (Algorithm::PeakEwma, Mode::Kernel) => kmaps::algorithm::PEAK_EWMA,
+                // Proxy mode: the kernel only redirects, any slot order will do.
+                (Algorithm::LeastConnections | Algorithm::PeakEwma, Mode::Proxy) => {
+                    kmaps::algorithm::RANDOM
+                }
             },
             flags: if service.affinity.is_some() {
                 kmaps::service_flags::AFFINITY
@@ -355,6 +380,8 @@ impl Reconciler {
             },
             _pad: 0,
         };
+        self.maps
+            .set_outlier(id, &learned::outlier_policy(service))?;
         self.maps.put_service(&key, &value)?;
 
         // Backends no longer listed: nothing points at them any more.
@@ -366,6 +393,7 @@ impl Reconciler {
             .collect();
         for (a, bid) in stale {
             self.maps.remove_backend(bid)?;
+            self.maps.remove_backend_stats(bid)?;
             self.backend_ids.give(bid);
             backend_ids.remove(&a);
         }
@@ -399,7 +427,10 @@ impl Reconciler {
         }
         for &bid in a.backend_ids.values() {
             self.maps.remove_backend(bid)?;
+            self.maps.remove_backend_stats(bid)?;
         }
+        self.maps
+            .set_outlier(a.id, &switchyard_common::maps::OutlierPolicy::default())?;
         if let Some(a) = self.applied.remove(addr) {
             a.backend_ids
                 .values()

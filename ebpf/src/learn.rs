@@ -211,7 +211,13 @@ pub fn p2c(svc: &ServiceValue, peak: bool) -> Option<BackendId> {
             fallback = Some(ca.id);
         }
         match (ca.ejected, cb.ejected) {
-            (false, false) => return Some(if cheaper(&ca, &cb, peak) { cb.id } else { ca.id }),
+            (false, false) => {
+                return Some(if cheaper(&ca, &cb, peak) {
+                    cb.id
+                } else {
+                    ca.id
+                })
+            }
             (false, true) => return Some(ca.id),
             (true, false) => return Some(cb.id),
             (true, true) => {}

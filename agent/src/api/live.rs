@@ -8,9 +8,15 @@ use std::{
     time::Instant,
 };
 
-use super::view::{BackendLive, CountersView, DrainProgress, ForwarderState, Health, ServiceState};
+use switchyard_common::maps::BackendStats;
+
+use super::view::{
+    BackendLive, CountersView, DrainProgress, ForwarderState, Health, KernelBackendView,
+    ServiceState,
+};
 use crate::{
-    catalog::{Catalog, Service, ServiceAddr},
+    catalog::{Catalog, Mode, Protocol, Service, ServiceAddr},
+    datapath::{learned, maps::KernelLearned},
     forwarder::{SharedTable, Table, table::ServiceShared},
     health::{BackendHealth, Board, Counters, Verdict},
     registry::{Registry, Source},
@@ -22,6 +28,8 @@ pub struct Live {
     pub registry: Registry,
     pub board: Arc<Board>,
     pub table: SharedTable,
+    /// What the eBPF programs count per kernel-mode backend (`None` in tests without them).
+    pub kernel: Option<Arc<KernelLearned>>,
 }
 
 /// One look at the catalog, the board and the table.
@@ -30,6 +38,10 @@ pub struct Snapshot {
     health: HashMap<(ServiceAddr, SocketAddr), Arc<BackendHealth>>,
     table: Arc<Table>,
     now: Instant,
+    /// The programs' entries by (TCP service address, backend), read at this moment.
+    kernel: HashMap<(SocketAddr, SocketAddr), BackendStats>,
+    /// The programs' clock at this moment.
+    pub kernel_now_ns: u64,
 }
 
 /// Who serves a service: the source whose entry won, and the source an API override hides.
@@ -47,12 +59,29 @@ impl Live {
             .into_iter()
             .map(|h| ((h.service, h.addr), h))
             .collect();
+        let kernel = self
+            .kernel
+            .as_ref()
+            .map(|k| {
+                k.read()
+                    .into_iter()
+                    .map(|l| ((l.service, l.backend), l.stats))
+                    .collect()
+            })
+            .unwrap_or_default();
         Snapshot {
             catalog: self.registry.catalog(),
             health,
             table: self.table.load(),
             now: Instant::now(),
+            kernel,
+            kernel_now_ns: crate::datapath::maps::kernel_now_ns(),
         }
+    }
+
+    /// Kernel-mode TCP sockets the programs follow now.
+    pub fn kernel_sockets(&self) -> Option<usize> {
+        self.kernel.as_ref().map(|k| k.tracked_sockets())
     }
 
     /// Every source's layer, in precedence order.
@@ -107,6 +136,14 @@ impl Snapshot {
             .map(|p| p.shared.clone())
     }
 
+    /// What the programs count for a backend of a kernel-mode TCP service.
+    pub fn kernel(&self, s: &Service, backend: SocketAddr) -> Option<&BackendStats> {
+        if s.mode != Mode::Kernel || s.addr.protocol != Protocol::Tcp {
+            return None;
+        }
+        self.kernel.get(&(s.addr.vip, backend))
+    }
+
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.catalog.services.values().find(|s| s.name == name)
     }
@@ -125,6 +162,11 @@ impl Snapshot {
             .map(|b| {
                 let h = self.health(s.addr, b.addr);
                 let draining = h.is_some_and(|h| h.draining());
+                let k = self.kernel(s, b.addr);
+                let mut counters = h.map(|h| counters(&h.counters));
+                if let Some(k) = k {
+                    kernel_counters(counters.get_or_insert_with(Default::default), k);
+                }
                 BackendLive {
                     address: b.addr,
                     weight: b.weight,
@@ -133,13 +175,15 @@ impl Snapshot {
                     ejected_for_seconds: h
                         .and_then(|h| h.ejected_until())
                         .filter(|&t| t > self.now)
-                        .map(|t| (t - self.now).as_secs_f64()),
+                        .map(|t| (t - self.now).as_secs_f64())
+                        .or_else(|| k.and_then(|k| learned::ejected_for(k, self.kernel_now_ns))),
                     draining,
                     drain: h.filter(|_| draining).map(|h| DrainProgress {
                         open: h.counters.active.load(Ordering::Relaxed),
                         closed_at_deadline: h.counters.drained_closed.load(Ordering::Relaxed),
                     }),
-                    counters: h.map(|h| counters(&h.counters)),
+                    counters,
+                    kernel: k.map(|k| kernel_view(k, self.kernel_now_ns)),
                 }
             })
             .collect();
@@ -157,6 +201,38 @@ impl Snapshot {
     /// Whether a passive-outlier ejection holds the backend out now.
     pub fn ejected(&self, h: &BackendHealth) -> bool {
         h.ejected_until().is_some_and(|t| t > self.now)
+    }
+}
+
+/// The programs' counts in the forwarder's terms: active from the connect on, and every
+/// attempt that ended (failed connects too) closed, so `opened = active + closed` holds.
+fn kernel_counters(c: &mut CountersView, k: &BackendStats) {
+    c.active = k.connecting.wrapping_add(k.active);
+    c.opened = k.opened;
+    c.closed = k.closed + k.failed;
+    c.connect_failures = k.failed;
+    c.ejections = k.ejections;
+}
+
+/// The peak EWMA decayed to `now_ns` (as the programs read it when they pick).
+pub fn kernel_ewma_seconds(k: &BackendStats, now_ns: u64) -> f64 {
+    let elapsed = now_ns.saturating_sub(k.ewma_stamp_ns) as f64;
+    let decay = switchyard_common::maps::EWMA_DECAY_NS as f64;
+    k.ewma_ns as f64 * (-elapsed / decay).exp() / 1e9
+}
+
+fn kernel_view(k: &BackendStats, now_ns: u64) -> KernelBackendView {
+    KernelBackendView {
+        connecting: k.connecting,
+        established_open: k.active,
+        opened: k.opened,
+        established: k.established,
+        closed: k.closed,
+        failed: k.failed,
+        syn_retransmits: k.syn_retransmits,
+        consecutive_failures: k.consecutive_failures,
+        ejections: k.ejections,
+        connect_ewma_seconds: kernel_ewma_seconds(k, now_ns),
     }
 }
 

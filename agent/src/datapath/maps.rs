@@ -327,7 +327,12 @@ impl KernelLearned {
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, _)| k.proto == switchyard_common::maps::PROTO_TCP)
-            .map(|(k, v)| (v.id, std::net::SocketAddr::new(super::addr::from_words(&k.addr), k.port)))
+            .map(|(k, v)| {
+                (
+                    v.id,
+                    std::net::SocketAddr::new(super::addr::from_words(&k.addr), k.port),
+                )
+            })
             .collect();
         self.stats
             .iter()
