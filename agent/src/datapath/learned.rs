@@ -85,6 +85,13 @@ pub fn ejected_for(stats: &BackendStats, now_ns: u64) -> Option<f64> {
         .then(|| Duration::from_nanos(stats.ejected_until_ns - now_ns).as_secs_f64())
 }
 
+/// The peak EWMA decayed to `now_ns`, as the programs read it when they pick.
+pub fn ewma_seconds(k: &BackendStats, now_ns: u64) -> f64 {
+    let elapsed = now_ns.saturating_sub(k.ewma_stamp_ns) as f64;
+    let decay = switchyard_common::maps::EWMA_DECAY_NS as f64;
+    k.ewma_ns as f64 * (-elapsed / decay).exp() / 1e9
+}
+
 /// Logs the programs' ejections and returns, once a second, while the agent runs.
 pub async fn watch(learned: KernelLearned) {
     let mut seen: HashMap<(SocketAddr, SocketAddr), (u64, bool)> = HashMap::new();

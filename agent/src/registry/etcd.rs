@@ -19,8 +19,8 @@ use tracing::{info, warn};
 
 use super::{Registry, Rejected, Source, clash, retry::Backoff};
 use crate::{
-    catalog::Service,
-    config::{EtcdConfig, service_from_json},
+    catalog::{Service, entry::service_from_json},
+    config::EtcdConfig,
     defaults,
 };
 

@@ -4,8 +4,8 @@
 //! the source's own name for them (an etcd key, a service name). A source replaces or edits its
 //! layer; the registry merges the layers by precedence ([`Source`] order: the first source to
 //! name a service address owns it), publishes the merged catalog on a watch channel for the
-//! reconciler, and saves every layer as last-known-good ([`lkg`]) so that a restarted agent
-//! serves the last state at once, before any source answers.
+//! reconciler, and saves every layer as last known good ([`last_known_good`]) so that a
+//! restarted agent serves the last state at once, before any source answers.
 //!
 //! An entry that fails validation is rejected alone, with its reason logged and counted; the
 //! entry it would have replaced keeps its last good state.
@@ -15,7 +15,7 @@ pub mod dns;
 pub mod etcd;
 pub mod file;
 pub mod kubernetes;
-pub mod lkg;
+pub mod last_known_good;
 mod retry;
 mod settings;
 
@@ -101,7 +101,7 @@ pub struct SourceStatus {
 struct State {
     layers: BTreeMap<Source, Layer>,
     published: Arc<Catalog>,
-    lkg: Option<lkg::Saver>,
+    last_known_good: Option<last_known_good::Saver>,
     /// Catalog versions published since start.
     version: u64,
 }
@@ -118,8 +118,8 @@ impl Registry {
     /// last-known-good found there. Returns the receiver of merged catalogs.
     pub fn open(state_dir: Option<PathBuf>) -> (Registry, watch::Receiver<Arc<Catalog>>) {
         let mut layers = BTreeMap::new();
-        let lkg = state_dir.map(lkg::Store::new);
-        if let Some(store) = &lkg {
+        let last_known_good = state_dir.map(last_known_good::Store::new);
+        if let Some(store) = &last_known_good {
             match store.load() {
                 Ok(Some(saved)) => {
                     info!(
@@ -136,7 +136,9 @@ impl Registry {
         let mut state = State {
             layers,
             published: Arc::new(Catalog::default()),
-            lkg: lkg.as_ref().map(|_| lkg::Saver::new()),
+            last_known_good: last_known_good
+                .as_ref()
+                .map(|_| last_known_good::Saver::new()),
             version: 0,
         };
         let (catalog, rejected) = merge(&state.layers);
@@ -145,12 +147,12 @@ impl Registry {
         }
         state.published = Arc::new(catalog);
         let (tx, rx) = watch::channel(state.published.clone());
-        let saver = state.lkg.clone();
+        let saver = state.last_known_good.clone();
         let registry = Registry {
             state: Arc::new(Mutex::new(state)),
             tx: Arc::new(tx),
         };
-        if let (Some(store), Some(saver)) = (lkg, saver) {
+        if let (Some(store), Some(saver)) = (last_known_good, saver) {
             let state = registry.state.clone();
             saver.run(
                 store,
@@ -286,14 +288,14 @@ impl Registry {
             self.tx.send_replace(state.published.clone());
         }
         // After the reconciler has it: the disk must not delay a change.
-        if let Some(saver) = &state.lkg {
+        if let Some(saver) = &state.last_known_good {
             saver.touch();
         }
     }
 
     /// Waits until the last-known-good on disk is current (at shutdown).
     pub fn flush(&self) {
-        let saver = self.lock().lkg.clone();
+        let saver = self.lock().last_known_good.clone();
         if let Some(s) = saver {
             s.flush();
         }

@@ -1,6 +1,9 @@
 //! The catalog: services and their backends, as every source describes them and every
 //! consumer (kernel maps, forwarder) reads them. Validated on the way in, so consumers can
-//! trust it.
+//! trust it: every source builds its services through [`entry`].
+
+pub mod duration;
+pub mod entry;
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
