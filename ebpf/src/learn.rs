@@ -164,7 +164,7 @@ fn candidate(svc: &ServiceValue, i: u32, now: u64) -> Option<Candidate> {
     let load = read(unsafe { &(*s).connecting }).wrapping_add(read(unsafe { &(*s).active }));
     let cost = read(unsafe { &(*s).ewma_ns });
     let stamp = read(unsafe { &(*s).ewma_stamp_ns });
-    let decayed = cost * decay_1024(now.saturating_sub(stamp)) >> 10;
+    let decayed = (cost * decay_1024(now.saturating_sub(stamp))) >> 10;
     Some(Candidate {
         id,
         // A count that went below zero (a socket filed before a restart wiped the entry)
@@ -232,7 +232,7 @@ pub fn p2c(svc: &ServiceValue, peak: bool) -> Option<BackendId> {
 #[inline(always)]
 fn decay_1024(elapsed_ns: u64) -> u64 {
     // Elapsed in 1/1024ths of the decay time, times log2(e) ≈ 1477/1024.
-    let k = (elapsed_ns / (EWMA_DECAY_NS >> 10)) * 1477 >> 10;
+    let k = ((elapsed_ns / (EWMA_DECAY_NS >> 10)) * 1477) >> 10;
     let halvings = k >> 10;
     if halvings >= 11 {
         return 0;

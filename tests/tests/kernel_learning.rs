@@ -325,7 +325,9 @@ fn kernel_peak_ewma_prefers_the_backend_with_the_shorter_handshake() -> anyhow::
     assert!(slow * 5 < fast, "{s}");
     let ewma = |i| backend(&s, &topo, i)["kernel"]["connect_ewma_seconds"].as_f64();
     let (slow_ewma, fast_ewma) = (ewma(0).unwrap(), ewma(1).unwrap());
-    assert!(slow_ewma > 0.5 && fast_ewma < 0.1, "{s}");
+    // A handshake behind a full queue waits for the SYN's retransmission (a second); the
+    // other backend's stays far below (relative: a loaded machine slows every handshake).
+    assert!(slow_ewma > 0.3 && slow_ewma > 3.0 * fast_ewma, "{s}");
     // The dropped SYNs were seen through the retransmission callback.
     assert!(kernel(&s, &topo, 0, "syn_retransmits") > 0, "{s}");
     Ok(())

@@ -235,6 +235,11 @@ pub enum Invalid {
     UdpProxy,
     #[error("algorithm: {0:?} needs mode = \"proxy\" (the kernel's consistent hash is `maglev`)")]
     ProxyOnly(Algorithm),
+    #[error(
+        "algorithm: {0:?} balances on connections, which UDP does not have; use random, \
+         round_robin or maglev"
+    )]
+    UdpConnections(Algorithm),
     #[error("health: interval, timeout, rise and fall must be positive, timeout at most interval")]
     Health,
 }
@@ -267,6 +272,14 @@ impl Service {
         }
         if self.mode == Mode::Kernel && self.algorithm.proxy_only() {
             return Err(Invalid::ProxyOnly(self.algorithm));
+        }
+        if self.addr.protocol == Protocol::Udp
+            && matches!(
+                self.algorithm,
+                Algorithm::LeastConnections | Algorithm::PeakEwma
+            )
+        {
+            return Err(Invalid::UdpConnections(self.algorithm));
         }
         if let Some(h) = &self.policy.health
             && (h.interval.is_zero()
@@ -350,6 +363,13 @@ mod tests {
         let mut s = service();
         s.algorithm = Algorithm::RingHash;
         assert_eq!(s.validate(), Err(Invalid::ProxyOnly(Algorithm::RingHash)));
+        let mut s = service();
+        s.addr.protocol = Protocol::Udp;
+        s.algorithm = Algorithm::LeastConnections;
+        assert_eq!(
+            s.validate(),
+            Err(Invalid::UdpConnections(Algorithm::LeastConnections))
+        );
     }
 
     #[test]
