@@ -266,8 +266,8 @@ fn wait_listening(ns: &Netns, addr: SocketAddr, p: &mut Process) -> anyhow::Resu
 
 /// `program` under `taskset` on the proxy core. The backends live there for every path, so
 /// direct and kernel mode differ only in the address the client connects to; left to the
-/// scheduler, a backend sometimes shared the client's core in one case and not in the next
-/// (kernel mode came out up to 1.43× direct on iperf3).
+/// scheduler, a backend could share the client's core in one case and not in the next (kernel
+/// mode came out up to 1.43× direct on iperf3, see docs/benchmarks.md).
 fn on_proxy_core(program: &str) -> Command {
     let mut c = Command::new("taskset");
     c.args(["-c", &PROXY_CPU.to_string(), program]);
