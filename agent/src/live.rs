@@ -8,8 +8,11 @@ use std::{
     time::Instant,
 };
 
+use switchyard_common::maps::BackendStats;
+
 use crate::{
-    catalog::{Catalog, Service, ServiceAddr},
+    catalog::{Catalog, Mode, Protocol, Service, ServiceAddr},
+    datapath::maps::KernelLearned,
     forwarder::{SharedTable, Table, table::ServiceShared},
     health::{BackendHealth, Board},
     registry::{Registry, Source},
@@ -21,6 +24,8 @@ pub struct Live {
     pub registry: Registry,
     pub board: Arc<Board>,
     pub table: SharedTable,
+    /// What the eBPF programs count per kernel-mode backend (`None` in tests without them).
+    pub kernel: Option<Arc<KernelLearned>>,
 }
 
 /// One look at the catalog, the board and the table.
@@ -29,6 +34,10 @@ pub struct Snapshot {
     health: HashMap<(ServiceAddr, SocketAddr), Arc<BackendHealth>>,
     table: Arc<Table>,
     now: Instant,
+    /// The programs' entries by (TCP service address, backend), read at this moment.
+    kernel: HashMap<(SocketAddr, SocketAddr), BackendStats>,
+    /// The programs' clock (CLOCK_MONOTONIC) at this moment.
+    pub kernel_now_ns: u64,
 }
 
 /// Who serves a service: the source whose entry won, and the source an API override hides.
@@ -46,12 +55,29 @@ impl Live {
             .into_iter()
             .map(|h| ((h.service, h.addr), h))
             .collect();
+        let kernel = self
+            .kernel
+            .as_ref()
+            .map(|k| {
+                k.read()
+                    .into_iter()
+                    .map(|l| ((l.service, l.backend), l.stats))
+                    .collect()
+            })
+            .unwrap_or_default();
         Snapshot {
             catalog: self.registry.catalog(),
             health,
             table: self.table.load(),
             now: Instant::now(),
+            kernel,
+            kernel_now_ns: crate::datapath::maps::kernel_now_ns(),
         }
+    }
+
+    /// Kernel-mode TCP sockets the programs follow now.
+    pub fn kernel_sockets(&self) -> Option<usize> {
+        self.kernel.as_ref().map(|k| k.tracked_sockets())
     }
 
     /// Every source's layer, in precedence order.
@@ -104,6 +130,14 @@ impl Snapshot {
             .get(&s.addr.vip)
             .filter(|p| p.addr == s.addr)
             .map(|p| p.shared.clone())
+    }
+
+    /// What the programs count for a backend of a kernel-mode TCP service.
+    pub fn kernel(&self, s: &Service, backend: SocketAddr) -> Option<&BackendStats> {
+        if s.mode != Mode::Kernel || s.addr.protocol != Protocol::Tcp {
+            return None;
+        }
+        self.kernel.get(&(s.addr.vip, backend))
     }
 
     pub fn service(&self, name: &str) -> Option<&Service> {

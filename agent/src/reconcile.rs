@@ -23,6 +23,7 @@ use crate::{
     datapath::{
         KernelMaps, MapsError,
         addr::{from_words, to_words},
+        learned,
     },
     forwarder::{ForwardingDefaults, SharedTable, Table},
     health::Board,
@@ -80,7 +81,8 @@ struct Inherited {
     id: u32,
     live_half: usize,
     half_len: [u32; 2],
-    /// Its backends' ids, kept for the same addresses so affinity entries stay valid.
+    /// Its backends' ids, kept for the same addresses so affinity entries stay valid and what
+    /// the programs count for open connections carries over the restart.
     backend_ids: HashMap<SocketAddr, BackendId>,
 }
 
@@ -366,7 +368,10 @@ impl Reconciler {
 
         // Backends first: slots will point at them.
         let mut ids = Vec::with_capacity(service.backends.len());
-        for b in &service.backends {
+        let weights: Vec<u32> = service.backends.iter().map(|b| b.weight).collect();
+        let weights = learned::kernel_weights(&weights);
+        let tcp = service.addr.protocol == Protocol::Tcp;
+        for (b, &weight) in service.backends.iter().zip(&weights) {
             let (bid, known) = match backend_ids.get(&b.addr) {
                 Some(&bid) => (bid, members_written),
                 None => (
@@ -377,11 +382,15 @@ impl Reconciler {
                 ),
             };
             backend_ids.insert(b.addr, bid);
+            // The programs' counts for this backend: made once per id, never rewritten.
+            if tcp && self.maps.backend_stats(bid).is_none_or(|s| s.service != id) {
+                self.maps.create_backend_stats(bid, &learned::fresh(id))?;
+            }
             let kb = KernelBackend {
                 addr: to_words(b.addr.ip()),
                 port: b.addr.port(),
                 state: kernel_state(b.state),
-                _pad: 0,
+                weight,
             };
             self.maps.put_backend(bid, &kb)?;
             if !known {
@@ -419,7 +428,7 @@ impl Reconciler {
                 Mode::Kernel => kmaps::mode::KERNEL,
                 Mode::Proxy => kmaps::mode::PROXY,
             },
-            algorithm: balance::slots::kernel_algorithm(service.algorithm),
+            algorithm: balance::slots::kernel_algorithm(service.algorithm, service.mode),
             flags: if service.affinity.is_some() {
                 kmaps::service_flags::AFFINITY
             } else {
@@ -427,6 +436,8 @@ impl Reconciler {
             },
             _pad: 0,
         };
+        self.maps
+            .set_outlier(id, &learned::outlier_policy(service))?;
         self.maps.put_service(&key, &value)?;
 
         // Backends no longer listed: nothing points at them any more.
@@ -444,6 +455,7 @@ impl Reconciler {
                 backend: bid,
             })?;
             self.maps.remove_backend(bid)?;
+            self.maps.remove_backend_stats(bid)?;
             self.backend_ids.give(bid);
             self.inherited_backends.remove(&bid);
             backend_ids.remove(&a);
@@ -482,7 +494,10 @@ impl Reconciler {
                 backend: bid,
             })?;
             self.maps.remove_backend(bid)?;
+            self.maps.remove_backend_stats(bid)?;
         }
+        self.maps
+            .set_outlier(a.id, &switchyard_common::maps::OutlierPolicy::default())?;
         if let Some(a) = self.applied.remove(addr) {
             for &b in a.backend_ids.values() {
                 self.backend_ids.give(b);
@@ -531,11 +546,14 @@ impl Reconciler {
         for bid in std::mem::take(&mut self.inherited_backends) {
             if !in_use.contains(&bid) {
                 self.maps.remove_backend(bid)?;
+                self.maps.remove_backend_stats(bid)?;
                 self.backend_ids.give(bid);
                 freed += 1;
             }
         }
         for (_, old) in &gone {
+            self.maps
+                .set_outlier(old.id, &switchyard_common::maps::OutlierPolicy::default())?;
             self.service_ids.give(old.id);
         }
         if freed > 0 {

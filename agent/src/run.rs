@@ -149,7 +149,12 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
         registry: registry.clone(),
         board: board.clone(),
         table: forwarder.table.clone(),
+        kernel: Some(Arc::new(reconciler.maps().learned_handle()?)),
     };
+    // The programs eject on their own; the agent says so in its log.
+    let _learned = AbortOnDrop(tokio::spawn(datapath::learned::watch(
+        reconciler.maps().learned_handle()?,
+    )));
     let api = crate::api::Api::new(live.clone(), config.forwarder.listen.clone());
     let mut api_server = crate::api::start_on(&config.api, api, inherited.api.take())?;
     let kernel = reconciler.maps().counters_handle()?;
@@ -436,6 +441,15 @@ fn unpin_udp(
 
 /// Hands memory freed by a large catalog change (parse trees, old copies) back to the system:
 /// glibc keeps it in per-thread arenas otherwise, and the agent's RSS would show the peak.
+/// A task that ends with the agent's main loop.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn trim_heap() {
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };

@@ -28,6 +28,11 @@ pub mod algorithm {
     pub const ROUND_ROBIN: u8 = 1;
     /// `slots` is a Maglev table indexed by the client's hash.
     pub const MAGLEV: u8 = 2;
+    /// Power of two choices over the slots (one per usable backend): fewer connections (in
+    /// progress and open) per weight wins. Counts are the programs' own ([`BackendStats`]).
+    pub const LEAST_CONNECTIONS: u8 = 3;
+    /// Power of two choices: peak-EWMA connect time × (connections + 1) per weight wins.
+    pub const PEAK_EWMA: u8 = 4;
 }
 
 /// A backend's administrative state, as operators name it (HAProxy's words).
@@ -109,7 +114,10 @@ pub struct Backend {
     /// Host byte order.
     pub port: u16,
     pub state: u8,
-    pub _pad: u8,
+    /// Weight for the load-aware picks, 1..=255 (the agent reduces weights by their common
+    /// divisor and caps them here); 0, as a map written before this field existed holds,
+    /// counts as 1.
+    pub weight: u8,
 }
 
 /// An address and port; used for the forwarder's addresses and original destinations.
@@ -196,6 +204,89 @@ pub struct OrigDst {
     pub _pad: [u8; 3],
 }
 
+/// What the programs learn about one backend, kept by backend id. The agent creates the entry
+/// (zeroed, with `generation`, `service` and the starting `ewma_ns`) when it hands out the id
+/// and removes it with the backend; in between only the programs write it, with atomic adds
+/// (or a compare-and-swap for `ejected_until_ns`), so the counts are exact whatever the CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Unique per handed-out id: a socket filed under an older holder of the same id does not
+    /// touch this one's counts when it closes.
+    pub generation: u64,
+    /// The service id this backend belongs to (ids are per service).
+    pub service: u32,
+    pub _pad: u32,
+    /// Connects sent (SYN out) and not yet established or failed.
+    pub connecting: u64,
+    /// Established connections not yet closed.
+    pub active: u64,
+    /// Connects sent.
+    pub opened: u64,
+    /// Connects that were established.
+    pub established: u64,
+    /// Established connections that closed.
+    pub closed: u64,
+    /// Connects that ended before being established (refused, reset, timed out, abandoned).
+    pub failed: u64,
+    /// Connects whose SYN had to be sent again (the retransmission timer fired in `SYN_SENT`).
+    pub syn_retransmits: u64,
+    /// Failures since the last established connect.
+    pub consecutive_failures: u64,
+    /// Times passive outlier detection ejected the backend.
+    pub ejections: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) until which connects skip the backend; 0: never.
+    pub ejected_until_ns: u64,
+    /// Peak-EWMA of the connect time (SYN out to established), in nanoseconds.
+    pub ewma_ns: u64,
+    /// When `ewma_ns` was last updated (CLOCK_MONOTONIC).
+    pub ewma_stamp_ns: u64,
+}
+
+/// A service's passive outlier detection, by service id (an array entry; all zero: off).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// Consecutive failed connects that eject a backend; 0: no ejection.
+    pub failures: u32,
+    /// First ejection, in milliseconds; the n-th lasts n times as long, up to `max_ms`.
+    pub base_ms: u32,
+    pub max_ms: u32,
+    /// At most this share of the service's slots may be ejected at once.
+    pub max_ejected_percent: u32,
+}
+
+/// Flags of a [`SockLearn`] entry.
+pub mod sock_learn {
+    /// The SYN is out (`TCP_CONNECT_CB` ran).
+    pub const CONNECTING: u32 = 1;
+    /// The connect was established.
+    pub const ESTABLISHED: u32 = 2;
+    /// A SYN retransmission already counted as this connect's failure.
+    pub const FAILURE_COUNTED: u32 = 4;
+}
+
+/// A kernel-mode TCP socket and the backend `connect()` chose for it, by socket cookie; removed
+/// when the socket closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLearn {
+    pub backend: BackendId,
+    /// [`sock_learn`] flags.
+    pub flags: u32,
+    /// The backend entry's generation when the socket was filed.
+    pub generation: u64,
+    /// When the SYN went out (CLOCK_MONOTONIC).
+    pub started_ns: u64,
+}
+
+/// Decay time of the peak EWMA (linkerd2-proxy's 10 s; the forwarder's too).
+pub const EWMA_DECAY_NS: u64 = 10_000_000_000;
+
+/// Most slots the ejection cap looks at (services with more usable slots are judged on their
+/// first this many).
+pub const EJECTION_SCAN: u32 = 64;
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -212,6 +303,9 @@ mod pod {
     unsafe impl aya::Pod for SockTuple {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for RevKey {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for OutlierPolicy {}
+    unsafe impl aya::Pod for SockLearn {}
 }
 
 #[cfg(test)]
@@ -234,5 +328,8 @@ mod tests {
         assert_eq!(size_of::<SockTuple>(), 36);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<RevKey>(), 32);
+        assert_eq!(size_of::<BackendStats>(), 112);
+        assert_eq!(size_of::<OutlierPolicy>(), 16);
+        assert_eq!(size_of::<SockLearn>(), 24);
     }
 }

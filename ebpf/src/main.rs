@@ -3,14 +3,19 @@
 //! - `connect4/6`: look the destination up; rewrite it to a backend (kernel mode) or to the
 //!   node's forwarder (proxy mode), or refuse at once when the service has nothing usable.
 //! - `sock_ops`: when a proxied connection is established, file its original destination
-//!   under the connection's 4-tuple.
+//!   under the connection's 4-tuple; for kernel-mode connections, count each backend's
+//!   connections, failures and connect time, and eject failing backends (`learn`).
 //! - `getsockopt`: answer the forwarder's `SO_ORIGINAL_DST` from that entry.
 //! - `getpeername4/6`: show the application the service address it asked for.
 //! - `sendmsg4/6`, `recvmsg4/6`: the same for unconnected UDP, per datagram; replies appear to
 //!   come from the service address.
 #![no_std]
 #![no_main]
+// Atomic add and compare-and-swap on map values (see `learn`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod learn;
 mod maps;
 mod origdst;
 mod steer;
@@ -62,6 +67,7 @@ pub fn sy_getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn sy_sockops(ctx: SockOpsContext) -> u32 {
+    learn::sockops(&ctx);
     origdst::sockops(&ctx)
 }
 

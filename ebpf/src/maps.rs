@@ -52,6 +52,17 @@ pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 pub static FORWARDER_LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+/// Backend id → what the programs learn of it (connections, failures, ejection, connect time).
+#[map]
+pub static BACKEND_STATS: HashMap<BackendId, BackendStats> =
+    HashMap::pinned(MAX_BACKENDS, NO_PREALLOC);
+/// Service id → its passive outlier detection settings.
+#[map]
+pub static OUTLIER: Array<OutlierPolicy> = Array::pinned(MAX_SERVICES, 0);
+/// Socket cookie → the backend a kernel-mode TCP connect went to, until the socket closes (an
+/// LRU only so that a socket the state callback never saw cannot fill it).
+#[map]
+pub static SOCK_LEARN: LruHashMap<u64, SockLearn> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
 
 #[inline(always)]
 pub fn bump(counter: Counter) {

@@ -18,7 +18,7 @@ use switchyard_common::{
     Addr,
 };
 
-use crate::maps::*;
+use crate::{learn, maps::*};
 
 /// Cgroup hooks return 1 to let the call proceed, 0 to refuse it.
 pub const ALLOW: i32 = 1;
@@ -29,7 +29,11 @@ const ECONNREFUSED: i32 = 111;
 struct Target {
     addr: Addr,
     port: u16,
+    /// The backend chosen in kernel mode ([`NO_BACKEND`] for the forwarder).
+    backend: BackendId,
 }
+
+const NO_BACKEND: BackendId = u32::MAX;
 
 /// `V6`: the hook is `connect6`. A const, so each program gets its own straight-line code:
 /// the verifier rejects context reads at computed offsets.
@@ -129,6 +133,9 @@ fn steer<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
             _pad: [0; 3],
         };
         let _ = SOCK_ORIG.insert(cookie, orig, 0);
+        if !SEND && target.backend != NO_BACKEND {
+            learn::file(cookie, target.backend);
+        }
     } else {
         // Replies from this backend on this socket are shown as coming from the service.
         let rev = RevKey {
@@ -216,6 +223,7 @@ fn forwarder(vip: &Addr) -> Option<Target> {
     Some(Target {
         addr: fw.addr,
         port: fw.port,
+        backend: NO_BACKEND,
     })
 }
 
@@ -265,6 +273,8 @@ fn pick_backend(ctx: &SockAddrContext, svc: &ServiceValue, client: &Addr) -> Opt
         }
     }
     let index = match svc.algorithm {
+        // Load-aware: `learned_pick` draws its own candidates.
+        algorithm::LEAST_CONNECTIONS | algorithm::PEAK_EWMA => 0,
         algorithm::ROUND_ROBIN => match RR.get_ptr_mut(svc.id) {
             // The BPF target has no fetch-and-add in Rust: a plain increment is exact for one
             // CPU at a time; two CPUs connecting in the same instant may share a position.
@@ -279,11 +289,7 @@ fn pick_backend(ctx: &SockAddrContext, svc: &ServiceValue, client: &Addr) -> Opt
         algorithm::MAGLEV => client_hash(netns, client),
         _ => (unsafe { bpf_get_prandom_u32() }) as u64,
     };
-    let slot = SlotKey {
-        service: svc.id,
-        slot: svc.slot_base + (index % svc.slot_count as u64) as u32,
-    };
-    let id = *unsafe { SLOTS.get(slot) }?;
+    let id = learned_pick(svc, index)?;
     let backend = *unsafe { BACKENDS.get(id) }?;
     if sticky {
         let value = AffinityValue {
@@ -296,7 +302,19 @@ fn pick_backend(ctx: &SockAddrContext, svc: &ServiceValue, client: &Addr) -> Opt
     Some(Target {
         addr: backend.addr,
         port: backend.port,
+        backend: id,
     })
+}
+
+/// The backend for a fresh pick: the load-aware algorithms choose by the programs' counts;
+/// the others take the slot at `index`, stepping over ejected backends.
+#[inline(always)]
+fn learned_pick(svc: &ServiceValue, index: u64) -> Option<BackendId> {
+    match svc.algorithm {
+        algorithm::LEAST_CONNECTIONS => learn::p2c(svc, false),
+        algorithm::PEAK_EWMA => learn::p2c(svc, true),
+        _ => learn::skip_ejected(svc, index),
+    }
 }
 
 /// The client's previous backend, if it was used within the timeout, is still one of this
@@ -322,5 +340,6 @@ fn sticky_backend(key: &AffinityKey, timeout_s: u32, now: u64) -> Option<Target>
     Some(Target {
         addr: backend.addr,
         port: backend.port,
+        backend: entry.backend,
     })
 }

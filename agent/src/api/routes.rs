@@ -255,7 +255,14 @@ impl Api {
             .map(|s| state::state(&snap, s, owners.get(&s.name).map(|o| o.source)))
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        Reply::json(StatusCode::OK, &StateList { services })
+        let kernel_sockets = self.live.kernel_sockets();
+        Reply::json(
+            StatusCode::OK,
+            &StateList {
+                services,
+                kernel_sockets,
+            },
+        )
     }
 
     fn state(&self, name: &str) -> Answer {

@@ -2,9 +2,15 @@
 
 use std::sync::atomic::Ordering;
 
-use super::view::{BackendLive, CountersView, DrainProgress, ForwarderState, Health, ServiceState};
+use switchyard_common::maps::BackendStats;
+
+use super::view::{
+    BackendLive, CountersView, DrainProgress, ForwarderState, Health, KernelBackendView,
+    ServiceState,
+};
 use crate::{
     catalog::Service,
+    datapath::learned,
     health::{BackendHealth, Counters, Verdict},
     live::Snapshot,
     registry::Source,
@@ -24,6 +30,11 @@ pub fn state(snap: &Snapshot, s: &Service, source: Option<Source>) -> ServiceSta
         .map(|b| {
             let h = snap.health(s.addr, b.addr);
             let draining = h.is_some_and(|h| h.draining());
+            let k = snap.kernel(s, b.addr);
+            let mut counters = h.map(|h| counters(&h.counters));
+            if let Some(k) = k {
+                kernel_counters(counters.get_or_insert_with(Default::default), k);
+            }
             BackendLive {
                 address: b.addr,
                 weight: b.weight,
@@ -32,13 +43,15 @@ pub fn state(snap: &Snapshot, s: &Service, source: Option<Source>) -> ServiceSta
                 ejected_for_seconds: h
                     .and_then(|h| h.ejected_until())
                     .filter(|&t| t > snap.now())
-                    .map(|t| (t - snap.now()).as_secs_f64()),
+                    .map(|t| (t - snap.now()).as_secs_f64())
+                    .or_else(|| k.and_then(|k| learned::ejected_for(k, snap.kernel_now_ns))),
                 draining,
                 drain: h.filter(|_| draining).map(|h| DrainProgress {
                     open: h.counters.active.load(Ordering::Relaxed),
                     closed_at_deadline: h.counters.drained_closed.load(Ordering::Relaxed),
                 }),
-                counters: h.map(|h| counters(&h.counters)),
+                counters,
+                kernel: k.map(|k| kernel_view(k, snap.kernel_now_ns)),
             }
         })
         .collect();
@@ -50,6 +63,31 @@ pub fn state(snap: &Snapshot, s: &Service, source: Option<Source>) -> ServiceSta
         source,
         forwarder,
         backends,
+    }
+}
+
+/// The programs' counts in the forwarder's terms: active from the connect on, and every
+/// attempt that ended (failed connects too) closed, so `opened = active + closed` holds.
+fn kernel_counters(c: &mut CountersView, k: &BackendStats) {
+    c.active = k.connecting.wrapping_add(k.active);
+    c.opened = k.opened;
+    c.closed = k.closed + k.failed;
+    c.connect_failures = k.failed;
+    c.ejections = k.ejections;
+}
+
+fn kernel_view(k: &BackendStats, now_ns: u64) -> KernelBackendView {
+    KernelBackendView {
+        connecting: k.connecting,
+        established_open: k.active,
+        opened: k.opened,
+        established: k.established,
+        closed: k.closed,
+        failed: k.failed,
+        syn_retransmits: k.syn_retransmits,
+        consecutive_failures: k.consecutive_failures,
+        ejections: k.ejections,
+        connect_ewma_seconds: learned::ewma_seconds(k, now_ns),
     }
 }
 

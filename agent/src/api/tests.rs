@@ -39,6 +39,7 @@ fn api() -> (Api, Registry) {
         registry: registry.clone(),
         board: Arc::new(Board::default()),
         table: SharedTable::default(),
+        kernel: None,
     };
     (Api::new(live, listen()), registry)
 }

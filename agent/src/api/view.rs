@@ -84,9 +84,32 @@ pub struct BackendLive {
     pub draining: bool,
     /// While draining: how far it got.
     pub drain: Option<DrainProgress>,
-    /// `None` where the agent keeps no count (kernel mode without health checks: the kernel
-    /// connects such clients itself).
+    /// `None` where nobody keeps a count. Kernel-mode TCP backends: the programs' counts
+    /// (`active` from the connect on, `closed` includes failed connects, as the forwarder's).
     pub counters: Option<CountersView>,
+    /// Kernel-mode TCP backends: what the programs learned (see `docs/kernel-learning.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelBackendView>,
+}
+
+/// A backend as the eBPF programs count it, node-wide (every client of the node feeds it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelBackendView {
+    /// SYN sent, not yet established or failed.
+    pub connecting: u64,
+    /// Established and not yet closed.
+    pub established_open: u64,
+    pub opened: u64,
+    pub established: u64,
+    /// Established connections that closed.
+    pub closed: u64,
+    /// Connects that ended before being established.
+    pub failed: u64,
+    pub syn_retransmits: u64,
+    pub consecutive_failures: u64,
+    pub ejections: u64,
+    /// Peak-EWMA of the connect time (SYN to established), decayed to now.
+    pub connect_ewma_seconds: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -118,6 +141,10 @@ pub struct CountersView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StateList {
     pub services: Vec<ServiceState>,
+    /// Kernel-mode TCP sockets the programs follow now (each entry goes when its socket
+    /// closes); `None` without the kernel side.
+    #[serde(default)]
+    pub kernel_sockets: Option<usize>,
 }
 
 /// The registry: each source's layer and how current it is.

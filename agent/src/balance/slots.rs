@@ -7,7 +7,7 @@ use switchyard_common::{
 };
 
 use super::{candidates::backend_key, smooth_weighted_order};
-use crate::catalog::{Algorithm, BackendState, Service};
+use crate::catalog::{Algorithm, BackendState, Mode, Service};
 
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
@@ -64,14 +64,19 @@ pub fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
 }
 
 /// How the programs pick among the slots for `algorithm`.
-pub fn kernel_algorithm(algorithm: Algorithm) -> u8 {
-    match algorithm {
-        Algorithm::Random | Algorithm::WeightedRandom => kmaps::algorithm::RANDOM,
-        Algorithm::RoundRobin => kmaps::algorithm::ROUND_ROBIN,
-        Algorithm::Maglev | Algorithm::RingHash => kmaps::algorithm::MAGLEV,
-        // Proxy-only algorithms: the kernel picks only while no forwarder listens (the
-        // fallback), and then goes round the weighted order.
-        Algorithm::LeastConnections | Algorithm::PeakEwma => kmaps::algorithm::ROUND_ROBIN,
+pub fn kernel_algorithm(algorithm: Algorithm, mode: Mode) -> u8 {
+    match (algorithm, mode) {
+        (Algorithm::Random | Algorithm::WeightedRandom, _) => kmaps::algorithm::RANDOM,
+        (Algorithm::RoundRobin, _) => kmaps::algorithm::ROUND_ROBIN,
+        (Algorithm::Maglev | Algorithm::RingHash, _) => kmaps::algorithm::MAGLEV,
+        // On the programs' own counts (see `docs/kernel-learning.md`).
+        (Algorithm::LeastConnections, Mode::Kernel) => kmaps::algorithm::LEAST_CONNECTIONS,
+        (Algorithm::PeakEwma, Mode::Kernel) => kmaps::algorithm::PEAK_EWMA,
+        // Proxy mode: the kernel picks only while no forwarder listens (the fallback), and
+        // then goes round the weighted order.
+        (Algorithm::LeastConnections | Algorithm::PeakEwma, Mode::Proxy) => {
+            kmaps::algorithm::ROUND_ROBIN
+        }
     }
 }
 
@@ -79,6 +84,7 @@ pub fn kernel_algorithm(algorithm: Algorithm) -> u8 {
 mod tests {
     use super::*;
     use crate::test_helpers::{self, backend};
+    use crate::catalog::{Backend, Protocol, ServiceAddr};
 
     fn service(algorithm: Algorithm, weights: &[(u32, BackendState)]) -> Service {
         Service {

@@ -61,9 +61,11 @@ pub enum Algorithm {
     RoundRobin,
     /// Consistent hashing on the client: a client keeps its backend while the set changes.
     Maglev,
-    /// Proxy mode: power of two choices on active connections (Envoy's least_request).
+    /// Power of two choices on active connections per weight (Envoy's least_request); in
+    /// kernel mode on the programs' own per-backend counts.
     LeastConnections,
-    /// Proxy mode: power of two choices on peak-EWMA connect latency (linkerd2-proxy).
+    /// Power of two choices on peak-EWMA latency × (active + 1) per weight (linkerd2-proxy);
+    /// in kernel mode the latency is the connect time the programs measure.
     PeakEwma,
     /// Proxy mode: consistent hashing on a ring (Envoy's ring_hash). Kernel mode has no ring:
     /// it uses its Maglev table, which keeps clients the same way.
@@ -71,11 +73,6 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// Algorithms only the forwarder can run: they need load or latency the kernel does not see.
-    pub fn proxy_only(self) -> bool {
-        matches!(self, Algorithm::LeastConnections | Algorithm::PeakEwma)
-    }
-
     pub fn hashes_client(self) -> bool {
         matches!(self, Algorithm::Maglev | Algorithm::RingHash)
     }
@@ -232,8 +229,11 @@ pub enum Invalid {
     AffinityTimeout,
     #[error("mode: proxy mode is for TCP; UDP services use kernel mode")]
     UdpProxy,
-    #[error("algorithm: {0:?} needs mode = \"proxy\" (the kernel does not see load or latency)")]
-    ProxyOnly(Algorithm),
+    #[error(
+        "algorithm: {0:?} balances on connections, which UDP does not have; use random, \
+         round_robin or maglev"
+    )]
+    UdpConnections(Algorithm),
     #[error("health: interval, timeout, rise and fall must be positive, timeout at most interval")]
     Health,
     #[error(
@@ -275,8 +275,13 @@ impl Service {
         if self.mode == Mode::Proxy && self.addr.protocol == Protocol::Udp {
             return Err(Invalid::UdpProxy);
         }
-        if self.mode == Mode::Kernel && self.algorithm.proxy_only() {
-            return Err(Invalid::ProxyOnly(self.algorithm));
+        if self.addr.protocol == Protocol::Udp
+            && matches!(
+                self.algorithm,
+                Algorithm::LeastConnections | Algorithm::PeakEwma
+            )
+        {
+            return Err(Invalid::UdpConnections(self.algorithm));
         }
         if let Some(h) = &self.policy.health
             && (h.interval.is_zero()
@@ -348,10 +353,6 @@ mod tests {
         let mut s = service();
         s.algorithm = Algorithm::RingHash;
         assert_eq!(s.validate(), Ok(()));
-        for refused in [Algorithm::LeastConnections, Algorithm::PeakEwma] {
-            s.algorithm = refused;
-            assert_eq!(s.validate(), Err(Invalid::ProxyOnly(refused)));
-        }
     }
 
     #[test]
@@ -375,6 +376,22 @@ mod tests {
             let e = check(bad).unwrap_err();
             assert!(e.to_string().starts_with("health.path"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn kernel_mode_takes_the_load_aware_algorithms() {
+        for a in [Algorithm::LeastConnections, Algorithm::PeakEwma] {
+            let mut s = service();
+            s.algorithm = a;
+            assert_eq!(s.validate(), Ok(()), "{a:?}");
+        }
+        let mut s = service();
+        s.addr.protocol = Protocol::Udp;
+        s.algorithm = Algorithm::LeastConnections;
+        assert_eq!(
+            s.validate(),
+            Err(Invalid::UdpConnections(Algorithm::LeastConnections))
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use aya::{
 use switchyard_common::{
     counters::Counter,
     maps::{
-        Backend, BackendId, Endpoint, LISTENER_V4, LISTENER_V6, MemberKey, RevKey, ServiceKey,
-        ServiceValue, Settings, SlotKey, SockTuple,
+        Backend, BackendId, BackendStats, Endpoint, LISTENER_V4, LISTENER_V6, MemberKey,
+        OutlierPolicy, RevKey, ServiceKey, ServiceValue, Settings, SlotKey, SockLearn, SockTuple,
     },
 };
 
@@ -65,6 +65,9 @@ pub struct KernelMaps {
     opt_out_cgroups: HashMap<MapData, u64, u8>,
     opt_out_ports: HashMap<MapData, u32, u8>,
     listeners: SockMap<MapData>,
+    backend_stats: HashMap<MapData, BackendId, BackendStats>,
+    outlier: Array<MapData, OutlierPolicy>,
+    sock_learn: HashMap<MapData, u64, SockLearn>,
 }
 
 impl KernelMaps {
@@ -80,6 +83,76 @@ impl KernelMaps {
             opt_out_cgroups: take(ebpf, "OPT_OUT_CGROUPS")?,
             opt_out_ports: take(ebpf, "OPT_OUT_PORTS")?,
             listeners: take(ebpf, "FORWARDER_LISTENERS")?,
+            backend_stats: take(ebpf, "BACKEND_STATS")?,
+            outlier: take(ebpf, "OUTLIER")?,
+            sock_learn: take(ebpf, "SOCK_LEARN")?,
+        })
+    }
+
+    /// Creates a backend's learning entry (zeroed counts), for an id just handed out. Never
+    /// called on a live entry: the programs' atomic adds would be lost.
+    pub fn create_backend_stats(
+        &mut self,
+        id: BackendId,
+        stats: &BackendStats,
+    ) -> Result<(), MapsError> {
+        op("BACKEND_STATS", self.backend_stats.insert(id, stats, 0))
+    }
+
+    pub fn remove_backend_stats(&mut self, id: BackendId) -> Result<(), MapsError> {
+        gone_ok("BACKEND_STATS", self.backend_stats.remove(&id))
+    }
+
+    /// A backend's learning entry, if it has one.
+    pub fn backend_stats(&self, id: BackendId) -> Option<BackendStats> {
+        self.backend_stats.get(&id, 0).ok()
+    }
+
+    /// Every learning entry (id → its service id), for adoption.
+    pub fn all_backend_stats(&self) -> Result<Vec<(BackendId, BackendStats)>, MapsError> {
+        self.backend_stats
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| MapsError::Map {
+                name: "BACKEND_STATS",
+                source,
+            })
+    }
+
+    /// A backend's address and state as the programs see them.
+    pub fn backend(&self, id: BackendId) -> Option<Backend> {
+        self.backends.get(&id, 0).ok()
+    }
+
+    pub fn set_outlier(&mut self, service: u32, p: &OutlierPolicy) -> Result<(), MapsError> {
+        op("OUTLIER", self.outlier.set(service, p, 0))
+    }
+
+    /// A read-only view of what the programs learn, for the API and metrics (own descriptors
+    /// on the same maps, as [`KernelMaps::counters_handle`]).
+    pub fn learned_handle(&self) -> Result<KernelLearned, MapsError> {
+        use aya::maps::IterableMap as _;
+        Ok(KernelLearned {
+            stats: HashMap::try_from(aya::maps::Map::HashMap(dup(
+                "BACKEND_STATS",
+                self.backend_stats.map(),
+            )?))
+            .map_err(map_err("BACKEND_STATS"))?,
+            backends: HashMap::try_from(aya::maps::Map::HashMap(dup(
+                "BACKENDS",
+                self.backends.map(),
+            )?))
+            .map_err(map_err("BACKENDS"))?,
+            services: HashMap::try_from(aya::maps::Map::HashMap(dup(
+                "SERVICES",
+                self.services.map(),
+            )?))
+            .map_err(map_err("SERVICES"))?,
+            sockets: HashMap::try_from(aya::maps::Map::LruHashMap(dup(
+                "SOCK_LEARN",
+                self.sock_learn.map(),
+            )?))
+            .map_err(map_err("SOCK_LEARN"))?,
         })
     }
 
@@ -258,6 +331,85 @@ impl KernelMaps {
         let array = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map)?;
         Ok(KernelCounters(array))
     }
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Its own descriptor on a map.
+fn dup(name: &'static str, map: &MapData) -> Result<MapData, MapsError> {
+    use std::os::fd::AsFd as _;
+    let fd = map.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        map_err(name)(
+            aya::sys::SyscallError {
+                call: "dup",
+                io_error,
+            }
+            .into(),
+        )
+    })?;
+    MapData::from_fd(fd).map_err(map_err(name))
+}
+
+/// One backend as the programs learned it.
+#[derive(Clone, Copy, Debug)]
+pub struct Learned {
+    pub service: std::net::SocketAddr,
+    pub backend: std::net::SocketAddr,
+    pub stats: BackendStats,
+}
+
+/// What the programs learn, readable from any task (see [`KernelMaps::learned_handle`]).
+pub struct KernelLearned {
+    stats: HashMap<MapData, BackendId, BackendStats>,
+    backends: HashMap<MapData, BackendId, Backend>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    sockets: HashMap<MapData, u64, SockLearn>,
+}
+
+impl KernelLearned {
+    /// Every backend with a learning entry, with its service's address (TCP services).
+    pub fn read(&self) -> Vec<Learned> {
+        let ids: std::collections::HashMap<u32, std::net::SocketAddr> = self
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.proto == switchyard_common::maps::PROTO_TCP)
+            .map(|(k, v)| {
+                (
+                    v.id,
+                    std::net::SocketAddr::new(super::addr::from_words(&k.addr), k.port),
+                )
+            })
+            .collect();
+        self.stats
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(id, stats)| {
+                let service = *ids.get(&stats.service)?;
+                let b = self.backends.get(&id, 0).ok()?;
+                Some(Learned {
+                    service,
+                    backend: std::net::SocketAddr::new(super::addr::from_words(&b.addr), b.port),
+                    stats,
+                })
+            })
+            .collect()
+    }
+
+    /// Kernel-mode TCP sockets the programs are following now.
+    pub fn tracked_sockets(&self) -> usize {
+        self.sockets.keys().filter(Result::is_ok).count()
+    }
+}
+
+/// `bpf_ktime_get_ns()`: the programs' clock (CLOCK_MONOTONIC), for their timestamps.
+pub fn kernel_now_ns() -> u64 {
+    // SAFETY: a zeroed timespec for the kernel to fill.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The kernel counters, readable from any task (see [`KernelMaps::counters_handle`]).

@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod host;
+pub mod learned;
 mod log;
 pub mod maps;
 pub mod pin;

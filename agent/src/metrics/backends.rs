@@ -30,13 +30,13 @@ type BackendCounter = (
 const BACKEND_COUNTERS: [BackendCounter; 11] = [
     (
         "backend_connections_opened",
-        "Connections the forwarder opened to the backend.",
+        "Connections opened to the backend (by the forwarder, or in kernel mode by the clients' connects).",
         None,
         |c| &c.opened,
     ),
     (
         "backend_connections_closed",
-        "Forwarded connections to the backend that ended.",
+        "Connections to the backend that ended (failed connects included).",
         None,
         |c| &c.closed,
     ),
@@ -98,30 +98,24 @@ const BACKEND_COUNTERS: [BackendCounter; 11] = [
 
 pub fn encode(enc: &mut DescriptorEncoder, seen: &Scraped) -> fmt::Result {
     let (snap, services, backends) = (seen.snap, &seen.services, &seen.backends);
+    // Kernel-mode backends' samples come from the programs' counts where the meaning is the
+    // same (see `learned`).
     for (name, help, unit, get) in BACKEND_COUNTERS {
         counter(
             enc,
             name,
             help,
             unit,
-            backends.iter().map(|(s, b, h)| {
-                (
-                    seen.labels(s, b.addr),
-                    get(&h.counters).load(Ordering::Relaxed),
-                )
-            }),
+            seen.merged(name, move |h| get(&h.counters).load(Ordering::Relaxed)),
         )?;
     }
     gauge(
         enc,
         "backend_connections_active",
-        "Forwarded connections to the backend open now.",
+        "Connections to the backend open now (counted from the connect on).",
         None,
-        backends.iter().map(|(s, b, h)| {
-            (
-                seen.labels(s, b.addr),
-                h.counters.active.load(Ordering::Relaxed),
-            )
+        seen.merged("backend_connections_active", |h| {
+            h.counters.active.load(Ordering::Relaxed)
         }),
     )?;
     gauge(
@@ -129,9 +123,7 @@ pub fn encode(enc: &mut DescriptorEncoder, seen: &Scraped) -> fmt::Result {
         "backend_ejected",
         "1 while passive outlier detection holds the backend out.",
         None,
-        backends
-            .iter()
-            .map(|(s, b, h)| (seen.labels(s, b.addr), u64::from(snap.ejected(h)))),
+        seen.merged("backend_ejected", |h| u64::from(snap.ejected(h))),
     )?;
     gauge(
         enc,

@@ -15,6 +15,7 @@
 mod backends;
 mod family;
 mod kernel;
+mod learned;
 mod process;
 mod services;
 mod sources;
@@ -82,6 +83,8 @@ struct Scraped<'a> {
     backends: Vec<(&'a str, &'a Backend, Arc<BackendHealth>)>,
     /// Label values borrow from here.
     addrs: HashMap<SocketAddr, String>,
+    /// Backends of kernel-mode TCP services, as the programs count them.
+    kernel: Vec<(&'a str, SocketAddr, switchyard_common::maps::BackendStats)>,
 }
 
 impl<'a> Scraped<'a> {
@@ -99,12 +102,55 @@ impl<'a> Scraped<'a> {
             .iter()
             .flat_map(|s| s.backends.iter().map(|b| (b.addr, b.addr.to_string())))
             .collect();
+        let kernel = services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter_map(|b| Some((s.name.as_str(), b.addr, *snap.kernel(s, b.addr)?)))
+            })
+            .collect();
         Scraped {
             snap,
             services,
             backends,
             addrs,
+            kernel,
         }
+    }
+
+    /// Samples of a per-backend family: the board's, with the kernel's value where the
+    /// programs count the same thing ([`learned::shared`]), and the kernel-mode backends the
+    /// board does not know.
+    fn merged<'s>(
+        &'s self,
+        family: &'s str,
+        board: impl Fn(&BackendHealth) -> u64 + 's,
+    ) -> impl Iterator<Item = ([(&'static str, &'s str); 2], u64)> + 's {
+        let now = self.snap.kernel_now_ns;
+        let kernel = move |s: &str, b: SocketAddr| {
+            self.kernel
+                .iter()
+                .find(|(ks, kb, _)| *ks == s && *kb == b)
+                .and_then(|(_, _, k)| learned::shared(family, k, now))
+        };
+        let on_board = self.backends.iter().map(move |(s, b, h)| {
+            let v = kernel(s, b.addr).unwrap_or_else(|| board(h));
+            (self.labels(s, b.addr), v)
+        });
+        let kernel_only = self
+            .kernel
+            .iter()
+            .filter(|(s, b, _)| {
+                !self
+                    .backends
+                    .iter()
+                    .any(|(bs, bb, _)| bs == s && bb.addr == *b)
+            })
+            .filter_map(move |(s, b, k)| {
+                Some((self.labels(s, *b), learned::shared(family, k, now)?))
+            });
+        on_board.chain(kernel_only)
     }
 
     /// The `service` and `backend` labels of one backend.
@@ -124,6 +170,7 @@ impl Collector for Metrics {
         let snap = self.live.snapshot();
         let seen = Scraped::new(&snap);
         backends::encode(&mut enc, &seen)?;
+        learned::encode(&mut enc, &seen)?;
         services::encode(&mut enc, &seen)?;
         kernel::encode(&mut enc, self.kernel.as_ref())?;
         sources::encode(&mut enc, &self.live.registry)?;

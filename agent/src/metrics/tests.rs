@@ -46,6 +46,7 @@ fn world() -> (Arc<Metrics>, Arc<Board>, Arc<AtomicBool>) {
         registry,
         board: board.clone(),
         table,
+        kernel: None,
     };
     (
         Arc::new(Metrics::new(live, None, ready.clone())),

@@ -83,8 +83,10 @@ pub fn values(s: &Summary) -> Table {
 
 /// The ratios people ask for: every path to the physical reference, and the proxies in
 /// userspace (the forwarder on both byte paths, nginx) to HAProxy.
-const RATIOS: [(Path, Path); 7] = [
+const RATIOS: [(Path, Path); 9] = [
     (Path::Kernel, Path::Direct),
+    (Path::KernelLeastConn, Path::Direct),
+    (Path::KernelPeakEwma, Path::Direct),
     (Path::Proxy, Path::Direct),
     (Path::Haproxy, Path::Direct),
     (Path::Nginx, Path::Direct),
@@ -194,6 +196,26 @@ pub fn goals(s: &Summary) -> Vec<Goal> {
             "kernel mode new connections/s ≥ 0.95× direct",
             ratio(Path::Kernel, Metric::CloseCps, Path::Direct),
             |r| r >= 0.95,
+        ),
+        one(
+            "kernel least_connections keep-alive req/s ≥ 0.97× direct",
+            ratio(Path::KernelLeastConn, Metric::KeepAliveRps, Path::Direct),
+            |r| r >= 0.97,
+        ),
+        one(
+            "kernel least_connections new connections/s ≥ 0.97× direct",
+            ratio(Path::KernelLeastConn, Metric::CloseCps, Path::Direct),
+            |r| r >= 0.97,
+        ),
+        one(
+            "kernel peak_ewma keep-alive req/s ≥ 0.97× direct",
+            ratio(Path::KernelPeakEwma, Metric::KeepAliveRps, Path::Direct),
+            |r| r >= 0.97,
+        ),
+        one(
+            "kernel peak_ewma new connections/s ≥ 0.97× direct",
+            ratio(Path::KernelPeakEwma, Metric::CloseCps, Path::Direct),
+            |r| r >= 0.97,
         ),
         one(
             "proxy mode keep-alive req/s ≥ 1.3× HAProxy",

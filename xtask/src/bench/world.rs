@@ -4,11 +4,11 @@
 //! ```text
 //!   pod ns 10.77.0.2 (clients, core 0, in the steered cgroup)
 //!     │  direct ─────────────────────────────────────────────► backend ns 10.77.0.11..13
-//!     │  kernel-mode VIP 10.96.0.1x ── connect() rewritten ──►   nginx :80 (backend 1)
+//!     │  kernel-mode VIP 10.96.0.1x/4x/5x ─ connect() rewritten ►  nginx :80 (backend 1)
 //!     │  proxy-mode VIP 10.96.0.2x ──► agent 10.77.0.1:15001 ─►   iperf3 -s :5201 (backend 1)
 //!     │  HAProxy 10.77.0.1:18xxx ─────────────────────────────►   redis-server :6379 (all three)
 //!     └  nginx stream 10.77.0.1:18xxx ────────────────────────►
-//!                        node ns (proxies on core 1)
+//!                        node ns (proxies on core 1)      (backends on core 1 too)
 //! ```
 //!
 //! Every process is a testkit `Process` (or `Agent`) guard, so it is ended by its PID, and the
@@ -88,6 +88,8 @@ impl Service {
         let base: u8 = match path {
             Path::Kernel => 10,
             Path::ProxyCopy => 30,
+            Path::KernelLeastConn => 40,
+            Path::KernelPeakEwma => 50,
             _ => 20,
         };
         SocketAddr::from(([10, 96, 0, base + self.index()], self.backend_port()))
@@ -173,7 +175,11 @@ impl World {
     pub fn targets(&self, path: Path, service: Service) -> Vec<SocketAddr> {
         match path {
             Path::Direct => backends(&self.topo, service),
-            Path::Kernel | Path::Proxy | Path::ProxyCopy => vec![service.vip(path)],
+            Path::Kernel
+            | Path::KernelLeastConn
+            | Path::KernelPeakEwma
+            | Path::Proxy
+            | Path::ProxyCopy => vec![service.vip(path)],
             Path::Haproxy | Path::Nginx => vec![service.peer(path)],
         }
     }
@@ -183,7 +189,11 @@ impl World {
     pub fn proxy_pid(&self, path: Path) -> Option<u32> {
         match path {
             Path::Direct => None,
-            Path::Kernel | Path::Proxy | Path::ProxyCopy => Some(self.agent.process.pid()),
+            Path::Kernel
+            | Path::KernelLeastConn
+            | Path::KernelPeakEwma
+            | Path::Proxy
+            | Path::ProxyCopy => Some(self.agent.process.pid()),
             Path::Haproxy => Some(self.haproxy.pid()),
             Path::Nginx => Some(self.nginx.pid()),
         }
@@ -254,6 +264,16 @@ fn wait_listening(ns: &Netns, addr: SocketAddr, p: &mut Process) -> anyhow::Resu
     }
 }
 
+/// `program` under `taskset` on the proxy core. The backends live there for every path, so
+/// direct and kernel mode differ only in the address the client connects to; left to the
+/// scheduler, a backend could share the client's core in one case and not in the next (kernel
+/// mode came out up to 1.43× direct on iperf3, see docs/benchmarks.md).
+fn on_proxy_core(program: &str) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", &PROXY_CPU.to_string(), program]);
+    c
+}
+
 fn in_ns(ns: &Netns) -> Place<'_> {
     Place {
         netns: Some(ns),
@@ -286,7 +306,13 @@ fn backend_nginx(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
             root = root.display()
         ),
     )?;
-    let mut p = nginx(&conf, dir, "nginx-backend", None, &topo.backend_ns[0])?;
+    let mut p = nginx(
+        &conf,
+        dir,
+        "nginx-backend",
+        Some(PROXY_CPU),
+        &topo.backend_ns[0],
+    )?;
     wait_listening(&topo.backend_ns[0], addr, &mut p).context("backend nginx")?;
     Ok(p)
 }
@@ -331,7 +357,7 @@ fn nginx(
 
 fn iperf3_server(topo: &Topology) -> anyhow::Result<Process> {
     let addr = backend(topo, 0, Service::Iperf);
-    let mut cmd = Command::new("iperf3");
+    let mut cmd = on_proxy_core("iperf3");
     cmd.args(["-s", "--forceflush", "-B"])
         .arg(addr.ip().to_string())
         .args(["-p", &addr.port().to_string()]);
@@ -346,7 +372,7 @@ fn redis_server(topo: &Topology, dir: &TempDir, i: usize) -> anyhow::Result<Proc
     let addr = backend(topo, i, Service::Redis);
     let data = dir.0.join(format!("redis-{i}"));
     fs::create_dir_all(&data)?;
-    let mut cmd = Command::new("redis-server");
+    let mut cmd = on_proxy_core("redis-server");
     cmd.args(["--bind", &addr.ip().to_string()])
         .args(["--port", &addr.port().to_string()])
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -374,6 +400,18 @@ fn start_agent(topo: &Topology) -> anyhow::Result<Agent> {
             .collect();
         for (path, name, mode, byte_path) in [
             (Path::Kernel, "kernel", "kernel", ""),
+            (
+                Path::KernelLeastConn,
+                "kernel-lc",
+                "kernel",
+                "algorithm = \"least_connections\"\n",
+            ),
+            (
+                Path::KernelPeakEwma,
+                "kernel-ewma",
+                "kernel",
+                "algorithm = \"peak_ewma\"\n",
+            ),
             (Path::Proxy, "proxy", "proxy", ""),
             (Path::ProxyCopy, "copy", "proxy", "byte_path = \"copy\"\n"),
         ] {
