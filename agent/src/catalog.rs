@@ -2,7 +2,7 @@
 //! consumer (kernel maps, forwarder) reads them. Validated on the way in, so consumers can
 //! trust it.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -199,10 +199,11 @@ impl Service {
     }
 }
 
-/// All services, keyed by the address clients connect to.
+/// All services, keyed by the address clients connect to. Each service is shared with the
+/// registry's layers, so a new catalog version copies pointers, not services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
-    pub services: BTreeMap<ServiceAddr, Service>,
+    pub services: BTreeMap<ServiceAddr, Arc<Service>>,
 }
 
 /// Why an entry is not acceptable. Each message names the field.

@@ -15,6 +15,7 @@
 //!   [`ctl`] is its client, `switchyard ctl`. [`metrics`] serves Prometheus, `/healthz`,
 //!   `/readyz`.
 //! - [`defaults`] holds every default, with the peers' values beside ours.
+//! - [`fuzzing`] is where the fuzz targets (`fuzz/`) enter the parsers of outside input.
 
 pub mod api;
 pub mod balance;
@@ -25,6 +26,7 @@ pub mod ctl;
 pub mod datapath;
 pub mod defaults;
 pub mod forwarder;
+pub mod fuzzing;
 pub mod health;
 pub mod limits;
 pub mod metrics;

@@ -102,7 +102,14 @@ impl Store {
     }
 }
 
-fn parse(bytes: &[u8]) -> Result<BTreeMap<Source, Layer>, String> {
+/// `body` behind the header [`Store::save`] writes.
+pub(crate) fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{MAGIC} {VERSION} {} {:016x}\n", body.len(), fnv1a64(body)).into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+pub(crate) fn parse(bytes: &[u8]) -> Result<BTreeMap<Source, Layer>, String> {
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
@@ -144,7 +151,7 @@ mod tests {
         let mut l = Layer::default();
         l.entries.insert(
             "web".into(),
-            Service {
+            std::sync::Arc::new(Service {
                 name: "web".into(),
                 addr: ServiceAddr {
                     vip: "10.96.0.1:80".parse().unwrap(),
@@ -155,7 +162,7 @@ mod tests {
                 affinity: None,
                 policy: Default::default(),
                 backends: vec![],
-            },
+            }),
         );
         [(Source::Etcd, l)].into()
     }
