@@ -27,6 +27,12 @@ pub const OWN_MARK: u32 = 0x5359_0001;
 pub const WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u32 = 256;
 
+/// Backends one service may have. Envoy and kube-proxy set no limit; ours keeps every
+/// per-service structure bounded (a ring, a round-robin cycle, the kernel's 65,536 slots with at
+/// least one per backend, the forwarder's largest Maglev table with four entries per backend)
+/// and is far above what a Service's EndpointSlices hold in practice.
+pub const MAX_BACKENDS_PER_SERVICE: usize = 16_384;
+
 /// Kernel-side log level when the config names none.
 pub const KERNEL_LOG: &str = "info";
 

@@ -9,10 +9,10 @@ use std::{net::SocketAddr, path::Path};
 use serde::Deserialize;
 
 use crate::{
-    catalog::{Algorithm, Mode, Protocol, Service, ServiceAddr},
-    config::{self, AgentConfig},
+    catalog::{Algorithm, Mode, Protocol, Service, ServiceAddr, entry},
+    config::AgentConfig,
     datapath::udp,
-    registry::{consul, dns, kubernetes, lkg},
+    registry::{consul, dns, kubernetes, last_known_good as lkg},
 };
 
 /// Every target: its name (the file under `fuzz/fuzz_targets/` and the seed directory) and
@@ -44,8 +44,8 @@ pub fn config_toml(data: &[u8]) {
 /// One service entry as JSON (an etcd value, an API body, what the Kubernetes and Consul
 /// builders make), and one backend as the API's backend calls take it.
 pub fn service_json(data: &[u8]) {
-    let _ = config::service_from_json(data, "fuzz", &listen());
-    let _ = config::backend_from_json(data);
+    let _ = entry::service_from_json(data, "fuzz", &listen());
+    let _ = entry::backend_from_json(data);
 }
 
 /// The last-known-good file: as found on disk, and (since a checksum stands in front of the

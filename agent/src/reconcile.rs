@@ -1,6 +1,8 @@
-//! The reconciler: the only writer of the kernel maps and the forwarder's table. It applies a
-//! catalog incrementally (unchanged services are not touched) and never lets a concurrent
-//! `connect()` see a half-written backend set (see `switchyard_common::maps`).
+//! The reconciler: userspace's writer of the kernel's service maps and of the forwarder's
+//! table. It translates a catalog into map entries (what balancing decides comes from
+//! [`balance::slots`]) and writes them incrementally (unchanged services are not touched),
+//! never letting a concurrent `connect()` see a half-written backend set (see
+//! `switchyard_common::maps`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -8,20 +10,17 @@ use std::{
     sync::Arc,
 };
 
-use switchyard_common::{
-    maglev,
-    maps::{
-        self as kmaps, Backend as KernelBackend, BackendId, Endpoint, MAGLEV_KERNEL_SIZE,
-        MAX_SLOTS_PER_SERVICE, SLOT_HALF, ServiceKey, ServiceValue, Settings, SlotKey,
-    },
+use switchyard_common::maps::{
+    self as kmaps, Backend as KernelBackend, BackendId, Endpoint, SLOT_HALF, ServiceKey,
+    ServiceValue, Settings, SlotKey,
 };
 use tracing::info;
 
 use crate::{
-    balance::smooth_weighted_order,
-    catalog::{Algorithm, BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
+    balance::{self, slots::slot_layout},
+    catalog::{BackendState, Catalog, Mode, Protocol, Service, ServiceAddr},
     datapath::{KernelMaps, MapsError, addr::to_words},
-    forwarder::{Defaults, SharedTable, Table},
+    forwarder::{ForwardingDefaults, SharedTable, Table},
     health::Board,
 };
 
@@ -104,7 +103,7 @@ pub struct Reconciler {
     maps: KernelMaps,
     table: SharedTable,
     board: Arc<Board>,
-    defaults: Defaults,
+    forwarding: ForwardingDefaults,
     applied: HashMap<ServiceAddr, Applied>,
     service_ids: IdPool,
     backend_ids: IdPool,
@@ -119,13 +118,13 @@ impl Reconciler {
         maps: KernelMaps,
         table: SharedTable,
         board: Arc<Board>,
-        defaults: Defaults,
+        forwarding: ForwardingDefaults,
     ) -> Self {
         Reconciler {
             maps,
             table,
             board,
-            defaults,
+            forwarding,
             applied: HashMap::new(),
             service_ids: IdPool::new(kmaps::MAX_SERVICES),
             backend_ids: IdPool::new(kmaps::MAX_BACKENDS),
@@ -219,7 +218,7 @@ impl Reconciler {
             &widened,
             &previous,
             &self.board,
-            self.defaults,
+            self.forwarding,
         ));
 
         let gone: Vec<ServiceAddr> = self
@@ -261,7 +260,7 @@ impl Reconciler {
                 }
             }
         }
-        let table = Table::build(catalog, &self.table.load(), &self.board, self.defaults);
+        let table = Table::build(catalog, &self.table.load(), &self.board, self.forwarding);
         self.table.store(table);
         if changes != Changes::default() {
             info!(
@@ -341,13 +340,7 @@ impl Reconciler {
                 Mode::Kernel => kmaps::mode::KERNEL,
                 Mode::Proxy => kmaps::mode::PROXY,
             },
-            algorithm: match service.algorithm {
-                Algorithm::Random | Algorithm::WeightedRandom => kmaps::algorithm::RANDOM,
-                Algorithm::RoundRobin => kmaps::algorithm::ROUND_ROBIN,
-                Algorithm::Maglev | Algorithm::RingHash => kmaps::algorithm::MAGLEV,
-                // Proxy-only algorithms: the kernel only redirects, any slot order will do.
-                Algorithm::LeastConnections | Algorithm::PeakEwma => kmaps::algorithm::RANDOM,
-            },
+            algorithm: balance::slots::kernel_algorithm(service.algorithm),
             flags: if service.affinity.is_some() {
                 kmaps::service_flags::AFFINITY
             } else {
@@ -451,121 +444,5 @@ fn kernel_state(s: BackendState) -> u8 {
         BackendState::Ready => kmaps::state::READY,
         BackendState::Drain => kmaps::state::DRAIN,
         BackendState::Maint => kmaps::state::MAINT,
-    }
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
-/// The slot array the kernel picks from: usable backends only, expanded by weight for the
-/// weighted algorithms, or a Maglev table.
-fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
-    let usable: Vec<(usize, u32)> = service
-        .backends
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.state == BackendState::Ready && b.weight > 0)
-        .map(|(i, b)| (i, b.weight))
-        .collect();
-    if usable.is_empty() {
-        return Vec::new();
-    }
-    let divisor = usable.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
-    let weights: Vec<u32> = usable.iter().map(|&(_, w)| w / divisor).collect();
-    match service.algorithm {
-        Algorithm::Random | Algorithm::LeastConnections | Algorithm::PeakEwma => {
-            usable.iter().map(|&(i, _)| ids[i]).collect()
-        }
-        Algorithm::WeightedRandom => usable
-            .iter()
-            .zip(&weights)
-            .flat_map(|(&(i, _), &w)| std::iter::repeat_n(ids[i], w as usize))
-            .take(MAX_SLOTS_PER_SERVICE as usize)
-            .collect(),
-        Algorithm::RoundRobin => smooth_weighted_order(&weights)
-            .into_iter()
-            .map(|k| ids[usable[k].0])
-            .take(MAX_SLOTS_PER_SERVICE as usize)
-            .collect(),
-        Algorithm::Maglev | Algorithm::RingHash => {
-            let keys: Vec<u64> = usable
-                .iter()
-                .map(|&(i, _)| {
-                    let a = service.backends[i].addr;
-                    maglev::backend_key(&to_words(a.ip()), a.port())
-                })
-                .collect();
-            let mut table = vec![0u32; MAGLEV_KERNEL_SIZE as usize];
-            let mut next = vec![0u64; keys.len()];
-            if !maglev::populate(&mut table, &keys, &weights, &mut next) {
-                return Vec::new();
-            }
-            table
-                .into_iter()
-                .map(|k| ids[usable[k as usize].0])
-                .collect()
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::catalog::Backend;
-
-    fn service(algorithm: Algorithm, weights: &[(u32, BackendState)]) -> Service {
-        Service {
-            name: "s".into(),
-            addr: ServiceAddr {
-                vip: "10.96.0.1:80".parse().unwrap(),
-                protocol: Protocol::Tcp,
-            },
-            mode: Mode::Kernel,
-            algorithm,
-            affinity: None,
-            policy: Default::default(),
-            backends: weights
-                .iter()
-                .enumerate()
-                .map(|(i, &(weight, state))| Backend {
-                    addr: SocketAddr::new([10, 0, 0, i as u8 + 1].into(), 80),
-                    weight,
-                    state,
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn slots_hold_only_usable_backends() {
-        use BackendState::*;
-        let s = service(
-            Algorithm::RoundRobin,
-            &[(1, Ready), (1, Drain), (1, Maint), (0, Ready)],
-        );
-        assert_eq!(slot_layout(&s, &[10, 11, 12, 13]), vec![10]);
-        let s = service(Algorithm::RoundRobin, &[(1, Drain)]);
-        assert!(slot_layout(&s, &[10]).is_empty());
-    }
-
-    #[test]
-    fn weights_expand_reduced() {
-        use BackendState::*;
-        let s = service(Algorithm::WeightedRandom, &[(2, Ready), (6, Ready)]);
-        let slots = slot_layout(&s, &[1, 2]);
-        assert_eq!(slots.len(), 4);
-        assert_eq!(slots.iter().filter(|&&b| b == 2).count(), 3);
-        let s = service(Algorithm::Random, &[(2, Ready), (6, Ready)]);
-        assert_eq!(slot_layout(&s, &[1, 2]), vec![1, 2]);
-    }
-
-    #[test]
-    fn maglev_fills_the_kernel_table() {
-        use BackendState::*;
-        let s = service(Algorithm::Maglev, &[(1, Ready), (1, Ready), (1, Ready)]);
-        let slots = slot_layout(&s, &[7, 8, 9]);
-        assert_eq!(slots.len(), MAGLEV_KERNEL_SIZE as usize);
-        assert!(slots.iter().all(|b| [7, 8, 9].contains(b)));
     }
 }

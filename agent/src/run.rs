@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use crate::{
     config::AgentConfig,
     datapath, defaults,
-    forwarder::{Defaults, Forwarder, OrigDst, SharedTable, workers},
+    forwarder::{DescriptorReserve, Forwarder, ForwardingDefaults, OrigDst, SharedTable, workers},
     health::{Board, check::Checker},
     reconcile::Reconciler,
     registry::{Registry, Source, file},
@@ -45,7 +45,7 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
         maps,
         table.clone(),
         board.clone(),
-        Defaults {
+        ForwardingDefaults {
             connect_timeout: config.forwarder.connect_timeout,
             retries: config.forwarder.retries,
         },
@@ -66,14 +66,14 @@ pub async fn agent(config_path: &Path) -> anyhow::Result<()> {
             table: std::sync::Mutex::new(orig),
         },
         own_mark: defaults::OWN_MARK,
-        room: crate::forwarder::Room::new(),
+        descriptors: DescriptorReserve::new(),
     });
     workers::start(listeners, forwarder.clone())?;
 
-    // ── Local API and Prometheus metrics (issue 6; see api/, metrics/) ──────────────────────
+    // ── Local API and Prometheus metrics (see api/, metrics/) ─────────────────────────────────
     // Served until this function returns (dropping the guards stops them and removes the
     // socket). Ready: the programs are attached and the first catalog is applied (just above).
-    let live = crate::api::Live {
+    let live = crate::live::Live {
         registry: registry.clone(),
         board: board.clone(),
         table: forwarder.table.clone(),

@@ -10,13 +10,12 @@
 //! `{"error": "...", "field": "..."}` with a 4xx status.
 //!
 //! Access is the socket file's permissions (mode 0600 by default; `[api] group` opens it to a
-//! group). [`server`] bounds what any one client can hold.
+//! group). [`crate::listener::http`] bounds what any one client can hold.
 //!
 //! [`Source::Api`]: crate::registry::Source::Api
 
-pub mod live;
 mod routes;
-pub mod server;
+pub mod state;
 pub mod view;
 
 use std::{
@@ -32,11 +31,10 @@ use hyper::Method;
 use tokio::{net::UnixListener, task::JoinHandle};
 use tracing::{debug, info};
 
-pub use live::Live;
+pub use crate::listener::http::{Limits, Reply};
 pub use routes::field_of;
-pub use server::{Limits, Reply};
 
-use crate::config::ApiConfig;
+use crate::{config::ApiConfig, live::Live};
 
 /// The API's state: the live handles, and the forwarder addresses a proxy-mode entry needs.
 pub struct Api {
@@ -94,15 +92,19 @@ pub fn start(config: &ApiConfig, api: Api) -> Result<Option<ApiServer>, ApiError
     };
     let listener = bind(path, config.mode, config.group.as_deref())?;
     info!(socket = %path.display(), mode = format!("{:#o}", config.mode), group = ?config.group, "API listening");
-    let task = tokio::spawn(server::serve(listener, Limits::default(), move |req| {
-        let reply = api.handle(&req.method, &req.path, &req.body);
-        if req.method == Method::GET {
-            debug!(peer = %req.peer, "api: {} {}: {}", req.method, req.path, reply.status.as_u16());
-        } else {
-            info!(peer = %req.peer, "api: {} {}: {}", req.method, req.path, reply.status.as_u16());
-        }
-        std::future::ready(reply)
-    }));
+    let task = tokio::spawn(crate::listener::http::serve(
+        listener,
+        Limits::default(),
+        move |req| {
+            let reply = api.handle(&req.method, &req.path, &req.body);
+            if req.method == Method::GET {
+                debug!(peer = %req.peer, "api: {} {}: {}", req.method, req.path, reply.status.as_u16());
+            } else {
+                info!(peer = %req.peer, "api: {} {}: {}", req.method, req.path, reply.status.as_u16());
+            }
+            std::future::ready(reply)
+        },
+    ));
     Ok(Some(ApiServer {
         task,
         path: path.clone(),

@@ -10,16 +10,18 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    Api,
-    live::Ownership,
-    server::Reply,
+    Api, state,
     view::{
         self, RegistryView, ServiceList, ServiceView, SourceView, StateList, VersionView, entry,
     },
 };
 use crate::{
-    catalog::{BackendState, Service},
-    config::{self, check_service},
+    catalog::{
+        BackendState, Service,
+        entry::{backend_from_json, check_service, service_from_json},
+    },
+    listener::http::Reply,
+    live::Ownership,
     registry::Source,
 };
 
@@ -250,7 +252,7 @@ impl Api {
             .catalog
             .services
             .values()
-            .map(|s| snap.state(s, owners.get(&s.name).map(|o| o.source)))
+            .map(|s| state::state(&snap, s, owners.get(&s.name).map(|o| o.source)))
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         Reply::json(StatusCode::OK, &StateList { services })
@@ -260,7 +262,7 @@ impl Api {
         let snap = self.live.snapshot();
         let s = snap.service(name).ok_or_else(|| no_service(name))?;
         let owner = self.live.owners(&snap.catalog).get(name).map(|o| o.source);
-        Ok(Reply::json(StatusCode::OK, &snap.state(s, owner)))
+        Ok(Reply::json(StatusCode::OK, &state::state(&snap, s, owner)))
     }
 
     fn registry_status(&self) -> Reply {
@@ -323,7 +325,7 @@ impl Api {
             }
             _ => {}
         }
-        config::service_from_json(body, name.unwrap_or_default(), &self.listen).map_err(invalid)
+        service_from_json(body, name.unwrap_or_default(), &self.listen).map_err(invalid)
     }
 
     /// Refuses `s` if it would take the address of another served service, or clash within
@@ -523,7 +525,7 @@ impl Api {
     }
 
     fn add_backend(&self, name: &str, body: &[u8]) -> Answer {
-        let b = config::backend_from_json(body).map_err(|m| {
+        let b = backend_from_json(body).map_err(|m| {
             let mut r = invalid(m);
             if r.field.is_none() && r.error.contains("ip:port") {
                 r.field = Some("address".into());

@@ -7,15 +7,15 @@ use hyper::{Method, StatusCode};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use super::{Api, Live, view};
+use super::{Api, view};
 use crate::{
     catalog::{
         Algorithm, Backend, BackendState, BytePath, Catalog, HashKey, HealthCheck, Mode, Policy,
-        Probe, Protocol, Service, ServiceAddr,
+        Probe, Protocol, Service, ServiceAddr, entry::service_from_json,
     },
-    config::service_from_json,
     forwarder::SharedTable,
     health::Board,
+    live::Live,
     registry::{Registry, Source},
 };
 

@@ -17,13 +17,8 @@ use crate::{
     registry::Source,
 };
 
-/// Every refusal: what is wrong, and with which field (`None` when no field is at fault, e.g.
-/// an unknown path or a body that is not JSON).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
-    pub field: Option<String>,
-}
+/// Every refusal, as the bounded server writes it.
+pub use crate::listener::http::ErrorBody;
 
 /// One service as the API lists it.
 #[derive(Clone, Debug, Serialize, Deserialize)]

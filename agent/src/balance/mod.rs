@@ -1,17 +1,23 @@
-//! Choosing a backend in the forwarder.
+//! Every decision about which backend gets a connection, in either mode.
 //!
-//! A [`Balancer`] is built per service from its backend list (hash tables are built once, over
-//! every backend with a weight, so a drained or failed backend does not remap anyone else's
-//! clients) and asked per connection attempt. State that must be shared by every client of the
-//! node (active connections, latency, ejection) lives in the candidates, not here.
+//! Proxy mode: a [`Balancer`] is built per service from its backend list (hash tables are built
+//! once, over every backend with a weight, so a drained or failed backend does not remap anyone
+//! else's clients) and asked per connection attempt, over the [`candidates`] that health,
+//! panic mode and the retry budget allow. State that must be shared by every client of the node
+//! (active connections, latency, ejection) lives in the candidates, not here.
+//!
+//! Kernel mode: [`slots`] lays out the slot array the programs pick from.
 
+pub mod candidates;
 mod hash;
+pub mod slots;
 mod weighted;
 
 use std::sync::Mutex;
 
 use crate::catalog::Algorithm;
 
+pub use candidates::{Upstream, UpstreamCandidate};
 pub use hash::{Maglev, Ring, ring_points};
 pub use weighted::{fit_weights, smooth_weighted_order};
 

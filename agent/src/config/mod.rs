@@ -4,36 +4,32 @@
 //! A file is taken whole or not at all: any error names the line and the field, and nothing of
 //! the file is applied.
 
-mod clusters;
+mod consul;
 mod control;
-mod duration;
-mod sources;
+mod dns;
+mod etcd;
+mod kubernetes;
 
 use std::{
     collections::HashMap,
-    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
-use serde::{
-    Deserialize,
-    de::{self, Deserializer, MapAccess, Visitor, value::MapAccessDeserializer},
-};
+use serde::Deserialize;
 use toml::Spanned;
 
-pub use clusters::{ConsulConfig, KubernetesConfig};
+pub use consul::ConsulConfig;
 pub use control::{ApiConfig, MetricsConfig};
-pub use duration::{HumanDuration, parse as parse_duration};
-pub use sources::{DnsConfig, DnsRecord, EtcdConfig, EtcdTls};
+pub use dns::{DnsConfig, DnsRecord};
+pub use etcd::{EtcdConfig, EtcdTls};
+pub use kubernetes::KubernetesConfig;
 
+pub use crate::catalog::duration::HumanDuration;
 use crate::{
-    catalog::{
-        Algorithm, Backend, BackendState, BytePath, Catalog, HashKey, HealthCheck, Mode, Policy,
-        Probe, Protocol, Service, ServiceAddr,
-    },
+    catalog::{Catalog, entry::RawService},
     defaults,
 };
 
@@ -171,11 +167,11 @@ struct RawRegistry {
     /// `""` turns saving off.
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
-    etcd: Option<Spanned<sources::RawEtcd>>,
+    etcd: Option<Spanned<etcd::RawEtcd>>,
     #[serde(default)]
-    dns: Vec<Spanned<sources::RawDns>>,
-    kubernetes: Option<Spanned<clusters::RawKubernetes>>,
-    consul: Option<Spanned<clusters::RawConsul>>,
+    dns: Vec<Spanned<dns::RawDns>>,
+    kubernetes: Option<Spanned<kubernetes::RawKubernetes>>,
+    consul: Option<Spanned<consul::RawConsul>>,
 }
 
 impl Default for RawRegistry {
@@ -203,232 +199,6 @@ struct RawForwarder {
     retries: Option<u32>,
     #[serde(default)]
     threads: usize,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: String,
-    vip: SocketAddr,
-    #[serde(default = "tcp")]
-    protocol: Protocol,
-    #[serde(default)]
-    mode: Mode,
-    #[serde(default)]
-    algorithm: Algorithm,
-    /// Session affinity by client; `affinity_timeout` alone turns it on too.
-    #[serde(default)]
-    affinity: bool,
-    affinity_timeout: Option<HumanDuration>,
-    #[serde(default)]
-    backends: Vec<RawBackend>,
-    // Forwarding policy (proxy mode).
-    connect_timeout: Option<HumanDuration>,
-    retries: Option<u32>,
-    max_connections: Option<u32>,
-    drain_timeout: Option<HumanDuration>,
-    idle_timeout: Option<HumanDuration>,
-    #[serde(default)]
-    hash_key: HashKey,
-    #[serde(default)]
-    byte_path: BytePath,
-    health: Option<RawHealth>,
-    outlier_failures: Option<u32>,
-    outlier_ejection: Option<HumanDuration>,
-}
-
-/// `health = { kind = "http", path = "/healthz", status = 200, interval = "2s", … }`
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHealth {
-    #[serde(default = "tcp_probe")]
-    kind: String,
-    path: Option<String>,
-    status: Option<u16>,
-    interval: Option<HumanDuration>,
-    timeout: Option<HumanDuration>,
-    rise: Option<u32>,
-    fall: Option<u32>,
-}
-
-fn tcp_probe() -> String {
-    "tcp".into()
-}
-
-impl RawHealth {
-    fn into_check(self) -> Result<HealthCheck, String> {
-        let probe = match self.kind.as_str() {
-            "tcp" => Probe::Tcp,
-            "http" => Probe::Http {
-                path: self.path.unwrap_or_else(|| "/".into()),
-                status: self.status.unwrap_or(200),
-            },
-            other => return Err(format!("health.kind: `{other}` is not tcp or http")),
-        };
-        Ok(HealthCheck {
-            probe,
-            interval: self.interval.map_or(defaults::HEALTH_INTERVAL, |d| d.0),
-            timeout: self.timeout.map_or(defaults::HEALTH_TIMEOUT, |d| d.0),
-            rise: self.rise.unwrap_or(defaults::HEALTH_RISE),
-            fall: self.fall.unwrap_or(defaults::HEALTH_FALL),
-        })
-    }
-}
-
-fn tcp() -> Protocol {
-    Protocol::Tcp
-}
-
-/// `affinity_timeout` alone turns affinity on; `affinity = true` alone takes the default.
-fn affinity(on: bool, timeout: Option<HumanDuration>) -> Option<Duration> {
-    match (on, timeout) {
-        (_, Some(t)) => Some(t.0),
-        (true, None) => Some(defaults::AFFINITY_TIMEOUT),
-        (false, None) => None,
-    }
-}
-
-/// What every entry must satisfy, whichever source it comes from: the service's own rules
-/// ([`Service::validate`]) and, for proxy mode, a forwarder address of the vip's family.
-pub fn check_service(service: &Service, listen: &[SocketAddr]) -> Result<(), String> {
-    service.validate().map_err(|e| e.to_string())?;
-    if service.mode == Mode::Proxy
-        && !listen
-            .iter()
-            .any(|l| l.is_ipv4() == service.addr.vip.is_ipv4())
-    {
-        return Err("mode: proxy needs a forwarder.listen address of the vip's family".into());
-    }
-    Ok(())
-}
-
-impl RawService {
-    /// The one way from an entry as written (a TOML `[[service]]` table, an etcd JSON value)
-    /// to a checked service, so every source accepts the same entries and names the same field.
-    fn into_service(self, listen: &[SocketAddr]) -> Result<Service, String> {
-        let raw = self;
-        let health = match raw.health {
-            Some(h) => Some(h.into_check()?),
-            None => None,
-        };
-        let policy = Policy {
-            connect_timeout: raw.connect_timeout.map(|d| d.0),
-            retries: raw.retries,
-            max_connections: raw.max_connections,
-            drain_timeout: raw.drain_timeout.map(|d| d.0),
-            idle_timeout: raw.idle_timeout.map(|d| d.0),
-            hash_key: raw.hash_key,
-            byte_path: raw.byte_path,
-            health,
-            outlier_failures: raw.outlier_failures,
-            outlier_ejection: raw.outlier_ejection.map(|d| d.0),
-        };
-        let service = Service {
-            policy,
-            name: raw.name,
-            addr: ServiceAddr {
-                vip: raw.vip,
-                protocol: raw.protocol,
-            },
-            mode: raw.mode,
-            algorithm: raw.algorithm,
-            affinity: affinity(raw.affinity, raw.affinity_timeout),
-            backends: raw.backends.into_iter().map(|b| b.0).collect(),
-        };
-        check_service(&service, listen)?;
-        Ok(service)
-    }
-}
-
-/// One service entry as JSON (an etcd value): the fields of a `[[service]]` table, through the
-/// same deserialization and checks as the file, so an error names the field the same way
-/// (`backends[0].address: …`, `backends[1]: port 0 is not a backend port`). `name` may be left
-/// out: `default_name` (the key's last part) is taken.
-pub fn service_from_json(
-    json: &[u8],
-    default_name: &str,
-    listen: &[SocketAddr],
-) -> Result<Service, String> {
-    let mut value: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
-    let Some(fields) = value.as_object_mut() else {
-        return Err("not an object with the fields of a [[service]] table".into());
-    };
-    fields.entry("name").or_insert_with(|| default_name.into());
-    let raw: RawService = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        match path.as_str() {
-            "." => e.into_inner().to_string(),
-            _ => format!("{path}: {}", e.into_inner()),
-        }
-    })?;
-    raw.into_service(listen)
-}
-
-/// One backend as JSON, as a `backends` list holds it (`"ip:port"` or
-/// `{"address": "ip:port", "weight": 2, "state": "drain"}`), through the same deserialization as
-/// the file; the error names the field (`weight: invalid type: …`). The backend is not checked
-/// against its service here: the caller checks the service it joins.
-pub fn backend_from_json(json: &[u8]) -> Result<Backend, String> {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let raw: RawBackend = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        match path.as_str() {
-            "." => e.into_inner().to_string(),
-            _ => format!("{path}: {}", e.into_inner()),
-        }
-    })?;
-    de.end()
-        .map_err(|e| format!("trailing characters after the backend: {e}"))?;
-    Ok(raw.0)
-}
-
-/// A backend is `"ip:port"` or `{ address = "ip:port", weight = 2, state = "drain" }`.
-struct RawBackend(Backend);
-
-impl<'de> Deserialize<'de> for RawBackend {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Full {
-            address: SocketAddr,
-            #[serde(default = "default_weight")]
-            weight: u32,
-            #[serde(default)]
-            state: BackendState,
-        }
-        fn default_weight() -> u32 {
-            defaults::WEIGHT
-        }
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawBackend;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "\"ip:port\" or { address = \"ip:port\", weight = N, state = \"ready\" }",
-                )
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                let addr = v
-                    .parse()
-                    .map_err(|_| E::custom(format!("`{v}` is not an ip:port address")))?;
-                Ok(RawBackend(Backend {
-                    addr,
-                    weight: defaults::WEIGHT,
-                    state: BackendState::Ready,
-                }))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                let f = Full::deserialize(MapAccessDeserializer::new(map))?;
-                Ok(RawBackend(Backend {
-                    addr: f.address,
-                    weight: f.weight,
-                    state: f.state,
-                }))
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 impl AgentConfig {
@@ -499,7 +269,7 @@ impl AgentConfig {
         for (index, spanned) in raw.services.into_iter().enumerate() {
             let span = spanned.span();
             let raw = spanned.into_inner();
-            let entry = format!("service[{index}] \"{}\"", raw.name);
+            let entry = format!("service[{index}] \"{}\"", raw.name());
             let service = raw
                 .into_service(&forwarder.listen)
                 .map_err(|e| invalid(span.clone(), entry.clone(), e))?;
@@ -615,6 +385,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{BackendState, Mode};
 
     #[test]
     fn a_line_number_from_an_offset_inside_a_character_does_not_panic() {

@@ -3,8 +3,9 @@
 //! until both sides are done, the connection idles out, or its backend's drain deadline passes.
 
 mod copy;
+mod occupancy;
 mod origdst;
-pub mod room;
+pub mod reserve;
 pub mod table;
 mod upstream;
 pub mod workers;
@@ -12,7 +13,7 @@ pub mod workers;
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use switchyard_common::hash::mix64;
@@ -21,18 +22,22 @@ use tracing::{debug, info, warn};
 
 pub use copy::{CopyError, Moved};
 pub use origdst::OrigDst;
-pub use room::Room;
-pub use table::{Defaults, SharedTable, Table};
-pub use upstream::connect_marked;
+pub use reserve::DescriptorReserve;
+pub use table::{ForwardingDefaults, SharedTable, Table};
 
-use crate::{catalog::HashKey, defaults};
+use self::{
+    occupancy::Occupancy,
+    table::ProxyService,
+    upstream::{Connected, FirstSign},
+};
+use crate::{balance::candidates, catalog::HashKey, defaults, listener::AcceptFailures};
 
 pub struct Forwarder {
     pub table: SharedTable,
     pub orig: OrigDst,
     pub own_mark: u32,
-    /// Keeps descriptors for the control side (see [`room`]).
-    pub room: Room,
+    /// Keeps descriptors for the control side (see [`reserve`]).
+    pub descriptors: DescriptorReserve,
 }
 
 impl Forwarder {
@@ -40,15 +45,15 @@ impl Forwarder {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "forwarder listening");
-        let mut failures = crate::limits::AcceptFailures::default();
+        let mut failures = AcceptFailures::default();
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     failures.accepted("forwarder");
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let Some(_held) = me.room.take() else {
-                            return refuse(stream);
+                        let Some(_held) = me.descriptors.take() else {
+                            return refuse(&stream);
                         };
                         me.handle(stream, peer).await
                     });
@@ -62,15 +67,30 @@ impl Forwarder {
         }
     }
 
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
-        let accepted = std::time::Instant::now();
-        let Some(vip) = self.orig.recover(&client, peer) else {
-            debug!(%peer, "no original destination: not a redirected connection");
+    /// One redirected connection: admit it, connect until the backend shows a sign of life,
+    /// relay.
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let accepted = Instant::now();
+        let Some(service) = self.admit(&client, peer) else {
             return;
+        };
+        let Some((upstream, occupied)) = self.connect(&service, &client, peer).await else {
+            return;
+        };
+        relay(&service, client, upstream, occupied, accepted, peer).await;
+    }
+
+    /// The proxy-mode service the client was sent here for, if it takes one more connection.
+    /// A refused client is reset.
+    fn admit(&self, client: &TcpStream, peer: SocketAddr) -> Option<Arc<ProxyService>> {
+        let Some(vip) = self.orig.recover(client, peer) else {
+            debug!(%peer, "no original destination: not a redirected connection");
+            return None;
         };
         let Some(service) = self.table.load().get(&vip) else {
             debug!(%peer, %vip, "original destination is not a proxy-mode service");
-            return refuse(client);
+            refuse(client);
+            return None;
         };
         let shared = &service.shared;
         if let Some(max) = service.max_connections
@@ -78,116 +98,128 @@ impl Forwarder {
         {
             shared.refused_limit.fetch_add(1, Ordering::Relaxed);
             debug!(service = %service.name, %peer, "refused: connection limit {max} reached");
-            return refuse(client);
+            refuse(client);
+            return None;
         }
+        Some(service)
+    }
+
+    /// Connects to a backend and waits for the first sign of life: a backend that closes
+    /// before either side spoke has served nothing, so another one is tried, as after a
+    /// refused connect. `None`: the client was refused (reset), or reset its connection.
+    async fn connect<'s>(
+        &self,
+        service: &'s ProxyService,
+        client: &TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(Connected, Occupancy<'s>)> {
         let hash = client_hash(peer, service.hash_key);
-        let mut attempts = upstream::Attempts::new(&service);
-        let upstream = loop {
-            let u = match upstream::connect(&service, hash, self.own_mark, &mut attempts).await {
+        let mut attempts = upstream::Attempts::new(service);
+        loop {
+            let u = match upstream::connect(service, hash, self.own_mark, &mut attempts).await {
                 Ok(u) => u,
                 Err(e) => {
-                    shared.refused_no_backend.fetch_add(1, Ordering::Relaxed);
+                    service
+                        .shared
+                        .refused_no_backend
+                        .fetch_add(1, Ordering::Relaxed);
                     warn!(service = %service.name, %peer, "refused: {e}");
-                    return refuse(client);
+                    refuse(client);
+                    return None;
                 }
             };
-            // The connection occupies its backend from now on: balancing must see it at once,
-            // not only after the backend's first byte (a slow backend would look idle).
             let b = &service.backends[u.backend];
-            b.health.counters.active.fetch_add(1, Ordering::Relaxed);
-            shared.active.fetch_add(1, Ordering::Relaxed);
-            // Undoes the two lines above when this backend does not keep the connection.
-            let release = || {
-                b.health.counters.active.fetch_sub(1, Ordering::Relaxed);
-                shared.active.fetch_sub(1, Ordering::Relaxed);
-            };
+            // The connection occupies its backend from now on; dropped, it lets go.
+            let occupied = Occupancy::take(&b.health, &service.shared);
             let sign = tokio::select! {
-                sign = upstream::first_sign(&client, &u.stream) => sign,
-                // Nobody has spoken: the copy below closes an idle connection, or one whose
+                sign = upstream::first_sign(client, &u.stream) => sign,
+                // Nobody has spoken: the copy closes an idle connection, or one whose
                 // backend's drain deadline has passed, at once.
-                _ = after(service.idle_timeout) => upstream::FirstSign::Client,
-                _ = b.health.drain_deadline() => upstream::FirstSign::Client,
+                _ = after(service.idle_timeout) => FirstSign::Client,
+                _ = b.health.drain_deadline() => FirstSign::Client,
             };
-            if matches!(sign, upstream::FirstSign::ClientAborted) {
-                release();
-                debug!(service = %service.name, %peer, "client reset before the first byte");
-                let _ = u.stream.set_zero_linger();
-                return;
-            }
-            if let upstream::FirstSign::Server(t) = sign {
-                // The backend's response time, for peak-EWMA (the copy starts after it).
-                b.health.observe(t);
-            }
-            if matches!(sign, upstream::FirstSign::Dead) && attempts.may_retry(&service) {
-                release();
-                b.health.counters.resets.fetch_add(1, Ordering::Relaxed);
-                b.health.failure(
-                    service.outlier_failures,
-                    service.outlier_ejection,
-                    service.may_eject(),
-                );
-                debug!(service = %service.name, backend = %b.addr, "closed before the first byte: trying another");
-                continue;
-            }
-            break u;
-        };
-        let backend = &service.backends[upstream.backend];
-        debug!(service = %service.name, %peer, backend = %backend.addr, hash, "connected");
-        let counters = &backend.health.counters;
-        let connected_at = std::time::Instant::now(); // metrics: connection duration (issue 6)
-        counters.opened.fetch_add(1, Ordering::Relaxed);
-        let mut server = upstream.stream;
-        let moved = Moved::default();
-        // The backend's response time feeds peak-EWMA balancing as soon as it is known.
-        let answered = |m: &Moved| {
-            if let Some(t) = m.response_time() {
-                backend.health.observe(t);
-            }
-        };
-        let result = tokio::select! {
-            r = copy::bidirectional(
-                &mut client,
-                &mut server,
-                copy::Settings {
-                    path: service.byte_path,
-                    buffer: defaults::COPY_BUFFER,
-                    idle: service.idle_timeout,
-                },
-                accepted,
-                &moved,
-                &answered,
-            ) => r,
-            _ = backend.health.drain_deadline() => {
-                counters.drained_closed.fetch_add(1, Ordering::Relaxed);
-                info!(service = %service.name, backend = %backend.addr, %peer, "drain deadline: connection closed");
-                Ok(())
-            }
-        };
-        counters
-            .bytes_out
-            .fetch_add(moved.to_backend.load(Ordering::Relaxed), Ordering::Relaxed);
-        counters
-            .bytes_in
-            .fetch_add(moved.to_client.load(Ordering::Relaxed), Ordering::Relaxed);
-        counters.active.fetch_sub(1, Ordering::Relaxed);
-        counters.closed.fetch_add(1, Ordering::Relaxed);
-        counters.timings.closed(connected_at); // metrics: connection duration (issue 6)
-        shared.active.fetch_sub(1, Ordering::Relaxed);
-        match result {
-            Ok(()) => {}
-            Err(CopyError::Idle(idle)) => {
-                debug!(service = %service.name, backend = %backend.addr, "idle for {idle:?}: closed");
-            }
-            Err(CopyError::Io(e)) => {
-                if e.kind() == std::io::ErrorKind::ConnectionReset {
-                    counters.resets.fetch_add(1, Ordering::Relaxed);
+            match sign {
+                FirstSign::ClientAborted => {
+                    debug!(service = %service.name, %peer, "client reset before the first byte");
+                    let _ = u.stream.set_zero_linger();
+                    return None;
                 }
-                debug!(service = %service.name, backend = %backend.addr, "connection aborted: {e}");
-                // An abort passes on as an abort: closing with a FIN would tell the other side
-                // that a cut-off stream was complete.
-                let _ = client.set_zero_linger();
-                let _ = server.set_zero_linger();
+                // The backend's response time, for peak-EWMA (the copy starts after it).
+                FirstSign::Server(t) => b.health.observe(t),
+                FirstSign::Dead if attempts.may_retry(service) => {
+                    drop(occupied);
+                    b.health.counters.resets.fetch_add(1, Ordering::Relaxed);
+                    b.health.failure(
+                        service.outlier_failures,
+                        service.outlier_ejection,
+                        candidates::may_eject(&service.backends),
+                    );
+                    debug!(service = %service.name, backend = %b.addr, "closed before the first byte: trying another");
+                    continue;
+                }
+                FirstSign::Client | FirstSign::Dead => {}
             }
+            debug!(service = %service.name, %peer, backend = %b.addr, hash, "connected");
+            return Some((u, occupied));
+        }
+    }
+}
+
+/// Moves bytes both ways until both sides are done, the connection idles out, or its
+/// backend's drain deadline passes.
+async fn relay(
+    service: &ProxyService,
+    mut client: TcpStream,
+    upstream: Connected,
+    mut occupied: Occupancy<'_>,
+    accepted: Instant,
+    peer: SocketAddr,
+) {
+    let backend = &service.backends[upstream.backend];
+    let counters = &backend.health.counters;
+    occupied.open();
+    let mut server = upstream.stream;
+    // The backend's response time feeds peak-EWMA balancing as soon as it is known.
+    let answered = |m: &Moved| {
+        if let Some(t) = m.response_time() {
+            backend.health.observe(t);
+        }
+    };
+    let result = tokio::select! {
+        r = copy::bidirectional(
+            &mut client,
+            &mut server,
+            copy::Settings {
+                path: service.byte_path,
+                buffer: defaults::COPY_BUFFER,
+                idle: service.idle_timeout,
+            },
+            accepted,
+            &occupied.moved,
+            &answered,
+        ) => r,
+        _ = backend.health.drain_deadline() => {
+            counters.drained_closed.fetch_add(1, Ordering::Relaxed);
+            info!(service = %service.name, backend = %backend.addr, %peer, "drain deadline: connection closed");
+            Ok(())
+        }
+    };
+    // The end is counted before the sockets close.
+    drop(occupied);
+    match result {
+        Ok(()) => {}
+        Err(CopyError::Idle(idle)) => {
+            debug!(service = %service.name, backend = %backend.addr, "idle for {idle:?}: closed");
+        }
+        Err(CopyError::Io(e)) => {
+            if e.kind() == std::io::ErrorKind::ConnectionReset {
+                counters.resets.fetch_add(1, Ordering::Relaxed);
+            }
+            debug!(service = %service.name, backend = %backend.addr, "connection aborted: {e}");
+            // An abort passes on as an abort: closing with a FIN would tell the other side
+            // that a cut-off stream was complete.
+            let _ = client.set_zero_linger();
+            let _ = server.set_zero_linger();
         }
     }
 }
@@ -200,10 +232,10 @@ async fn after(t: Option<Duration>) {
     }
 }
 
-/// Closes with a reset, so the client learns at once that nothing will answer.
-fn refuse(client: TcpStream) {
+/// Makes the close a reset, so the client learns at once that nothing will answer (the stream
+/// closes when its owner drops it, at once).
+fn refuse(client: &TcpStream) {
     let _ = client.set_zero_linger();
-    drop(client);
 }
 
 fn client_hash(peer: SocketAddr, key: HashKey) -> u64 {

@@ -6,36 +6,17 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{
-    balance::{Balancer, Candidate},
+    balance::{self, Balancer, Upstream},
     catalog::{BackendState, BytePath, Catalog, HashKey, Mode, Protocol, Service, ServiceAddr},
     defaults,
-    health::{BackendHealth, Board, Verdict},
+    health::Board,
 };
-
-pub struct Upstream {
-    pub addr: SocketAddr,
-    pub weight: u32,
-    pub state: BackendState,
-    pub health: Arc<BackendHealth>,
-    key: u64,
-}
-
-impl Upstream {
-    /// Not held down by an active check, not ejected.
-    fn healthy(&self, now: Instant) -> bool {
-        self.health.verdict() != Verdict::Down && !self.health.is_ejected(now)
-    }
-
-    fn admitted(&self) -> bool {
-        self.state == BackendState::Ready && self.weight > 0
-    }
-}
 
 /// Service-wide state shared by all its connections (survives table rebuilds).
 #[derive(Debug, Default)]
@@ -65,90 +46,15 @@ pub struct ProxyService {
     pub shared: Arc<ServiceShared>,
 }
 
-/// One upstream as a balancing candidate for one attempt.
-pub struct Attempt<'a> {
-    pub upstream: &'a Upstream,
-    pub tried: bool,
-    /// Panic mode: health and ejection are ignored (too few healthy backends).
-    pub panic: bool,
-    pub now: Instant,
-}
-
-impl Candidate for Attempt<'_> {
-    fn weight(&self) -> u32 {
-        self.upstream
-            .health
-            .effective_weight(self.upstream.weight, self.now, defaults::SLOW_START)
-    }
-    fn usable(&self) -> bool {
-        !self.tried && self.upstream.admitted() && (self.panic || self.upstream.healthy(self.now))
-    }
-    fn active(&self) -> u64 {
-        self.upstream.health.counters.active.load(Ordering::Relaxed)
-    }
-    fn latency(&self) -> f64 {
-        self.upstream.health.latency_ns()
-    }
-    fn key(&self) -> u64 {
-        self.upstream.key
-    }
-}
-
-impl ProxyService {
-    /// Candidates for one attempt; panic mode when under the panic threshold of the admitted
-    /// backends are healthy.
-    pub fn candidates(&self, tried: &[bool]) -> Vec<Attempt<'_>> {
-        let now = Instant::now();
-        let admitted = self.backends.iter().filter(|u| u.admitted()).count();
-        let healthy = self
-            .backends
-            .iter()
-            .filter(|u| u.admitted() && u.healthy(now))
-            .count();
-        let panic =
-            admitted > 0 && healthy * 100 < admitted * defaults::PANIC_THRESHOLD_PERCENT as usize;
-        self.backends
-            .iter()
-            .zip(tried)
-            .map(|(upstream, &tried)| Attempt {
-                upstream,
-                tried,
-                panic,
-                now,
-            })
-            .collect()
-    }
-
-    /// Whether ejecting one more backend keeps the service within its ejection cap.
-    pub fn may_eject(&self) -> bool {
-        let now = Instant::now();
-        let total = self.backends.len().max(1);
-        let ejected = self
-            .backends
-            .iter()
-            .filter(|u| u.health.is_ejected(now))
-            .count();
-        (ejected + 1) * 100 <= total * defaults::OUTLIER_MAX_EJECTED_PERCENT as usize
-    }
-
-    /// A retry may start if retries in flight stay within the budget (Envoy's retry budget).
-    pub fn retry_allowed(&self) -> bool {
-        let active = self.shared.active.load(Ordering::Relaxed) as u32;
-        let budget =
-            (active * defaults::RETRY_BUDGET_PERCENT / 100).max(defaults::RETRY_BUDGET_MIN);
-        self.shared.retries_in_flight.load(Ordering::Relaxed) < budget
-    }
-}
-
 #[derive(Default)]
 pub struct Table {
     services: HashMap<SocketAddr, Arc<ProxyService>>,
     shared: HashMap<ServiceAddr, Arc<ServiceShared>>,
 }
 
-/// Agent-wide forwarding defaults a service may override.
+/// Agent-wide forwarding settings (`[forwarder]`) a service's policy may override.
 #[derive(Clone, Copy, Debug)]
-pub struct Defaults {
+pub struct ForwardingDefaults {
     pub connect_timeout: Duration,
     pub retries: u32,
 }
@@ -164,7 +70,12 @@ impl Table {
 
     /// The table for a catalog. Drains start for backends set to drain or maint, and for
     /// backends that left the catalog (their open connections still hold their health).
-    pub fn build(catalog: &Catalog, previous: &Table, board: &Board, defaults: Defaults) -> Table {
+    pub fn build(
+        catalog: &Catalog,
+        previous: &Table,
+        board: &Board,
+        agent: ForwardingDefaults,
+    ) -> Table {
         let mut services = HashMap::new();
         let mut shared = HashMap::new();
         for (addr, s) in &catalog.services {
@@ -191,29 +102,10 @@ impl Table {
                     } else {
                         health.drain(drain_timeout);
                     }
-                    let ip = crate::datapath::addr::to_words(b.addr.ip());
-                    Upstream {
-                        addr: b.addr,
-                        weight: b.weight,
-                        state: b.state,
-                        health,
-                        key: switchyard_common::maglev::backend_key(&ip, b.addr.port()),
-                    }
+                    Upstream::new(b.addr, b.weight, b.state, health)
                 })
                 .collect();
-            let now = Instant::now();
-            let balancer = {
-                let all: Vec<Attempt> = backends
-                    .iter()
-                    .map(|upstream| Attempt {
-                        upstream,
-                        tried: false,
-                        panic: true,
-                        now,
-                    })
-                    .collect();
-                Balancer::new(s.algorithm, &all)
-            };
+            let balancer = Balancer::new(s.algorithm, &balance::candidates::all(&backends));
             let svc_shared = previous.shared.get(addr).cloned().unwrap_or_default();
             shared.insert(*addr, svc_shared.clone());
             services.insert(
@@ -224,8 +116,8 @@ impl Table {
                     addr: *addr,
                     backends,
                     balancer,
-                    connect_timeout: s.policy.connect_timeout.unwrap_or(defaults.connect_timeout),
-                    retries: s.policy.retries.unwrap_or(defaults.retries),
+                    connect_timeout: s.policy.connect_timeout.unwrap_or(agent.connect_timeout),
+                    retries: s.policy.retries.unwrap_or(agent.retries),
                     max_connections: s.policy.max_connections,
                     idle_timeout: s.policy.idle_timeout,
                     hash_key: s.policy.hash_key,

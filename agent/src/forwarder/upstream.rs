@@ -1,15 +1,13 @@
 //! Connecting to a backend: the balancer's choice first, then other backends, within the retry
 //! budget. Every outcome feeds the node-wide health (latency, outlier ejection).
 
-use std::{io, net::SocketAddr, os::fd::AsRawFd, sync::atomic::Ordering, time::Instant};
+use std::{io, net::SocketAddr, sync::atomic::Ordering, time::Instant};
 
-use tokio::{
-    net::{TcpSocket, TcpStream},
-    time::timeout,
-};
+use tokio::{net::TcpStream, time::timeout};
 use tracing::debug;
 
 use super::table::ProxyService;
+use crate::{balance::candidates, socket::connect_marked};
 
 /// A connected upstream and the index of its backend in the service.
 pub struct Connected {
@@ -49,7 +47,7 @@ impl Attempts {
 
     /// Whether another backend may still be tried.
     pub fn may_retry(&self, service: &ProxyService) -> bool {
-        self.made <= service.retries && service.retry_allowed()
+        self.made <= service.retries && retry_allowed(service)
     }
 }
 
@@ -63,11 +61,11 @@ pub async fn connect(
 ) -> Result<Connected, ConnectError> {
     let mut last: Option<(SocketAddr, io::Error)> = None;
     loop {
-        let candidates = service.candidates(&attempts.tried);
-        let Some(i) = service.balancer.pick(&candidates, client) else {
+        let choices = candidates::candidates(&service.backends, &attempts.tried);
+        let Some(i) = service.balancer.pick(&choices, client) else {
             break;
         };
-        drop(candidates);
+        drop(choices);
         attempts.tried[i] = true;
         let retry = attempts.made > 0;
         if retry {
@@ -119,13 +117,13 @@ pub async fn connect(
                 upstream.health.failure(
                     service.outlier_failures,
                     service.outlier_ejection,
-                    service.may_eject(),
+                    candidates::may_eject(&service.backends),
                 );
                 debug!(service = %service.name, backend = %upstream.addr, "connect failed: {e}");
                 last = Some((upstream.addr, e));
             }
         }
-        if attempts.made > service.retries || !service.retry_allowed() {
+        if attempts.made > service.retries || !retry_allowed(service) {
             break;
         }
     }
@@ -139,6 +137,14 @@ pub async fn connect(
     }
 }
 
+/// Whether the service's retry budget lets another attempt start now.
+fn retry_allowed(service: &ProxyService) -> bool {
+    candidates::retry_allowed(
+        service.shared.active.load(Ordering::Relaxed),
+        service.shared.retries_in_flight.load(Ordering::Relaxed),
+    )
+}
+
 /// Whether a failed connect says nothing about the backend: the agent is short of descriptors
 /// or memory.
 fn is_local(e: &io::Error) -> bool {
@@ -146,30 +152,6 @@ fn is_local(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
-}
-
-/// Connects a socket marked as the agent's own, so the connect hooks never steer it.
-pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    // SAFETY: a valid fd and a u32 option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&mark as *const u32).cast(),
-            size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    socket.set_nodelay(true)?;
-    socket.connect(addr).await
 }
 
 /// The first sign of life on a fresh upstream connection.

@@ -30,8 +30,8 @@ pub struct Counters {
     pub drained_closed: AtomicU64,
     pub checks_passed: AtomicU64,
     pub checks_failed: AtomicU64,
-    /// Connect latency and connection duration histograms (issue 6: metrics).
-    pub timings: crate::metrics::Timings,
+    /// Connect latency and connection duration histograms (exported by the metrics).
+    pub timings: super::Timings,
 }
 
 /// The active checks' verdict.

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::{BackendHealth, Board, Verdict};
 use crate::{
     catalog::{Catalog, HealthCheck, Probe, ServiceAddr},
-    forwarder::connect_marked,
+    socket::connect_marked,
 };
 
 /// The running checks, reconciled with each catalog.

@@ -8,5 +8,7 @@
 
 pub mod board;
 pub mod check;
+mod timings;
 
 pub use board::{BackendHealth, Board, Counters, Verdict};
+pub use timings::Timings;

@@ -1,6 +1,87 @@
-//! The agent's own process, from `/proc/self`: memory, CPU time, descriptors, threads.
+//! The agent itself: readiness, version, and its process from `/proc/self` (memory, CPU
+//! time, descriptors, threads).
 
-use std::fs;
+use std::{fmt, fs};
+
+use prometheus_client::{
+    encoding::DescriptorEncoder,
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Unit,
+};
+
+use super::family::{gauge, one};
+
+/// `ready`: the programs are attached and the first catalog is applied.
+pub fn encode(enc: &mut DescriptorEncoder, ready: bool) -> fmt::Result {
+    one(
+        enc,
+        "ready",
+        "1 once the programs are attached and the first catalog is applied.",
+        None,
+        ConstGauge::new(u64::from(ready)),
+    )?;
+    gauge(
+        enc,
+        "build_info",
+        "The agent's version (always 1).",
+        None,
+        [([("version", env!("CARGO_PKG_VERSION"))], 1u64)],
+    )?;
+    if let Some(p) = read() {
+        one(
+            enc,
+            "process_resident_memory",
+            "Resident memory of the agent.",
+            Some(Unit::Bytes),
+            ConstGauge::new(p.resident_bytes),
+        )?;
+        one(
+            enc,
+            "process_virtual_memory",
+            "Virtual memory of the agent.",
+            Some(Unit::Bytes),
+            ConstGauge::new(p.virtual_bytes),
+        )?;
+        one(
+            enc,
+            "process_cpu",
+            "CPU time the agent used, user and system.",
+            Some(Unit::Seconds),
+            ConstCounter::new(p.cpu_seconds),
+        )?;
+        one(
+            enc,
+            "process_open_fds",
+            "Open file descriptors of the agent.",
+            None,
+            ConstGauge::new(p.open_fds),
+        )?;
+        if let Some(max) = p.max_fds {
+            one(
+                enc,
+                "process_max_fds",
+                "The agent's limit on open file descriptors.",
+                None,
+                ConstGauge::new(max),
+            )?;
+        }
+        one(
+            enc,
+            "process_threads",
+            "Threads of the agent.",
+            None,
+            ConstGauge::new(p.threads),
+        )?;
+        one(
+            enc,
+            "process_start_time",
+            "When the agent started, in seconds since the Unix epoch.",
+            Some(Unit::Seconds),
+            ConstGauge::new(p.start_time_seconds),
+        )?;
+    }
+    Ok(())
+}
 
 pub struct ProcessStats {
     pub resident_bytes: u64,

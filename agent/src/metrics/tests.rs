@@ -10,12 +10,12 @@ use hyper::{Method, StatusCode};
 
 use super::{Metrics, answer, exposition};
 use crate::{
-    api::Live,
     catalog::{
         Algorithm, Backend, BackendState, Catalog, Mode, Policy, Protocol, Service, ServiceAddr,
     },
-    forwarder::{Defaults, SharedTable, Table},
+    forwarder::{ForwardingDefaults, SharedTable, Table},
     health::Board,
+    live::Live,
     registry::{Registry, Source},
 };
 
@@ -52,7 +52,7 @@ fn world() -> (Arc<Metrics>, Arc<Board>, Arc<AtomicBool>) {
         &catalog,
         &Table::default(),
         &board,
-        Defaults {
+        ForwardingDefaults {
             connect_timeout: Duration::from_secs(1),
             retries: 2,
         },

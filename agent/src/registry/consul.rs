@@ -44,8 +44,8 @@ use tracing::{debug, info, warn};
 
 use super::{Registry, Rejected, Source, retry::Backoff, settings};
 use crate::{
-    catalog::Service,
-    config::{ConsulConfig, service_from_json},
+    catalog::{Service, entry::service_from_json},
+    config::ConsulConfig,
     defaults,
 };
 

@@ -24,8 +24,8 @@ use tracing::{info, warn};
 
 use super::{Claims, Registry, Rejected, Source, retry::Backoff};
 use crate::{
-    catalog::Service,
-    config::{EtcdConfig, service_from_json},
+    catalog::{Service, entry::service_from_json},
+    config::EtcdConfig,
     defaults,
 };
 

@@ -51,8 +51,8 @@ use tracing::{debug, info, warn};
 
 use super::{Claims, Registry, Rejected, Source, retry::Backoff, settings};
 use crate::{
-    catalog::Service,
-    config::{KubernetesConfig, service_from_json},
+    catalog::{Service, entry::service_from_json},
+    config::KubernetesConfig,
     defaults,
 };
 

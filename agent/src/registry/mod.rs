@@ -4,8 +4,8 @@
 //! the source's own name for them (an etcd key, a service name). A source replaces or edits its
 //! layer; the registry merges the layers by precedence ([`Source`] order: the first source to
 //! name a service address owns it), publishes the merged catalog on a watch channel for the
-//! reconciler, and saves every layer as last-known-good ([`lkg`]) so that a restarted agent
-//! serves the last state at once, before any source answers.
+//! reconciler, and saves every layer as last known good ([`last_known_good`]) so that a
+//! restarted agent serves the last state at once, before any source answers.
 //!
 //! An entry that fails validation is rejected alone, with its reason logged and counted; the
 //! entry it would have replaced keeps its last good state.
@@ -15,7 +15,7 @@ pub mod dns;
 pub mod etcd;
 pub mod file;
 pub mod kubernetes;
-pub mod lkg;
+pub mod last_known_good;
 mod merge;
 mod retry;
 mod settings;
@@ -112,7 +112,7 @@ struct State {
     layers: BTreeMap<Source, Layer>,
     merge: merge::Merge,
     published: Arc<Catalog>,
-    lkg: Option<lkg::Saver>,
+    last_known_good: Option<last_known_good::Saver>,
     /// Catalog versions published since start.
     version: u64,
 }
@@ -158,8 +158,8 @@ impl Registry {
     /// last-known-good found there. Returns the receiver of merged catalogs.
     pub fn open(state_dir: Option<PathBuf>) -> (Registry, watch::Receiver<Arc<Catalog>>) {
         let mut saved = BTreeMap::new();
-        let lkg = state_dir.map(lkg::Store::new);
-        if let Some(store) = &lkg {
+        let last_known_good = state_dir.map(last_known_good::Store::new);
+        if let Some(store) = &last_known_good {
             match store.load() {
                 Ok(Some(layers)) => {
                     info!(
@@ -177,7 +177,9 @@ impl Registry {
             layers: BTreeMap::new(),
             merge: merge::Merge::default(),
             published: Arc::new(Catalog::default()),
-            lkg: lkg.as_ref().map(|_| lkg::Saver::new()),
+            last_known_good: last_known_good
+                .as_ref()
+                .map(|_| last_known_good::Saver::new()),
             version: 0,
         };
         for (source, layer) in saved {
@@ -196,12 +198,12 @@ impl Registry {
         state.merge.take_changed();
         state.published = Arc::new(catalog_of(&state.merge));
         let (tx, rx) = watch::channel(state.published.clone());
-        let saver = state.lkg.clone();
+        let saver = state.last_known_good.clone();
         let registry = Registry {
             state: Arc::new(Mutex::new(state)),
             tx: Arc::new(tx),
         };
-        if let (Some(store), Some(saver)) = (lkg, saver) {
+        if let (Some(store), Some(saver)) = (last_known_good, saver) {
             let state = registry.state.clone();
             saver.run(
                 store,
@@ -429,14 +431,14 @@ impl Registry {
             self.tx.send_replace(state.published.clone());
         }
         // After the reconciler has it: the disk must not delay a change.
-        if let Some(saver) = &state.lkg {
+        if let Some(saver) = &state.last_known_good {
             saver.touch();
         }
     }
 
     /// Waits until the last-known-good on disk is current (at shutdown).
     pub fn flush(&self) {
-        let saver = self.lock().lkg.clone();
+        let saver = self.lock().last_known_good.clone();
         if let Some(s) = saver {
             s.flush();
         }

@@ -2,8 +2,9 @@
 //! (`switchyard.io/connect-timeout: 500ms`), Consul tags (`switchyard-connect-timeout=500ms`)
 //! and service meta (`switchyard_connect_timeout`). Each names a field of a `[[service]]` table
 //! (dashes for underscores); the value is written into that entry's JSON, which then goes
-//! through the one validation path every source uses ([`crate::config::service_from_json`]),
-//! so a bad value is refused with the same message as in the file.
+//! through the one validation path every source uses
+//! ([`crate::catalog::entry::service_from_json`]), so a bad value is refused with the same
+//! message as in the file.
 //!
 //! An unknown name is refused too, rather than ignored: a misspelt setting would otherwise
 //! silently not apply.

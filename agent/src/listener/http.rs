@@ -18,7 +18,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
@@ -27,11 +27,19 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::view::ErrorBody;
+use super::AcceptFailures;
 use crate::defaults;
 
 /// Largest request head (request line and headers) read.
 const MAX_HEAD: usize = 16 * 1024;
+
+/// Every refusal: what is wrong, and with which field (`None` when no field is at fault, e.g.
+/// an unknown path or a body that is not JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub field: Option<String>,
+}
 
 /// How much of the agent one listener's clients may use.
 #[derive(Clone, Copy, Debug)]
@@ -146,7 +154,7 @@ where
 {
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let mut failures = crate::limits::AcceptFailures::default();
+    let mut failures = AcceptFailures::default();
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;

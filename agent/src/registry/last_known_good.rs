@@ -20,7 +20,7 @@ const VERSION: u32 = 1;
 const FILE: &str = "catalog.json";
 
 #[derive(Debug, thiserror::Error)]
-pub enum LkgError {
+pub enum LastKnownGoodError {
     #[error("last-known-good {path}: {source}")]
     Io {
         path: PathBuf,
@@ -53,15 +53,15 @@ impl Store {
         self.dir.join(FILE)
     }
 
-    fn io(&self, path: &Path) -> impl FnOnce(std::io::Error) -> LkgError + '_ {
+    fn io(&self, path: &Path) -> impl FnOnce(std::io::Error) -> LastKnownGoodError + '_ {
         let path = path.to_owned();
-        move |source| LkgError::Io { path, source }
+        move |source| LastKnownGoodError::Io { path, source }
     }
 
     /// Write to a temporary file, fsync it, rename over the old one, fsync the directory.
-    pub fn save(&self, layers: &BTreeMap<Source, Layer>) -> Result<(), LkgError> {
+    pub fn save(&self, layers: &BTreeMap<Source, Layer>) -> Result<(), LastKnownGoodError> {
         fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
-        let body = serde_json::to_vec(layers).map_err(|e| LkgError::Io {
+        let body = serde_json::to_vec(layers).map_err(|e| LastKnownGoodError::Io {
             path: self.path(),
             source: std::io::Error::other(e),
         })?;
@@ -84,19 +84,19 @@ impl Store {
     }
 
     /// The saved layers, `None` if there is no file yet.
-    pub fn load(&self) -> Result<Option<BTreeMap<Source, Layer>>, LkgError> {
+    pub fn load(&self) -> Result<Option<BTreeMap<Source, Layer>>, LastKnownGoodError> {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(LkgError::Io { path, source: e }),
+            Err(e) => return Err(LastKnownGoodError::Io { path, source: e }),
         };
         match parse(&bytes) {
             Ok(layers) => Ok(Some(layers)),
             Err(why) => {
                 let aside = self.dir.join(format!("{FILE}.corrupt"));
                 let _ = fs::rename(&path, &aside);
-                Err(LkgError::Corrupt { path, why, aside })
+                Err(LastKnownGoodError::Corrupt { path, why, aside })
             }
         }
     }

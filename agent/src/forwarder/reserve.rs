@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::defaults::FD_RESERVE as RESERVE;
 
-pub struct Room {
+pub struct DescriptorReserve {
     /// Descriptors open before the forwarder took any (maps, programs, listeners).
     base: u64,
     /// Connections the forwarder holds now.
@@ -32,8 +32,8 @@ pub struct Room {
 /// each.
 const REREAD: u64 = 16;
 
-/// Room for one connection, given back on drop.
-pub struct Held<'a>(&'a Room);
+/// The descriptors of one connection, given back on drop.
+pub struct Held<'a>(&'a DescriptorReserve);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
@@ -41,15 +41,15 @@ impl Drop for Held<'_> {
     }
 }
 
-impl Room {
+impl DescriptorReserve {
     /// Counts the descriptors open now as the base.
     pub fn new() -> Self {
         let base = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-        Room::with_base(base)
+        DescriptorReserve::with_base(base)
     }
 
     fn with_base(base: u64) -> Self {
-        Room {
+        DescriptorReserve {
             base,
             held: AtomicU64::new(0),
             full: AtomicBool::new(false),
@@ -72,7 +72,7 @@ impl Room {
         self.base + 2 * held + RESERVE <= limit
     }
 
-    /// Room for one more connection, if it leaves [`RESERVE`] descriptors free.
+    /// Descriptors for one more connection, if that leaves [`RESERVE`] descriptors free.
     pub fn take(&self) -> Option<Held<'_>> {
         // Near the limit as last read, read it again before refusing: it may have been raised.
         let cached = self.limit.load(Ordering::Relaxed);
@@ -98,7 +98,7 @@ impl Room {
     }
 }
 
-impl Default for Room {
+impl Default for DescriptorReserve {
     fn default() -> Self {
         Self::new()
     }
@@ -118,15 +118,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn room_is_refused_near_the_limit_and_given_back_on_drop() {
+    fn a_connection_is_refused_near_the_limit_and_given_back_on_drop() {
         let limit = soft_nofile();
-        let room = Room::with_base(limit - RESERVE - 4);
-        let a = room.take().expect("first fits");
-        let b = room.take().expect("second fits");
-        assert!(room.take().is_none(), "a third would eat the reserve");
+        let reserve = DescriptorReserve::with_base(limit - RESERVE - 4);
+        let a = reserve.take().expect("first fits");
+        let b = reserve.take().expect("second fits");
+        assert!(reserve.take().is_none(), "a third would eat the reserve");
         drop(a);
-        let c = room.take().expect("room again after a close");
+        let c = reserve.take().expect("fits again after a close");
         drop((b, c));
-        assert_eq!(room.held.load(Ordering::Relaxed), 0);
+        assert_eq!(reserve.held.load(Ordering::Relaxed), 0);
     }
 }
