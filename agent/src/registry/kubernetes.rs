@@ -101,6 +101,7 @@ pub async fn run(registry: Registry, config: KubernetesConfig, listen: Vec<Socke
         synced: (false, false),
         emitted: BTreeMap::new(),
         last_error: None,
+        slices_read: 0,
     };
     follower.follow(client).await;
 }
@@ -195,6 +196,8 @@ struct Follower {
     emitted: BTreeMap<ObjectKey, BTreeSet<String>>,
     /// When a watch last failed (cleared once the source is live again).
     last_error: Option<Instant>,
+    /// Slices read to make entries, since start (for the tests' bounds).
+    slices_read: u64,
 }
 
 impl Follower {
@@ -434,7 +437,7 @@ impl Follower {
     }
 
     /// The entries one Service makes, by layer key: each a checked service or why not.
-    fn entries_of(&self, key: &ObjectKey) -> BTreeMap<String, Result<Service, String>> {
+    fn entries_of(&mut self, key: &ObjectKey) -> BTreeMap<String, Result<Service, String>> {
         let Some(service) = self.services.get(key) else {
             return BTreeMap::new();
         };
@@ -445,6 +448,7 @@ impl Follower {
             .flatten()
             .filter_map(|k| self.slices.get(k))
             .collect();
+        self.slices_read += slices.len() as u64;
         let view = View {
             node: self.config.node_name.as_deref(),
             prefer_local: self.config.prefer_local,
@@ -878,6 +882,81 @@ mod tests {
         let made = entries(&s, &[], View::default(), &listen()).unwrap();
         let e = made["shop/web:80/tcp"].as_ref().unwrap_err();
         assert!(e.starts_with("name:"), "{e}");
+    }
+
+    /// A full list of 10,000 Services with a slice each reads each slice once and checks each
+    /// entry against the others by look-up (both were a scan per Service: quadratic).
+    #[test]
+    fn a_relist_of_ten_thousand_services_reads_each_slice_once() {
+        let (registry, rx) = Registry::open(None);
+        let mut f = Follower {
+            registry,
+            config: KubernetesConfig {
+                kubeconfig: None,
+                context: None,
+                node_name: None,
+                prefer_local: false,
+            },
+            listen: listen(),
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            by_owner: HashMap::new(),
+            listing_services: None,
+            listing_slices: None,
+            synced: (false, false),
+            emitted: BTreeMap::new(),
+            last_error: None,
+            slices_read: 0,
+        };
+        f.on_service(watcher::Event::Init);
+        f.on_slice(watcher::Event::Init);
+        for i in 0..10_000u32 {
+            let name = format!("s{i}");
+            let ip = format!("10.100.{}.{}", i / 250, i % 250 + 1);
+            let s: KubeService = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": {"clusterIP": ip, "ports": [{"port": 80}]},
+            }))
+            .unwrap();
+            f.on_service(watcher::Event::InitApply(s));
+            let sl: EndpointSlice = serde_json::from_value(json!({
+                "metadata": {"name": format!("{name}-x"), "namespace": "ns",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [format!("10.0.{}.{}", i / 250, i % 250 + 1)]}],
+                "ports": [{"port": 8080}],
+            }))
+            .unwrap();
+            f.on_slice(watcher::Event::InitApply(sl));
+        }
+        // Two Services claiming one address: the second is rejected by name of the first.
+        let dup: KubeService = serde_json::from_value(json!({
+            "metadata": {"name": "zz", "namespace": "ns"},
+            "spec": {"clusterIP": "10.100.0.1", "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        f.on_service(watcher::Event::InitApply(dup));
+        f.on_service(watcher::Event::InitDone);
+        f.on_slice(watcher::Event::InitDone);
+        assert_eq!(f.slices_read, 10_000);
+        let catalog = rx.borrow().clone();
+        assert_eq!(catalog.services.len(), 10_000);
+        assert!(catalog.services.values().all(|s| s.backends.len() == 1));
+        assert_eq!(f.registry.status()[0].rejected_total, 1);
+
+        // One slice changes: its Service alone is made again, and merged alone.
+        let (version, judged) = f.registry.work();
+        let sl: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "s7-x", "namespace": "ns",
+                         "labels": {"kubernetes.io/service-name": "s7"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.8", "10.0.0.9"]}],
+            "ports": [{"port": 8080}],
+        }))
+        .unwrap();
+        f.on_slice(watcher::Event::Apply(sl));
+        assert_eq!(f.slices_read, 10_001);
+        assert_eq!(f.registry.work(), (version + 1, judged + 1));
     }
 
     #[test]
