@@ -15,9 +15,12 @@ use crate::{
     registry::{consul, dns, kubernetes, last_known_good as lkg},
 };
 
+/// A target's entry point.
+pub type Entry = fn(&[u8]);
+
 /// Every target: its name (the file under `fuzz/fuzz_targets/` and the seed directory) and
 /// its entry point.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Entry)] = &[
     ("config_toml", config_toml),
     ("service_json", service_json),
     ("lkg_file", lkg_file),
