@@ -215,7 +215,7 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
     ) {
         return Ok(());
     }
-    println!("setup: installing cargo-fuzz (runs the fuzz targets, about a minute)");
+    println!("setup: installing cargo-fuzz (runs the fuzz targets; a few minutes to build)");
     let status = Command::new("cargo")
         .args(["install", "cargo-fuzz", "--locked", "--quiet"])
         .env("PATH", &path)

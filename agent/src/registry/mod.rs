@@ -192,6 +192,12 @@ impl Registry {
                 },
             );
             for (key, entry) in entries {
+                // The file is ours, but it may have been edited by hand: what is served from it
+                // passes the same checks as what any source sends.
+                if let Err(e) = entry.validate() {
+                    warn!(source = source.name(), key = %key, "last-known-good entry not served: {e}");
+                    continue;
+                }
                 state.set(source, &key, Some(entry));
             }
         }
@@ -613,6 +619,40 @@ mod tests {
             &[],
         );
         assert_eq!(rx.borrow().services.values().next().unwrap().name, "one");
+    }
+}
+
+#[cfg(test)]
+mod saved {
+    use super::*;
+
+    /// A hand-edited last-known-good file holding an entry no source could send (a weight
+    /// that would expand to millions of slots) serves the good entries and not that one.
+    #[test]
+    fn a_saved_entry_that_fails_the_checks_is_not_served() {
+        let dir = std::env::temp_dir().join(format!("sy-lkg-check-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let good = r#"{"name":"good","addr":{"vip":"10.96.0.1:80","protocol":"tcp"},"mode":"kernel","algorithm":"round_robin","affinity":null,"backends":[{"addr":"10.0.0.1:80","weight":1,"state":"ready"}]}"#;
+        let bad = good
+            .replace("\"good\"", "\"bad\"")
+            .replace("10.96.0.1", "10.96.0.2")
+            .replace("\"weight\":1", "\"weight\":4000000000");
+        let body = format!(r#"{{"etcd":{{"entries":{{"a":{good},"b":{bad}}},"last_sync":null}}}}"#);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("catalog.json"),
+            last_known_good::framed(body.as_bytes()),
+        )
+        .unwrap();
+        let (_r, rx) = Registry::open(Some(dir.clone()));
+        let names: Vec<String> = rx
+            .borrow()
+            .services
+            .values()
+            .map(|s| s.name.clone())
+            .collect();
+        assert_eq!(names, ["good"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
