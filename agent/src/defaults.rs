@@ -31,6 +31,12 @@ pub const OWN_MARK: u32 = 0x5359_0001;
 pub const WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u32 = 256;
 
+/// Backends one service may have. Envoy and kube-proxy set no limit; ours keeps every
+/// per-service structure bounded (a ring, a round-robin cycle, the kernel's 65,536 slots with at
+/// least one per backend, the forwarder's largest Maglev table with four entries per backend)
+/// and is far above what a Service's EndpointSlices hold in practice.
+pub const MAX_BACKENDS_PER_SERVICE: usize = 16_384;
+
 /// Kernel-side log level when the config names none.
 pub const KERNEL_LOG: &str = "info";
 
@@ -74,6 +80,12 @@ pub const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// entries), so every change reshapes it a little; fixed points per backend keep the clients of
 /// unchanged backends where they are. Four backends of weight 1 make Envoy's 1024.
 pub const RING_POINTS_PER_WEIGHT: usize = 256;
+/// The most points one ring holds (12 bytes each: 768 KiB): a service whose weights would need
+/// more has every backend's share scaled down to fit, each keeping at least one point. Envoy
+/// bounds its ring between 1,024 and 8,388,608 entries (`minimum_ring_size`,
+/// `maximum_ring_size`); ours is smaller because a node may hold thousands of hashed services.
+/// One backend of the largest weight fills it exactly.
+pub const RING_MAX_POINTS: usize = RING_POINTS_PER_WEIGHT * MAX_WEIGHT as usize;
 
 /// Slow start: a backend returning from ejection or a failed health check ramps its weight up
 /// over this long (HAProxy's `slowstart`; off by default there, on here because a node agent's

@@ -37,6 +37,7 @@
 //! - [`listener`] is what the listeners share: the bounded HTTP server, failed accepts.
 //! - [`handover`] passes the listening sockets from a running agent to its successor, and
 //!   [`fallback`] reports the kernel's balancing of proxy-mode services while none listens.
+//! - [`fuzzing`] is where the fuzz targets (`fuzz/`) enter the parsers of outside input.
 
 pub mod api;
 pub mod balance;
@@ -48,6 +49,7 @@ pub mod datapath;
 pub mod defaults;
 pub mod fallback;
 pub mod forwarder;
+pub mod fuzzing;
 pub mod handover;
 pub mod health;
 pub mod limits;

@@ -40,12 +40,7 @@ pub struct Snapshot {
     pub kernel_now_ns: u64,
 }
 
-/// Who serves a service: the source whose entry won, and the source an API override hides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ownership {
-    pub source: Source,
-    pub overrides: Option<Source>,
-}
+pub use crate::registry::Ownership;
 
 impl Live {
     pub fn snapshot(&self) -> Snapshot {
@@ -89,32 +84,14 @@ impl Live {
             .collect()
     }
 
-    /// Who serves each service of `catalog`, by service name.
+    /// Who serves each service of `catalog`, by service name: one look-up per service in the
+    /// registry's indexes (this was a scan of every layer per service, quadratic in the catalog).
     pub fn owners(&self, catalog: &Catalog) -> HashMap<String, Ownership> {
-        let layers = self.layers();
+        let owners = self.registry.owners();
         catalog
             .services
             .values()
-            .filter_map(|s| {
-                let source = layers
-                    .iter()
-                    .find(|(_, entries)| entries.values().any(|e| e.addr == s.addr))
-                    .map(|(source, _)| *source)?;
-                let overrides = (source == Source::Api)
-                    .then(|| {
-                        layers
-                            .iter()
-                            .filter(|(src, _)| *src != Source::Api)
-                            .find(|(_, entries)| {
-                                entries
-                                    .values()
-                                    .any(|e| e.name == s.name || e.addr == s.addr)
-                            })
-                            .map(|(src, _)| *src)
-                    })
-                    .flatten();
-                Some((s.name.clone(), Ownership { source, overrides }))
-            })
+            .filter_map(|s| Some((s.name.clone(), *owners.get(&s.addr)?)))
             .collect()
     }
 }
@@ -141,7 +118,11 @@ impl Snapshot {
     }
 
     pub fn service(&self, name: &str) -> Option<&Service> {
-        self.catalog.services.values().find(|s| s.name == name)
+        self.catalog
+            .services
+            .values()
+            .find(|s| s.name == name)
+            .map(|s| &**s)
     }
 
     /// When the snapshot was taken.

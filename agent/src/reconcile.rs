@@ -268,7 +268,7 @@ impl Reconciler {
         let mut widened = catalog.clone();
         for (k, a) in &self.applied {
             if a.service.mode == Mode::Proxy && !catalog.services.contains_key(k) {
-                widened.services.insert(*k, a.service.clone());
+                widened.services.insert(*k, Arc::new(a.service.clone()));
             }
         }
         self.table.store(Table::build(
@@ -306,7 +306,7 @@ impl Reconciler {
                 );
             }
             match self.applied.get(key) {
-                Some(a) if &a.service == service => {}
+                Some(a) if a.service == **service => {}
                 Some(_) => {
                     self.upsert(service)?;
                     changes.updated += 1;
@@ -593,7 +593,8 @@ fn without_down<'a>(
             panicking.insert(*addr);
             continue;
         }
-        for b in s.backends.iter_mut() {
+        // Only the services with a backend down are copied.
+        for b in Arc::make_mut(s).backends.iter_mut() {
             if down.contains(&(*addr, b.addr)) {
                 b.state = BackendState::Maint;
             }

@@ -129,12 +129,41 @@ pub fn ctl(socket: &Path, args: &[&str]) -> anyhow::Result<Ctl> {
     run_ctl(ctl_command(socket, args))
 }
 
-/// The same, as another user and group (for the socket's permissions).
-pub fn ctl_as(socket: &Path, uid: u32, gid: u32, args: &[&str]) -> anyhow::Result<Ctl> {
-    let mut cmd = ctl_command(socket, args);
+/// The same, as another user and group (for the socket's permissions). That user may not reach
+/// the binary where cargo built it (a checkout under a private home or a `mktemp -d` folder), so
+/// a copy in `dir`, a directory of the test's own, is run; every directory on the way to it
+/// must let others through.
+pub fn ctl_as(dir: &Path, socket: &Path, uid: u32, gid: u32, args: &[&str]) -> anyhow::Result<Ctl> {
+    let binary = reachable_copy(dir)?;
+    let mut cmd = Command::new(&binary);
+    cmd.arg("ctl").arg("--socket").arg(socket).args(args);
     // std drops root's supplementary groups when it changes the uid.
     cmd.uid(uid).gid(gid);
     run_ctl(cmd)
+}
+
+/// A copy of the agent binary in `dir` (made once), readable and runnable by every user.
+fn reachable_copy(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let copy = dir.join("switchyard");
+    if !copy.exists() {
+        let built = crate::binary("SWITCHYARD_BIN", "switchyard");
+        std::fs::create_dir_all(dir)?;
+        std::fs::copy(&built, &copy)
+            .with_context(|| format!("copy {} to {}", built.display(), copy.display()))?;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    for d in copy.ancestors().skip(1) {
+        let mode = std::fs::metadata(d)?.permissions().mode();
+        anyhow::ensure!(
+            mode & 0o001 != 0,
+            "{} (mode {:o}) does not let other users through to {}",
+            d.display(),
+            mode & 0o7777,
+            copy.display()
+        );
+    }
+    Ok(copy)
 }
 
 /// One request to `addr` from inside `netns` (the agent's metrics live in the node's).

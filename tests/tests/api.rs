@@ -546,7 +546,7 @@ fn the_socket_is_for_its_owner_by_default_and_a_configured_group_may_use_it() ->
         assert_eq!((meta.uid(), meta.gid()), (0, 0));
         // Let others reach the directory, so that only the socket's mode stands in the way.
         std::fs::set_permissions(&topo.run.root, std::fs::Permissions::from_mode(0o755))?;
-        let c = control::ctl_as(&sock, NOBODY, NOBODY, &["version"])?;
+        let c = control::ctl_as(&topo.run.root, &sock, NOBODY, NOBODY, &["version"])?;
         assert_eq!(c.code, 2, "{c:?}");
         assert!(c.stderr.contains("permission denied"), "{c:?}");
         assert_eq!(control::ctl(&sock, &["version"])?.code, 0);
@@ -557,7 +557,7 @@ fn the_socket_is_for_its_owner_by_default_and_a_configured_group_may_use_it() ->
     let meta = std::fs::metadata(&sock)?;
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), NOBODY);
-    let c = control::ctl_as(&sock, NOBODY, NOBODY, &["services"])?;
+    let c = control::ctl_as(&topo.run.root, &sock, NOBODY, NOBODY, &["services"])?;
     assert_eq!(c.code, 0, "{c:?}");
     assert!(c.stdout.contains("web"), "{c:?}");
     Ok(())
@@ -626,16 +626,16 @@ fn a_peer_that_is_not_root_the_agent_or_in_the_group_is_refused_whatever_the_soc
     // decide.
     std::fs::set_permissions(&topo.run.root, std::fs::Permissions::from_mode(0o755))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
-    let c = control::ctl_as(&sock, STRANGER, STRANGER, &["services"])?;
+    let c = control::ctl_as(&topo.run.root, &sock, STRANGER, STRANGER, &["services"])?;
     assert_ne!(c.code, 0, "a stranger was served: {c:?}");
     assert!(!c.stdout.contains("web"), "{c:?}");
     control::wait_for(Duration::from_secs(5), || {
         Ok((!agent.said(&["connection refused", "uid=4242"]).is_empty()).then_some(()))
     })?;
     // The group's members (here by primary group) and root are served.
-    let c = control::ctl_as(&sock, NOBODY, NOBODY, &["services"])?;
+    let c = control::ctl_as(&topo.run.root, &sock, NOBODY, NOBODY, &["services"])?;
     assert_eq!(c.code, 0, "{c:?}");
-    let c = control::ctl_as(&sock, STRANGER, NOBODY, &["services"])?;
+    let c = control::ctl_as(&topo.run.root, &sock, STRANGER, NOBODY, &["services"])?;
     assert_eq!(c.code, 0, "{c:?}");
     assert_eq!(control::ctl(&sock, &["version"])?.code, 0);
     Ok(())

@@ -4,6 +4,7 @@ mod bench;
 mod bench_registry;
 mod build;
 mod demo;
+mod fuzz;
 mod setup;
 mod soak;
 mod test;
@@ -36,7 +37,8 @@ enum Task {
         args: Vec<String>,
     },
     /// The fault-injection suite, longer and larger: 30 s of load per scenario, 10,000 idle
-    /// connections; prints a table of the scenario reports (target/soak/report.jsonl).
+    /// connections; prints a table of the scenario reports (target/soak/report.jsonl). Then
+    /// every fuzz target for a minute.
     Soak {
         /// Bound on the whole run; the load per scenario shrinks to fit (3 to 30 s).
         #[arg(long, default_value_t = 10.0)]
@@ -44,6 +46,16 @@ enum Task {
         /// Idle connections the concurrency scenario holds.
         #[arg(long, default_value_t = 10_000)]
         idle: usize,
+    },
+    /// Every fuzz target (`fuzz/`) under libFuzzer for a while each, from its committed seeds
+    /// (installs cargo-fuzz if missing). The test suite runs the seeds alone.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Load 10,000 services × 10 backends from a file and from etcd (time, RSS), and time
     /// etcd changes to the first new connection that uses them.
@@ -82,6 +94,7 @@ fn task(task: Task) -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
         Task::Soak { minutes, idle } => soak::run(minutes, idle),
+        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Task::Bench { quick } => bench::run(quick),
         Task::BenchRegistry { quick } => bench_registry::run(quick),
     }

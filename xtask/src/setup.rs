@@ -202,3 +202,27 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// cargo-fuzz, for `cargo xtask fuzz` and `soak` only (the test suite runs the fuzz seeds as
+/// ordinary tests and needs none of it).
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    let path = path_with_cargo_bin();
+    if quiet(
+        Command::new("cargo")
+            .args(["+nightly", "fuzz", "--version"])
+            .env("PATH", &path),
+    ) {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz (runs the fuzz targets; a few minutes to build)");
+    let status = Command::new("cargo")
+        .args(["install", "cargo-fuzz", "--locked", "--quiet"])
+        .env("PATH", &path)
+        .status()
+        .context("cargo install cargo-fuzz")?;
+    if !status.success() {
+        bail!("cargo install cargo-fuzz failed");
+    }
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! `cargo xtask soak`: the fault-injection suite (`tests/tests/faults.rs`) longer and larger
 //! than in `cargo xtask test`: 30 s of load per scenario and 10,000 idle connections by
 //! default, the whole run bounded by `--minutes`. Each scenario appends its report to
-//! `target/soak/report.jsonl`; the summary table is read back from there.
+//! `target/soak/report.jsonl`; the summary table is read back from there. Then every fuzz
+//! target runs for a minute (`cargo xtask fuzz`).
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -23,6 +24,8 @@ const SCENARIOS: usize = 6;
 /// Fixed costs of the whole suite beyond its loads (worlds, agent starts, etcd, opening
 /// thousands of connections), measured at about a minute on 2 cores: budgeted generously.
 const OVERHEAD: f64 = 120.0;
+/// How long each fuzz target runs after the fault scenarios.
+const FUZZ_SECONDS: u64 = 60;
 /// Past the bound, this much more before the run is cut off.
 const GRACE: Duration = Duration::from_secs(300);
 
@@ -77,13 +80,19 @@ pub fn run(minutes: f64, idle: usize) -> anyhow::Result<()> {
     let (rows, all_passed) = summary(&report)?;
     println!("\n{rows}");
     println!("xtask soak: {:.0?} in all (bound {minutes} min)", took);
+
+    // The fuzz targets, a minute each (not part of the bound: it is the fault suite's).
+    let fuzzed = crate::fuzz::run(FUZZ_SECONDS, None);
+    if let Err(e) = &fuzzed {
+        eprintln!("soak: {e:#}");
+    }
     if !ok || !all_passed {
         bail!("soak failed (see the table and the test output above)");
     }
     if took > bound {
         bail!("soak passed but took {took:.0?}, over its bound of {minutes} min");
     }
-    Ok(())
+    fuzzed
 }
 
 /// Waits for the tests; past `limit` the process group is killed (its namespaces and cgroups

@@ -54,8 +54,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     build::agent(false)?;
 
     step("tests");
-    let mut args = vec!["test"];
-    args.extend(extra.iter().map(String::as_str));
+    let args = test_args(extra);
     let ok = build::cargo_test(&args).status()?.success();
     println!("xtask test: {:.0?} in all", started.elapsed());
     if !ok {
@@ -64,6 +63,39 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo test` with the caller's arguments, going on past a failing test binary: one failure
+/// must not hide the others (cargo still prints each binary's `test result:` line and exits
+/// non-zero when any failed).
+fn test_args(extra: &[String]) -> Vec<&str> {
+    let mut args = vec!["test", "--no-fail-fast"];
+    args.extend(
+        extra
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != "--no-fail-fast"),
+    );
+    args
+}
+
 fn step(what: &str) {
     println!("== {what}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_test_binary_runs_even_when_one_fails() {
+        assert_eq!(test_args(&[]), ["test", "--no-fail-fast"]);
+        let extra = [
+            "--test".to_owned(),
+            "api".to_owned(),
+            "--no-fail-fast".to_owned(),
+        ];
+        assert_eq!(
+            test_args(&extra),
+            ["test", "--no-fail-fast", "--test", "api"]
+        );
+    }
 }

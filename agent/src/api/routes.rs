@@ -425,16 +425,7 @@ impl Api {
 
     /// The first source below the API that names `s` (by name or address).
     fn lower_source(&self, s: &Service) -> Option<Source> {
-        self.live
-            .layers()
-            .into_iter()
-            .filter(|(src, _)| *src != Source::Api)
-            .find(|(_, entries)| {
-                entries
-                    .values()
-                    .any(|e| e.name == s.name || e.addr == s.addr)
-            })
-            .map(|(src, _)| src)
+        self.live.registry.below_api(&s.addr, &s.name)
     }
 
     fn delete(&self, name: &str) -> Answer {
@@ -518,7 +509,7 @@ impl Api {
                     .find(|s| s.name == name)
                     .ok_or_else(|| no_service(name))?;
                 let from = self.live.owners(&catalog).get(name).map(|o| o.source);
-                (s.clone(), from)
+                ((**s).clone(), from)
             }
         };
         let mut s = base;

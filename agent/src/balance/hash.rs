@@ -46,24 +46,53 @@ impl Maglev {
 
 /// Points on a 64-bit ring, sorted; each backend has points in proportion to its weight.
 pub struct Ring {
-    points: Vec<(u64, u32)>,
+    points: Vec<u64>,
     owners: Vec<u32>,
+}
+
+/// How many points each candidate gets: a fixed number per unit of weight, so a backend's points
+/// depend on it alone and adding or removing another backend moves no client between the ones
+/// that stay; unless that would make the ring larger than `RING_MAX_POINTS`, in which case every
+/// backend's share is scaled down to fit (at least one point each).
+pub fn ring_points(weights: &[u32]) -> Vec<u64> {
+    let per_weight = crate::defaults::RING_POINTS_PER_WEIGHT as u64;
+    let max = crate::defaults::RING_MAX_POINTS as u64;
+    let total: u64 = weights.iter().map(|&w| w as u64).sum();
+    weights
+        .iter()
+        .map(|&w| match w as u64 {
+            0 => 0,
+            w if total * per_weight <= max => w * per_weight,
+            w => (w * max / total).max(1),
+        })
+        .collect()
 }
 
 impl Ring {
     pub fn build<C: Candidate>(candidates: &[C]) -> Self {
-        // A fixed number of points per unit of weight: a backend's points depend on it alone,
-        // so adding or removing another backend moves no client between the ones that stay.
-        let per_weight = crate::defaults::RING_POINTS_PER_WEIGHT as u64;
-        let mut points = Vec::new();
-        for (i, c) in candidates.iter().enumerate() {
-            for n in 0..c.weight() as u64 * per_weight {
+        let weights: Vec<u32> = candidates.iter().map(|c| c.weight()).collect();
+        let shares = ring_points(&weights);
+        let mut points = Vec::with_capacity(shares.iter().sum::<u64>() as usize);
+        for (i, (c, &n)) in candidates.iter().zip(&shares).enumerate() {
+            for n in 0..n {
                 points.push((mix64(c.key() ^ mix64(n + 1)), i as u32));
             }
         }
         points.sort_unstable();
         let owners = points.iter().map(|&(_, i)| i).collect();
-        Ring { points, owners }
+        Ring {
+            points: points.into_iter().map(|(p, _)| p).collect(),
+            owners,
+        }
+    }
+
+    /// Points on the ring (what its memory is made of: 12 bytes each).
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
     }
 
     pub fn pick<C: Candidate>(&self, candidates: &[C], client: u64) -> Option<usize> {
@@ -71,7 +100,7 @@ impl Ring {
             return None;
         }
         let h = mix64(client);
-        let start = self.points.partition_point(|&(p, _)| p < h) % self.points.len();
+        let start = self.points.partition_point(|&p| p < h) % self.points.len();
         walk(&self.owners, start, candidates)
     }
 }
@@ -148,6 +177,8 @@ mod removal {
             .collect();
         let (r4, r3) = (Ring::build(&all), Ring::build(&three));
         let (m4, m3) = (Maglev::build(&all), Maglev::build(&three));
+        let mut maglev_moved = 0;
+        let mut maglev_left = 0;
         for h in 0..2000u64 {
             let before = r4.pick(&all, h).unwrap();
             let after = r3.pick(&three, h).unwrap();
@@ -156,8 +187,62 @@ mod removal {
             }
             let before = m4.pick(&all, h).unwrap();
             let after = m3.pick(&three, h).unwrap();
-            let moved = before != 2 && all[before].key != three[after].key;
-            let _ = moved; // Maglev may move a few; measured in common::maglev's tests.
+            if before == 2 {
+                maglev_left += 1;
+            } else if all[before].key != three[after].key {
+                maglev_moved += 1;
+            }
         }
+        // Maglev rebuilds its table, so a few clients of the backends that stay move too; the
+        // paper's bound is a small share. About a quarter of the clients were on backend 2.
+        assert!((350..650).contains(&maglev_left), "{maglev_left}");
+        assert!(
+            maglev_moved <= 2000 / 20,
+            "Maglev moved {maglev_moved} of 2000 clients"
+        );
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::super::tests::{C, c};
+    use super::*;
+    use crate::defaults::{MAX_WEIGHT, RING_MAX_POINTS, RING_POINTS_PER_WEIGHT};
+
+    #[test]
+    fn a_ring_of_a_thousand_heavy_backends_stays_small() {
+        // 1,000 backends of the largest weight were 65 million points (over 1 GB) before.
+        let heavy: Vec<C> = (0..1000)
+            .map(|i| C {
+                key: mix64(i + 1),
+                ..c(MAX_WEIGHT, true)
+            })
+            .collect();
+        let ring = Ring::build(&heavy);
+        assert!(
+            ring.len() <= RING_MAX_POINTS + heavy.len(),
+            "{}",
+            ring.len()
+        );
+        let shares = ring_points(&heavy.iter().map(|c| c.weight).collect::<Vec<_>>());
+        assert!(shares.iter().all(|&n| n >= 1));
+        // Every backend still gets clients in proportion (equal weights: equal points).
+        assert!(shares.windows(2).all(|w| w[0] == w[1]));
+        assert!(ring.pick(&heavy, 7).is_some());
+    }
+
+    #[test]
+    fn a_small_ring_keeps_its_points_per_weight() {
+        let shares = ring_points(&[1, 3, 0]);
+        let per = RING_POINTS_PER_WEIGHT as u64;
+        assert_eq!(shares, [per, 3 * per, 0]);
+        // Scaled down, the shares keep the weights' proportions, and no backend is left out.
+        let many = vec![MAX_WEIGHT; 2000];
+        let mut weights = many.clone();
+        weights.push(1);
+        let shares = ring_points(&weights);
+        assert!(shares.iter().sum::<u64>() <= (RING_MAX_POINTS + weights.len()) as u64);
+        assert_eq!(shares[2000], 1);
+        assert!(shares[0] > 1);
     }
 }

@@ -18,8 +18,8 @@ use std::sync::Mutex;
 use crate::catalog::Algorithm;
 
 pub use candidates::{Upstream, UpstreamCandidate};
-pub use hash::{Maglev, Ring};
-pub use weighted::smooth_weighted_order;
+pub use hash::{Maglev, Ring, ring_points};
+pub use weighted::{fit_weights, smooth_weighted_order};
 
 /// What a balancer sees of one backend.
 pub trait Candidate {

@@ -6,7 +6,7 @@ use switchyard_common::{
     maps::{self as kmaps, BackendId, MAGLEV_KERNEL_SIZE, MAX_SLOTS_PER_SERVICE},
 };
 
-use super::{candidates::backend_key, smooth_weighted_order};
+use super::{candidates::backend_key, fit_weights, smooth_weighted_order};
 use crate::catalog::{Algorithm, BackendState, Mode, Service};
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -28,21 +28,32 @@ pub fn slot_layout(service: &Service, ids: &[BackendId]) -> Vec<BackendId> {
     }
     let divisor = usable.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
     let weights: Vec<u32> = usable.iter().map(|&(_, w)| w / divisor).collect();
+    // Expanded by weight, the slots must fit the service's share of the map: the weights are
+    // scaled down to fit, every backend keeping at least one slot (cutting the array at the
+    // limit instead dropped the last backends without a word). Validation keeps the usable
+    // backends within the limit, so the fallback of one slot each never truncates.
+    let max = MAX_SLOTS_PER_SERVICE as usize;
+    let expanded = || fit_weights(&weights, max as u64).unwrap_or_else(|| vec![1; weights.len()]);
     match service.algorithm {
-        Algorithm::Random => usable.iter().map(|&(i, _)| ids[i]).collect(),
+        // The kernel's load-aware picks compare two distinct backends by their counts per
+        // weight: one slot each.
+        Algorithm::Random => usable.iter().map(|&(i, _)| ids[i]).take(max).collect(),
+        Algorithm::LeastConnections | Algorithm::PeakEwma if service.mode == Mode::Kernel => {
+            usable.iter().map(|&(i, _)| ids[i]).take(max).collect()
+        }
         Algorithm::WeightedRandom => usable
             .iter()
-            .zip(&weights)
+            .zip(&expanded())
             .flat_map(|(&(i, _), &w)| std::iter::repeat_n(ids[i], w as usize))
-            .take(MAX_SLOTS_PER_SERVICE as usize)
+            .take(max)
             .collect(),
-        // Proxy-only algorithms use the slots only while no forwarder listens (the kernel
-        // fallback): in turn, weights honoured.
+        // A proxy-mode service's load-aware algorithms use the slots only while no forwarder
+        // listens (the kernel fallback): in turn, weights honoured.
         Algorithm::RoundRobin | Algorithm::LeastConnections | Algorithm::PeakEwma => {
-            smooth_weighted_order(&weights)
+            smooth_weighted_order(&expanded())
                 .into_iter()
                 .map(|k| ids[usable[k].0])
-                .take(MAX_SLOTS_PER_SERVICE as usize)
+                .take(max)
                 .collect()
         }
         Algorithm::Maglev | Algorithm::RingHash => {
@@ -84,7 +95,9 @@ pub fn kernel_algorithm(algorithm: Algorithm, mode: Mode) -> u8 {
 mod tests {
     use super::*;
     use crate::test_helpers::{self, backend};
-    use crate::catalog::{Backend, Protocol, ServiceAddr};
+    use std::net::SocketAddr;
+
+    use crate::catalog::Backend;
 
     fn service(algorithm: Algorithm, weights: &[(u32, BackendState)]) -> Service {
         Service {
@@ -127,11 +140,57 @@ mod tests {
     fn proxy_only_algorithms_fall_back_to_weighted_round_robin() {
         use BackendState::*;
         for a in [Algorithm::LeastConnections, Algorithm::PeakEwma] {
-            let s = service(a, &[(1, Ready), (3, Ready), (1, Maint)]);
+            let mut s = service(a, &[(1, Ready), (3, Ready), (1, Maint)]);
+            s.mode = Mode::Proxy;
             let slots = slot_layout(&s, &[1, 2, 3]);
             assert_eq!(slots.len(), 4, "{a:?}");
             assert_eq!(slots.iter().filter(|&&b| b == 2).count(), 3, "{a:?}");
-            assert_eq!(kernel_algorithm(a), kmaps::algorithm::ROUND_ROBIN);
+            assert_eq!(
+                kernel_algorithm(a, Mode::Proxy),
+                kmaps::algorithm::ROUND_ROBIN
+            );
+            // In kernel mode the programs compare two backends by their counts: one slot each.
+            s.mode = Mode::Kernel;
+            assert_eq!(slot_layout(&s, &[1, 2, 3]), vec![1, 2], "{a:?}");
+        }
+    }
+
+    #[test]
+    fn a_thousand_heavy_backends_all_get_slots_within_the_limit() {
+        // 999 backends of weight 256 and one of weight 1: 255,745 slots reduced, four times the
+        // limit; the last three quarters of the backends used to get none.
+        let mut s = service(Algorithm::WeightedRandom, &[]);
+        s.backends = (0..1000u32)
+            .map(|i| Backend {
+                addr: SocketAddr::new([10, 1, (i / 250) as u8, (i % 250) as u8 + 1].into(), 80),
+                weight: if i == 999 {
+                    1
+                } else {
+                    crate::defaults::MAX_WEIGHT
+                },
+                state: BackendState::Ready,
+            })
+            .collect();
+        let ids: Vec<BackendId> = (0..1000).collect();
+        for algorithm in [Algorithm::WeightedRandom, Algorithm::RoundRobin] {
+            s.algorithm = algorithm;
+            let slots = slot_layout(&s, &ids);
+            assert!(
+                slots.len() <= MAX_SLOTS_PER_SERVICE as usize,
+                "{algorithm:?}"
+            );
+            let mut counts = vec![0usize; 1000];
+            for &b in &slots {
+                counts[b as usize] += 1;
+            }
+            assert!(
+                counts.iter().all(|&c| c >= 1),
+                "{algorithm:?}: a backend has no slot"
+            );
+            assert!(
+                counts[0] > counts[999],
+                "{algorithm:?}: weights still count"
+            );
         }
     }
 

@@ -272,7 +272,10 @@ mod tests {
                 "backends": ["10.0.0.1:8080", {"address": "10.0.0.2:8080", "weight": 3}]}"#,
         )
         .unwrap();
-        assert_eq!(toml.catalog.services.values().next(), Some(&from_json));
+        assert_eq!(
+            toml.catalog.services.values().next().map(|s| &**s),
+            Some(&from_json)
+        );
         assert_eq!(from_json.name, "web", "the name comes from the key");
     }
 

@@ -5,7 +5,7 @@
 pub mod duration;
 pub mod entry;
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -197,10 +197,11 @@ impl Service {
     }
 }
 
-/// All services, keyed by the address clients connect to.
+/// All services, keyed by the address clients connect to. Each service is shared with the
+/// registry's layers, so a new catalog version copies pointers, not services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
-    pub services: BTreeMap<ServiceAddr, Service>,
+    pub services: BTreeMap<ServiceAddr, Arc<Service>>,
 }
 
 /// Why an entry is not acceptable. Each message names the field.
@@ -241,6 +242,13 @@ pub enum Invalid {
          at most 1024 bytes"
     )]
     HealthPath,
+    #[error("backends: {count} are more than the {max} one service may have")]
+    TooManyBackends { count: usize, max: usize },
+    #[error(
+        "backends: {count} with a weight do not fit the kernel's Maglev table of {max} entries; \
+         use mode = \"proxy\""
+    )]
+    KernelTable { count: usize, max: usize },
 }
 
 fn family(addr: &SocketAddr) -> &'static str {
@@ -305,6 +313,23 @@ impl Service {
         {
             return Err(Invalid::AffinityTimeout);
         }
+        let max = crate::defaults::MAX_BACKENDS_PER_SERVICE;
+        if self.backends.len() > max {
+            return Err(Invalid::TooManyBackends {
+                count: self.backends.len(),
+                max,
+            });
+        }
+        let weighted = self.backends.iter().filter(|b| b.weight > 0).count();
+        let table = switchyard_common::maps::MAGLEV_KERNEL_SIZE as usize;
+        if self.mode == Mode::Kernel && self.algorithm.hashes_client() && weighted > table {
+            // Beyond one entry each, the last backends would never be picked.
+            return Err(Invalid::KernelTable {
+                count: weighted,
+                max: table,
+            });
+        }
+        let mut seen = std::collections::HashSet::with_capacity(self.backends.len());
         for (index, b) in self.backends.iter().enumerate() {
             if b.addr.port() == 0 {
                 return Err(Invalid::BackendPort { index });
@@ -324,7 +349,8 @@ impl Service {
                     max: crate::defaults::MAX_WEIGHT,
                 });
             }
-            if self.backends[..index].iter().any(|o| o.addr == b.addr) {
+            // A set, not a scan of the ones before: a service of thousands of backends.
+            if !seen.insert(b.addr) {
                 return Err(Invalid::DuplicateBackend {
                     index,
                     addr: b.addr,
@@ -352,6 +378,42 @@ mod tests {
     fn ring_hash_in_kernel_mode_is_accepted_as_maglev() {
         let mut s = service();
         s.algorithm = Algorithm::RingHash;
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_service_of_too_many_backends_is_refused_by_count() {
+        let backends = |n: u32| -> Vec<Backend> {
+            (0..n)
+                .map(|i| Backend {
+                    addr: SocketAddr::new(
+                        [10, 1, (i >> 8) as u8, i as u8].into(),
+                        80 + (i >> 16) as u16,
+                    ),
+                    weight: 1,
+                    state: BackendState::Ready,
+                })
+                .collect()
+        };
+        let mut s = service();
+        s.backends = backends(crate::defaults::MAX_BACKENDS_PER_SERVICE as u32);
+        assert_eq!(s.validate(), Ok(()));
+        s.backends = backends(crate::defaults::MAX_BACKENDS_PER_SERVICE as u32 + 1);
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "backends: 16385 are more than the 16384 one service may have"
+        );
+        // Kernel-mode Maglev: one entry each at least.
+        let mut s = service();
+        s.algorithm = Algorithm::Maglev;
+        s.backends = backends(5000);
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("Maglev table of 4093")
+        );
+        s.mode = Mode::Proxy;
         assert_eq!(s.validate(), Ok(()));
     }
 

@@ -14,6 +14,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -293,7 +294,7 @@ impl AgentConfig {
                     format!("vip: {} is already another service's address", service.addr),
                 ));
             }
-            catalog.services.insert(service.addr, service);
+            catalog.services.insert(service.addr, Arc::new(service));
         }
 
         let etcd = match raw.registry.etcd {
@@ -383,13 +384,22 @@ impl AgentConfig {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+    // Bytes, not `str`: an offset inside a character must not panic.
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    before.iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::catalog::{BackendState, Mode};
+
+    #[test]
+    fn a_line_number_from_an_offset_inside_a_character_does_not_panic() {
+        assert_eq!(line_of("é\nx", 1), 1);
+        assert_eq!(line_of("a\néé", 4), 2);
+        assert_eq!(line_of("a\n", 99), 2);
+    }
 
     const GOOD: &str = r#"
 [datapath]

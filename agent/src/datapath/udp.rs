@@ -63,7 +63,7 @@ struct Request {
 /// `struct inet_diag_msg`.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct DiagMsg {
+pub(crate) struct DiagMsg {
     family: u8,
     state: u8,
     timer: u8,
@@ -151,6 +151,50 @@ fn peer_of(msg: &DiagMsg) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
+/// One netlink datagram of `sock_diag` replies: its diag messages are added to `out`; `true`
+/// when it ends the answer (DONE, or an ACK). The kernel wrote it, but a length or error code
+/// that does not fit is an error, never a panic.
+pub(crate) fn parse_datagram(buf: &[u8], out: &mut Vec<DiagMsg>) -> io::Result<bool> {
+    let mut at = 0usize;
+    let n = buf.len();
+    while at + size_of::<NlMsgHdr>() <= n {
+        // SAFETY: bounds checked; unaligned read of plain data.
+        let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+        let len = hdr.len as usize;
+        if len < size_of::<NlMsgHdr>() || len > n - at {
+            return Err(io::Error::other("malformed netlink reply"));
+        }
+        let body = &buf[at + size_of::<NlMsgHdr>()..at + len];
+        match hdr.kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let code = body
+                    .get(..4)
+                    .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0);
+                return if code == 0 {
+                    Ok(true)
+                } else {
+                    // `-code` overflows for i32::MIN.
+                    Err(io::Error::from_raw_os_error(code.saturating_neg()))
+                };
+            }
+            _ if body.len() >= size_of::<DiagMsg>() => {
+                // SAFETY: length checked; unaligned read of plain data.
+                out.push(unsafe { std::ptr::read_unaligned(body.as_ptr().cast()) });
+            }
+            _ => {}
+        }
+        at += len.next_multiple_of(4);
+    }
+    Ok(false)
+}
+
+/// The peers of parsed diag messages (what the agent matches against a removed backend).
+pub(crate) fn peers(msgs: &[DiagMsg]) -> Vec<SocketAddr> {
+    msgs.iter().map(peer_of).collect()
+}
+
 struct Diag {
     fd: std::os::fd::OwnedFd,
 }
@@ -210,36 +254,8 @@ impl Diag {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let mut at = 0usize;
-            let n = n as usize;
-            while at + size_of::<NlMsgHdr>() <= n {
-                // SAFETY: bounds checked; unaligned read of plain data.
-                let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
-                let len = hdr.len as usize;
-                if len < size_of::<NlMsgHdr>() || at + len > n {
-                    return Err(io::Error::other("malformed netlink reply"));
-                }
-                let body = &buf[at + size_of::<NlMsgHdr>()..at + len];
-                match hdr.kind {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let code = body
-                            .get(..4)
-                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                            .unwrap_or(0);
-                        return if code == 0 {
-                            Ok(out)
-                        } else {
-                            Err(io::Error::from_raw_os_error(-code))
-                        };
-                    }
-                    _ if body.len() >= size_of::<DiagMsg>() => {
-                        // SAFETY: length checked; unaligned read of plain data.
-                        out.push(unsafe { std::ptr::read_unaligned(body.as_ptr().cast()) });
-                    }
-                    _ => {}
-                }
-                at += len.next_multiple_of(4);
+            if parse_datagram(&buf[..n as usize], &mut out)? {
+                return Ok(out);
             }
         }
     }
@@ -265,5 +281,49 @@ impl Diag {
         };
         self.send(SOCK_DESTROY, libc::NLM_F_ACK as u16, &req)?;
         self.receive().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u16, body: &[u8]) -> Vec<u8> {
+        let hdr = NlMsgHdr {
+            len: (size_of::<NlMsgHdr>() + body.len()) as u32,
+            kind,
+            ..Default::default()
+        };
+        let mut out = as_bytes(&hdr).to_vec();
+        out.extend_from_slice(body);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    #[test]
+    fn replies_are_read_and_nonsense_is_an_error_not_a_panic() {
+        let mut diag = DiagMsg {
+            family: libc::AF_INET as u8,
+            ..Default::default()
+        };
+        diag.id.dst[..4].copy_from_slice(&[10, 0, 0, 7]);
+        diag.id.dport = 53u16.to_be_bytes();
+        let mut datagram = message(SOCK_DIAG_BY_FAMILY, as_bytes(&diag));
+        let mut out = Vec::new();
+        assert!(!parse_datagram(&datagram, &mut out).unwrap());
+        datagram.extend(message(NLMSG_DONE, &[0; 4]));
+        assert!(parse_datagram(&datagram, &mut out).unwrap());
+        assert_eq!(peers(&out), ["10.0.0.7:53".parse().unwrap(); 2]);
+
+        // An error code whose negation overflows.
+        let e = parse_datagram(&message(NLMSG_ERROR, &i32::MIN.to_ne_bytes()), &mut out);
+        assert!(e.is_err());
+        // A length past the datagram, and one shorter than a header.
+        let mut long = message(NLMSG_DONE, &[]);
+        long[..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert!(parse_datagram(&long, &mut out).is_err());
+        let mut short = message(NLMSG_DONE, &[]);
+        short[..4].copy_from_slice(&3u32.to_ne_bytes());
+        assert!(parse_datagram(&short, &mut out).is_err());
     }
 }

@@ -90,7 +90,7 @@ impl Table {
             // Unchanged: keep it whole (its balancer state, its hash tables). A catalog of
             // thousands of services changes one at a time.
             if let Some(old) = previous.services.get(&addr.vip)
-                && old.spec == *s
+                && old.spec == **s
             {
                 shared.insert(*addr, old.shared.clone());
                 services.insert(addr.vip, old.clone());
@@ -116,7 +116,7 @@ impl Table {
             services.insert(
                 addr.vip,
                 Arc::new(ProxyService {
-                    spec: s.clone(),
+                    spec: (**s).clone(),
                     name: s.name.clone(),
                     addr: *addr,
                     backends,

@@ -89,7 +89,7 @@ struct Scraped<'a> {
 
 impl<'a> Scraped<'a> {
     fn new(snap: &'a Snapshot) -> Self {
-        let services: Vec<&Service> = snap.catalog.services.values().collect();
+        let services: Vec<&Service> = snap.catalog.services.values().map(|s| &**s).collect();
         let mut backends = Vec::new();
         for s in &services {
             for b in &s.backends {

@@ -301,7 +301,7 @@ pub async fn run(registry: Registry, config: ConsulConfig, listen: Vec<SocketAdd
             remove_service(&registry, &name);
         }
         if first {
-            for key in registry.entries(Source::Consul).into_keys() {
+            for key in registry.keys(Source::Consul, "") {
                 let service = key.split('/').next().unwrap_or_default();
                 if !services.contains_key(service) {
                     registry.put(Source::Consul, &key, None);
@@ -347,11 +347,9 @@ impl Drop for Follower {
 
 fn remove_service(registry: &Registry, name: &str) {
     let prefix = format!("{name}/");
-    for key in registry.entries(Source::Consul).into_keys() {
-        if key.starts_with(&prefix) {
-            info!(key = %key, "consul: service gone from the catalog");
-            registry.put(Source::Consul, &key, None);
-        }
+    for key in registry.keys(Source::Consul, &prefix) {
+        info!(key = %key, "consul: service gone from the catalog");
+        registry.put(Source::Consul, &key, None);
     }
 }
 
@@ -490,7 +488,7 @@ impl Made {
         }
         for (key, entry) in made {
             let checked = entry.and_then(|s| {
-                match crate::registry::clash(&registry.entries(Source::Consul), &key, &s) {
+                match registry.clash(Source::Consul, &key, &s, &BTreeSet::new()) {
                     Some(reason) => Err(reason),
                     None => Ok(s),
                 }

@@ -14,7 +14,7 @@ use hickory_resolver::{
     Resolver, TokioResolver,
     config::{NameServerConfig, ResolveHosts, ResolverConfig},
     net::{NetError, runtime::TokioRuntimeProvider},
-    proto::rr::{Name, RData, RecordType},
+    proto::rr::{Name, RData, Record, RecordType},
 };
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -50,7 +50,7 @@ pub struct Answer {
 /// Follows every entry until the task is dropped. Entries saved by an earlier run whose names
 /// are no longer configured are dropped first.
 pub async fn run(registry: Registry, entries: Vec<DnsConfig>) {
-    for key in registry.entries(Source::Dns).into_keys() {
+    for key in registry.keys(Source::Dns, "") {
         if !entries.iter().any(|e| e.service.name == key) {
             registry.put(Source::Dns, &key, None);
         }
@@ -134,12 +134,12 @@ async fn follow(registry: Registry, entry: DnsConfig) {
 /// that no longer fit (another family) are dropped with the entry.
 fn refresh_saved(registry: &Registry, entry: &DnsConfig) {
     let name = &entry.service.name;
-    let Some(saved) = registry.entries(Source::Dns).remove(name) else {
+    let Some(saved) = registry.get(Source::Dns, name) else {
         return;
     };
     let mut service = entry.service.clone();
     service.backends = saved.backends.clone();
-    if service == saved {
+    if service == *saved {
         return;
     }
     match service.validate() {
@@ -246,9 +246,15 @@ async fn addresses(
     v4: bool,
 ) -> Result<(Vec<IpAddr>, Duration), DnsError> {
     let found = lookup(resolver, query, family(v4)).await?;
+    let (ips, ttl) = addresses_in(found.answers(), v4);
+    Ok((ips, Duration::from_secs(ttl.into())))
+}
+
+/// The addresses of one family among `records`, and the smallest TTL of all of them.
+pub(crate) fn addresses_in(records: &[Record], v4: bool) -> (Vec<IpAddr>, u32) {
     let mut ttl = u32::MAX;
     let mut ips = Vec::new();
-    for record in found.answers() {
+    for record in records {
         ttl = ttl.min(record.ttl);
         match &record.data {
             RData::A(a) if v4 => ips.push(IpAddr::V4(a.0)),
@@ -256,7 +262,57 @@ async fn addresses(
             _ => {}
         }
     }
-    Ok((ips, Duration::from_secs(ttl.into())))
+    (ips, ttl)
+}
+
+/// One SRV target of the lowest priority present, at its port and our weight, with the
+/// addresses the answer's additional records give for it (none: to be looked up).
+pub(crate) struct Target {
+    pub name: Name,
+    pub port: u16,
+    pub weight: u32,
+    pub ips: Vec<IpAddr>,
+}
+
+/// The targets of the lowest SRV priority in `answers`, addressed from `additionals` where
+/// they can be, and the smallest TTL of the records used.
+pub(crate) fn srv_targets(
+    answers: &[Record],
+    additionals: &[Record],
+    v4: bool,
+) -> (Vec<Target>, u32) {
+    let mut ttl = u32::MAX;
+    let mut targets = Vec::new();
+    for record in answers {
+        ttl = ttl.min(record.ttl);
+        if let RData::SRV(s) = &record.data {
+            targets.push((s.priority, s.weight, s.port, s.target.clone()));
+        }
+    }
+    let Some(best) = targets.iter().map(|t| t.0).min() else {
+        return (Vec::new(), ttl);
+    };
+    targets.retain(|t| t.0 == best);
+    let heaviest = targets.iter().map(|t| t.1).max().unwrap_or(0);
+    let mut out = Vec::new();
+    for (_, weight, port, target) in targets {
+        let mut ips = Vec::new();
+        for record in additionals {
+            match &record.data {
+                RData::A(a) if v4 && record.name == target => ips.push(IpAddr::V4(a.0)),
+                RData::AAAA(a) if !v4 && record.name == target => ips.push(IpAddr::V6(a.0)),
+                _ => continue,
+            }
+            ttl = ttl.min(record.ttl);
+        }
+        out.push(Target {
+            name: target,
+            port,
+            weight: srv_weight(weight, heaviest),
+            ips,
+        });
+    }
+    (out, ttl)
 }
 
 /// The targets of the lowest SRV priority present, each at its port and weight, addressed
@@ -267,42 +323,52 @@ async fn srv(
     v4: bool,
 ) -> Result<(Vec<Backend>, Duration), DnsError> {
     let found = lookup(resolver, query, RecordType::SRV).await?;
-    let mut ttl = u32::MAX;
-    let mut targets = Vec::new();
-    for record in found.answers() {
-        ttl = ttl.min(record.ttl);
-        if let RData::SRV(s) = &record.data {
-            targets.push((s.priority, s.weight, s.port, s.target.clone()));
-        }
-    }
-    let Some(best) = targets.iter().map(|t| t.0).min() else {
-        return Ok((Vec::new(), Duration::from_secs(ttl.into())));
-    };
-    targets.retain(|t| t.0 == best);
-    let heaviest = targets.iter().map(|t| t.1).max().unwrap_or(0);
+    let (targets, mut ttl) = srv_targets(found.answers(), found.additionals(), v4);
     let mut backends = Vec::new();
-    for (_, weight, port, target) in targets {
-        let mut ips = Vec::new();
-        for record in found.additionals() {
-            match &record.data {
-                RData::A(a) if v4 && record.name == target => ips.push(IpAddr::V4(a.0)),
-                RData::AAAA(a) if !v4 && record.name == target => ips.push(IpAddr::V6(a.0)),
-                _ => continue,
-            }
-            ttl = ttl.min(record.ttl);
-        }
+    for t in targets {
+        let mut ips = t.ips;
         if ips.is_empty() {
-            let (more, t) = addresses(resolver, &name_text(&target), v4).await?;
+            let (more, found_ttl) = addresses(resolver, &name_text(&t.name), v4).await?;
             ips = more;
-            ttl = ttl.min(u32::try_from(t.as_secs()).unwrap_or(u32::MAX));
+            ttl = ttl.min(u32::try_from(found_ttl.as_secs()).unwrap_or(u32::MAX));
         }
-        let weight = srv_weight(weight, heaviest);
         backends.extend(
             ips.into_iter()
-                .map(|ip| backend(SocketAddr::new(ip, port), weight)),
+                .map(|ip| backend(SocketAddr::new(ip, t.port), t.weight)),
         );
     }
     Ok((backends, Duration::from_secs(ttl.into())))
+}
+
+/// What an answer message gives an entry, as the source makes it (for the fuzz target and its
+/// corpus test): the backends, sorted and deduplicated as [`resolve`] leaves them, SRV targets
+/// without addresses left out.
+pub(crate) fn backends_of(
+    message: &hickory_resolver::proto::op::Message,
+    v4: bool,
+    srv: bool,
+    port: u16,
+) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = if srv {
+        srv_targets(&message.answers, &message.additionals, v4)
+            .0
+            .into_iter()
+            .flat_map(|t| {
+                t.ips
+                    .into_iter()
+                    .map(move |ip| backend(SocketAddr::new(ip, t.port), t.weight))
+            })
+            .collect()
+    } else {
+        addresses_in(&message.answers, v4)
+            .0
+            .into_iter()
+            .map(|ip| backend(SocketAddr::new(ip, port), defaults::WEIGHT))
+            .collect()
+    };
+    backends.sort_by_key(|b| b.addr);
+    backends.dedup_by_key(|b| b.addr);
+    backends
 }
 
 fn name_text(name: &Name) -> String {

@@ -9,7 +9,12 @@
 //! still applied, in order. Only when etcd has compacted that revision away is the prefix read
 //! whole again.
 
-use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+};
 
 use etcd_client::{
     Certificate, Client, ConnectOptions, Event, EventType, GetOptions, Identity, KeyValue,
@@ -17,7 +22,7 @@ use etcd_client::{
 };
 use tracing::{info, warn};
 
-use super::{Registry, Rejected, Source, clash, retry::Backoff};
+use super::{Claims, Registry, Rejected, Source, retry::Backoff};
 use crate::{
     catalog::{Service, entry::service_from_json},
     config::EtcdConfig,
@@ -209,14 +214,16 @@ impl Follower {
         }
 
         let mut entries: BTreeMap<String, Service> = BTreeMap::new();
+        let mut claims = Claims::default();
         let mut rejected = Vec::new();
         for kv in &kvs {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let checked = self
                 .parse(&key, kv.value())
-                .and_then(|s| clash(&entries, &key, &s).map_or(Ok(s), Err));
+                .and_then(|s| claims.check(&key, &s).map_or(Ok(s), Err));
             match checked {
                 Ok(service) => {
+                    claims.claim(&key, &service);
                     entries.insert(key, service);
                 }
                 Err(reason) => rejected.push(Rejected { key, reason }),
@@ -252,37 +259,40 @@ impl Follower {
             };
             latest.insert(key, change);
         }
-        let mut next = self.registry.entries(Source::Etcd);
-        let mut before = BTreeMap::new();
-        for (key, change) in &latest {
-            if change.is_ok()
-                && let Some(old) = next.remove(key)
-            {
-                before.insert(key.clone(), old);
-            }
-        }
+        // Keys outside this batch keep what they have; within it, the first key wins. Only
+        // the batch's keys are looked at (the layer through the registry's indexes).
+        let batch: BTreeSet<String> = latest
+            .iter()
+            .filter(|(_, c)| c.is_ok())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut claims = Claims::default();
+        let mut changes = Vec::new();
         let mut rejected = Vec::new();
         for (key, change) in latest {
             let service = match change {
                 Ok(Some(service)) => service,
-                Ok(None) => continue,
+                Ok(None) => {
+                    changes.push((key, None));
+                    continue;
+                }
                 Err(reason) => {
                     rejected.push(Rejected { key, reason });
                     continue;
                 }
             };
-            // Keys outside this batch keep what they have; within it, the first key wins.
-            if let Some(reason) = clash(&next, &key, &service) {
-                if let Some(old) = before.remove(&key) {
-                    next.insert(key.clone(), old);
-                }
+            let clash = claims
+                .check(&key, &service)
+                .or_else(|| self.registry.clash(Source::Etcd, &key, &service, &batch));
+            if let Some(reason) = clash {
                 rejected.push(Rejected { key, reason });
                 continue;
             }
             info!(key = %key, "etcd: key applied");
-            next.insert(key, service);
+            claims.claim(&key, &service);
+            changes.push((key, Some(service)));
         }
-        self.registry.replace(Source::Etcd, next, &rejected);
+        self.registry.apply(Source::Etcd, changes, &rejected);
     }
 
     fn parse(&self, key: &str, value: &[u8]) -> Result<Service, String> {

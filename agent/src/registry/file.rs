@@ -18,7 +18,7 @@ pub fn entries(catalog: &Catalog) -> BTreeMap<String, crate::catalog::Service> {
     catalog
         .services
         .values()
-        .map(|s| (s.name.clone(), s.clone()))
+        .map(|s| (s.name.clone(), (**s).clone()))
         .collect()
 }
 

@@ -30,7 +30,7 @@
 //! is rejected alone with its reason; its entries keep their last good state.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     pin::Pin,
     time::{Duration, Instant},
@@ -49,7 +49,7 @@ use kube::{
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
-use super::{Registry, Rejected, Source, retry::Backoff, settings};
+use super::{Claims, Registry, Rejected, Source, retry::Backoff, settings};
 use crate::{
     catalog::{Service, entry::service_from_json},
     config::KubernetesConfig,
@@ -95,11 +95,13 @@ pub async fn run(registry: Registry, config: KubernetesConfig, listen: Vec<Socke
         listen,
         services: BTreeMap::new(),
         slices: BTreeMap::new(),
+        by_owner: HashMap::new(),
         listing_services: None,
         listing_slices: None,
         synced: (false, false),
         emitted: BTreeMap::new(),
         last_error: None,
+        slices_read: 0,
     };
     follower.follow(client).await;
 }
@@ -182,6 +184,9 @@ struct Follower {
     listen: Vec<SocketAddr>,
     services: BTreeMap<ObjectKey, KubeService>,
     slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// The slices of each Service (by the slices' label), so that making a Service's entries
+    /// costs its own slices, not a walk over all of them.
+    by_owner: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// Objects of a list in progress (between `Init` and `InitDone`), of each kind.
     listing_services: Option<BTreeMap<ObjectKey, KubeService>>,
     listing_slices: Option<BTreeMap<ObjectKey, EndpointSlice>>,
@@ -191,6 +196,8 @@ struct Follower {
     emitted: BTreeMap<ObjectKey, BTreeSet<String>>,
     /// When a watch last failed (cleared once the source is live again).
     last_error: Option<Instant>,
+    /// Slices read to make entries, since start (for the tests' bounds).
+    slices_read: u64,
 }
 
 impl Follower {
@@ -296,6 +303,12 @@ impl Follower {
             }
             watcher::Event::InitDone => {
                 self.slices = self.listing_slices.take().unwrap_or_default();
+                self.by_owner.clear();
+                for (key, slice) in &self.slices {
+                    if let Some(o) = owner(slice) {
+                        self.by_owner.entry(o).or_default().insert(key.clone());
+                    }
+                }
                 self.synced.1 = true;
                 info!(
                     slices = self.slices.len(),
@@ -306,13 +319,34 @@ impl Follower {
             watcher::Event::Apply(s) => {
                 let key = key_of(&s);
                 let before = self.slices.insert(key.clone(), s.clone());
+                self.index_slice(&key, before.as_ref(), Some(&s));
                 self.slice_changed(before.as_ref(), Some(&s));
             }
             watcher::Event::Delete(s) => {
                 let key = key_of(&s);
                 let before = self.slices.remove(&key);
+                self.index_slice(&key, before.as_ref().or(Some(&s)), None);
                 self.slice_changed(before.as_ref().or(Some(&s)), None);
             }
+        }
+    }
+
+    fn index_slice(
+        &mut self,
+        key: &ObjectKey,
+        before: Option<&EndpointSlice>,
+        after: Option<&EndpointSlice>,
+    ) {
+        if let Some(o) = before.and_then(owner)
+            && let Some(set) = self.by_owner.get_mut(&o)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_owner.remove(&o);
+            }
+        }
+        if let Some(o) = after.and_then(owner) {
+            self.by_owner.entry(o).or_default().insert(key.clone());
         }
     }
 
@@ -334,6 +368,7 @@ impl Follower {
             return;
         }
         let mut entries = BTreeMap::new();
+        let mut claims = Claims::default();
         let mut rejected = Vec::new();
         self.emitted.clear();
         let keys: Vec<ObjectKey> = self.services.keys().cloned().collect();
@@ -341,22 +376,10 @@ impl Follower {
             let made = self.entries_of(&key);
             let mut emitted = BTreeSet::new();
             for (k, made) in made {
-                let checked = made.and_then(|s| {
-                    match entries
-                        .iter()
-                        .find(|(_, o): &(&String, &Service)| o.addr == s.addr || o.name == s.name)
-                    {
-                        Some((other, o)) if o.addr == s.addr => {
-                            Err(format!("vip: {} is already {other:?}'s address", s.addr))
-                        }
-                        Some((other, _)) => {
-                            Err(format!("name: {:?} is already {other:?}'s", s.name))
-                        }
-                        None => Ok(s),
-                    }
-                });
+                let checked = made.and_then(|s| claims.check(&k, &s).map_or(Ok(s), Err));
                 match checked {
                     Ok(s) => {
+                        claims.claim(&k, &s);
                         entries.insert(k.clone(), s);
                     }
                     Err(reason) => rejected.push(Rejected {
@@ -392,10 +415,10 @@ impl Follower {
         }
         for (key, made) in made {
             let checked = made.and_then(|s| {
-                match crate::registry::clash(&self.registry.entries(Source::Kubernetes), &key, &s) {
-                    Some(reason) => Err(reason),
-                    None => Ok(s),
-                }
+                let clash = self
+                    .registry
+                    .clash(Source::Kubernetes, &key, &s, &BTreeSet::new());
+                clash.map_or(Ok(s), Err)
             });
             match checked {
                 Ok(s) => {
@@ -414,15 +437,18 @@ impl Follower {
     }
 
     /// The entries one Service makes, by layer key: each a checked service or why not.
-    fn entries_of(&self, key: &ObjectKey) -> BTreeMap<String, Result<Service, String>> {
+    fn entries_of(&mut self, key: &ObjectKey) -> BTreeMap<String, Result<Service, String>> {
         let Some(service) = self.services.get(key) else {
             return BTreeMap::new();
         };
         let slices: Vec<&EndpointSlice> = self
-            .slices
-            .values()
-            .filter(|s| owner(s).as_ref() == Some(key))
+            .by_owner
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
             .collect();
+        self.slices_read += slices.len() as u64;
         let view = View {
             node: self.config.node_name.as_deref(),
             prefer_local: self.config.prefer_local,
@@ -566,7 +592,9 @@ fn entry_name(ns: &str, name: &str, port: &ServicePort, ports: usize, v6: bool) 
     let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    format!("{}-{:012x}", &full[..51], hash & 0xffff_ffff_ffff)
+    // Cut at a character boundary: the names come from the API server, not all of them ASCII.
+    let head = &full[..full.floor_char_boundary(51)];
+    format!("{head}-{:012x}", hash & 0xffff_ffff_ffff)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -830,6 +858,105 @@ mod tests {
         assert!(a.len() <= 64 && b.len() <= 64);
         assert_ne!(a, b);
         assert_eq!(entry_name("ns", "web", &p, 1, true), "web.ns.v6");
+    }
+
+    #[test]
+    fn a_long_name_of_any_characters_is_cut_without_panicking() {
+        let named = |n: &str| ServicePort {
+            port: 80,
+            name: Some(n.into()),
+            ..Default::default()
+        };
+        // "ü" is two bytes: byte 51 falls inside one.
+        for pad in 0..4 {
+            let ns = "n".repeat(pad);
+            let made = entry_name(&ns, "web", &named(&"ü".repeat(40)), 2, false);
+            assert!(made.len() <= 64, "{made}");
+        }
+        // Through the whole builder: the entry is rejected, naming the field, and nothing panics.
+        let s = service(
+            json!({}),
+            json!({"clusterIP": "10.96.0.10",
+                   "ports": [{"name": "ü".repeat(40), "port": 80}, {"name": "b", "port": 81}]}),
+        );
+        let made = entries(&s, &[], View::default(), &listen()).unwrap();
+        let e = made["shop/web:80/tcp"].as_ref().unwrap_err();
+        assert!(e.starts_with("name:"), "{e}");
+    }
+
+    /// A full list of 10,000 Services with a slice each reads each slice once and checks each
+    /// entry against the others by look-up (both were a scan per Service: quadratic).
+    #[test]
+    fn a_relist_of_ten_thousand_services_reads_each_slice_once() {
+        let (registry, rx) = Registry::open(None);
+        let mut f = Follower {
+            registry,
+            config: KubernetesConfig {
+                kubeconfig: None,
+                context: None,
+                node_name: None,
+                prefer_local: false,
+            },
+            listen: listen(),
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            by_owner: HashMap::new(),
+            listing_services: None,
+            listing_slices: None,
+            synced: (false, false),
+            emitted: BTreeMap::new(),
+            last_error: None,
+            slices_read: 0,
+        };
+        f.on_service(watcher::Event::Init);
+        f.on_slice(watcher::Event::Init);
+        for i in 0..10_000u32 {
+            let name = format!("s{i}");
+            let ip = format!("10.100.{}.{}", i / 250, i % 250 + 1);
+            let s: KubeService = serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": {"clusterIP": ip, "ports": [{"port": 80}]},
+            }))
+            .unwrap();
+            f.on_service(watcher::Event::InitApply(s));
+            let sl: EndpointSlice = serde_json::from_value(json!({
+                "metadata": {"name": format!("{name}-x"), "namespace": "ns",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [format!("10.0.{}.{}", i / 250, i % 250 + 1)]}],
+                "ports": [{"port": 8080}],
+            }))
+            .unwrap();
+            f.on_slice(watcher::Event::InitApply(sl));
+        }
+        // Two Services claiming one address: the second is rejected by name of the first.
+        let dup: KubeService = serde_json::from_value(json!({
+            "metadata": {"name": "zz", "namespace": "ns"},
+            "spec": {"clusterIP": "10.100.0.1", "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        f.on_service(watcher::Event::InitApply(dup));
+        f.on_service(watcher::Event::InitDone);
+        f.on_slice(watcher::Event::InitDone);
+        assert_eq!(f.slices_read, 10_000);
+        let catalog = rx.borrow().clone();
+        assert_eq!(catalog.services.len(), 10_000);
+        assert!(catalog.services.values().all(|s| s.backends.len() == 1));
+        assert_eq!(f.registry.status()[0].rejected_total, 1);
+
+        // One slice changes: its Service alone is made again, and merged alone.
+        let (version, judged) = f.registry.work();
+        let sl: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "s7-x", "namespace": "ns",
+                         "labels": {"kubernetes.io/service-name": "s7"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.8", "10.0.0.9"]}],
+            "ports": [{"port": 8080}],
+        }))
+        .unwrap();
+        f.on_slice(watcher::Event::Apply(sl));
+        assert_eq!(f.slices_read, 10_001);
+        assert_eq!(f.registry.work(), (version + 1, judged + 1));
     }
 
     #[test]

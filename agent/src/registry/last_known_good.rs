@@ -102,7 +102,14 @@ impl Store {
     }
 }
 
-fn parse(bytes: &[u8]) -> Result<BTreeMap<Source, Layer>, String> {
+/// `body` behind the header [`Store::save`] writes.
+pub(crate) fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{MAGIC} {VERSION} {} {:016x}\n", body.len(), fnv1a64(body)).into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+pub(crate) fn parse(bytes: &[u8]) -> Result<BTreeMap<Source, Layer>, String> {
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
@@ -144,11 +151,11 @@ mod tests {
         let mut l = Layer::default();
         l.entries.insert(
             "web".into(),
-            Service {
+            std::sync::Arc::new(Service {
                 mode: Mode::Proxy,
                 algorithm: Algorithm::Maglev,
                 ..crate::test_helpers::service("web", "10.96.0.1:80", &[])
-            },
+            }),
         );
         [(Source::Etcd, l)].into()
     }
