@@ -26,6 +26,7 @@ pub mod datapath;
 pub mod defaults;
 pub mod forwarder;
 pub mod health;
+pub mod http;
 pub mod limits;
 pub mod listener;
 pub mod live;

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod control;
 pub mod fault;
+pub mod http;
 pub mod netns;
 pub mod process;
 pub mod servers;

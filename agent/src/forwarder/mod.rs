@@ -3,6 +3,7 @@
 //! until both sides are done, the connection idles out, or its backend's drain deadline passes.
 
 mod copy;
+mod http_dispatch;
 mod occupancy;
 mod origdst;
 pub mod reserve;
@@ -69,11 +70,17 @@ impl Forwarder {
 
     /// One redirected connection: admit it, connect until the backend shows a sign of life,
     /// relay.
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
         let accepted = Instant::now();
         let Some(service) = self.admit(&client, peer) else {
             return;
         };
+        if !service.app_protocol().is_tcp() {
+            match http_dispatch::dispatch(&service, client, peer, self.own_mark).await {
+                Some(opaque) => client = opaque,
+                None => return,
+            }
+        }
         let Some((upstream, occupied)) = self.connect(&service, &client, peer).await else {
             return;
         };
