@@ -168,3 +168,7 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// A request body kept for a retry up to this size (Envoy's retry buffer: 64 KiB as its
 /// per-request buffer limit; linkerd2-proxy: 64 KiB). Larger ones are never retried once sent.
 pub const REPLAY_BODY_MAX: usize = 64 * 1024;
+
+/// Open client connections a `[[gateway]]` listener takes; more are reset at once (HAProxy's
+/// `maxconn` default is about 4,000 per process on small hosts; nginx 512 per worker).
+pub const GATEWAY_MAX_CONNECTIONS: u32 = 10_000;

@@ -12,7 +12,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::table::ProxyService;
+use super::table::{ProxyService, SharedTable};
 use crate::{
     catalog::AppProtocol,
     http::{self, detect},
@@ -20,10 +20,10 @@ use crate::{
 
 /// Serves the connection as HTTP (`None` once it is done), or hands it back for the L4 path.
 pub async fn dispatch(
+    ctx: &Arc<http::Context>,
     service: &Arc<ProxyService>,
     client: TcpStream,
     peer: SocketAddr,
-    own_mark: u32,
 ) -> Option<TcpStream> {
     if service.app_protocol() == AppProtocol::Auto {
         match detect::detect(&client).await {
@@ -34,7 +34,8 @@ pub async fn dispatch(
     }
     // The client connection counts on its service (connection limit, retry budget) while open.
     let _open = Open::count(&service.shared.active);
-    http::serve(service.clone(), client, peer, own_mark).await;
+    let front = http::Front::Service(service.clone());
+    http::serve(ctx.clone(), front, client, peer).await;
     None
 }
 
@@ -51,5 +52,15 @@ impl<'a> Open<'a> {
 impl Drop for Open<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Route destinations from the forwarder's table.
+pub struct TableDirectory(pub SharedTable);
+
+impl http::Directory for TableDirectory {
+    fn service(&self, name: &str) -> Option<Arc<dyn http::Target>> {
+        let s: Arc<dyn http::Target> = self.0.load().by_name(name)?;
+        Some(s)
     }
 }

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 pub use copy::{CopyError, Moved};
+pub use http_dispatch::TableDirectory;
 pub use origdst::OrigDst;
 pub use reserve::DescriptorReserve;
 pub use table::{ForwardingDefaults, SharedTable, Table};
@@ -39,6 +40,8 @@ pub struct Forwarder {
     pub own_mark: u32,
     /// Keeps descriptors for the control side (see [`reserve`]).
     pub descriptors: DescriptorReserve,
+    /// HTTP mode's routes and destinations.
+    pub http: Arc<crate::http::Context>,
 }
 
 impl Forwarder {
@@ -76,7 +79,7 @@ impl Forwarder {
             return;
         };
         if !service.app_protocol().is_tcp() {
-            match http_dispatch::dispatch(&service, client, peer, self.own_mark).await {
+            match http_dispatch::dispatch(&self.http, &service, client, peer).await {
                 Some(opaque) => client = opaque,
                 None => return,
             }

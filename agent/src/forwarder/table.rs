@@ -66,6 +66,11 @@ impl Table {
         self.services.get(vip).cloned()
     }
 
+    /// A service by name (route destinations): a scan, as routes resolve few names per request.
+    pub fn by_name(&self, name: &str) -> Option<Arc<ProxyService>> {
+        self.services.values().find(|s| s.name == name).cloned()
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &Arc<ProxyService>> {
         self.services.values()
     }

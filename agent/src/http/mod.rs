@@ -9,9 +9,11 @@
 
 pub mod body;
 pub mod detect;
+pub mod gateway;
 pub mod pool;
 mod proxy;
 mod retry;
+pub mod route;
 
 use std::{
     convert::Infallible,
@@ -32,6 +34,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 pub use self::pool::Pool;
+use self::route::SharedRoutes;
 use crate::{
     balance::{Balancer, Upstream},
     catalog::{AppProtocol, Policy},
@@ -63,13 +66,36 @@ pub trait Target: Send + Sync + 'static {
     fn client_hash(&self, peer: SocketAddr) -> u64;
 }
 
-/// Serves one client connection until it closes. `own_mark` marks upstream sockets.
-pub async fn serve(target: Arc<dyn Target>, client: TcpStream, peer: SocketAddr, own_mark: u32) {
-    let grpc = target.view().policy.app_protocol == AppProtocol::Grpc;
+/// Route destinations by service name (the forwarder's table answers).
+pub trait Directory: Send + Sync + 'static {
+    fn service(&self, name: &str) -> Option<Arc<dyn Target>>;
+}
+
+/// What every HTTP connection shares: the routes, the services they send to, the mark of
+/// the agent's own sockets.
+pub struct Context {
+    pub routes: SharedRoutes,
+    pub directory: Arc<dyn Directory>,
+    pub own_mark: u32,
+}
+
+/// Where a client connection came in: a service's address (mesh) or a gateway (ingress).
+#[derive(Clone)]
+pub enum Front {
+    Service(Arc<dyn Target>),
+    Gateway(Arc<str>),
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve(ctx: Arc<Context>, front: Front, client: TcpStream, peer: SocketAddr) {
+    let grpc = match &front {
+        Front::Service(t) => t.view().policy.app_protocol == AppProtocol::Grpc,
+        Front::Gateway(_) => false,
+    };
     let io = TokioIo::new(client);
     let handler = service_fn(move |req| {
-        let target = target.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(&*target, req, peer, own_mark).await) }
+        let (ctx, front) = (ctx.clone(), front.clone());
+        async move { Ok::<_, Infallible>(proxy::handle(&ctx, &front, req, peer).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -24,23 +24,28 @@ use tokio::time::timeout;
 use tracing::{debug, info};
 
 use super::{
-    Target, View,
+    Context, Front, Target, View,
     body::{self, Body, Held, Replay},
     pool::{Conn, Pool},
     retry,
+    route::{Parent, Redirect, Request as RouteRequest, Rule},
 };
 use crate::{balance::candidates, defaults, health::BackendHealth};
 
-/// Serves one request of a client at `peer`.
+/// Serves one request of a client at `peer` that came in at `front`.
 pub async fn handle(
-    target: &dyn Target,
-    req: Request<Incoming>,
+    ctx: &Context,
+    front: &Front,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
-    mark: u32,
 ) -> Response<Body> {
-    let v = target.view();
     let started = Instant::now();
     let grpc = is_grpc(req.headers());
+    let (target, rule) = match resolve(ctx, front, &mut req) {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let v = target.view();
     // The tighter of the service's request timeout and the client's own gRPC deadline.
     let deadline = [v.policy.request_timeout, retry::grpc_timeout(req.headers())]
         .into_iter()
@@ -51,8 +56,8 @@ pub async fn handle(
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
     let hash = target.client_hash(peer);
-    let attempts = attempts(&v, req, hash, mark, grpc);
-    let response = match deadline {
+    let attempts = attempts(&v, req, hash, ctx.own_mark, grpc);
+    let mut response = match deadline {
         Some(d) => match timeout(d, attempts).await {
             Ok(r) => r,
             Err(_) => failure(
@@ -63,9 +68,13 @@ pub async fn handle(
         },
         None => attempts.await,
     };
+    if let Some(rule) = &rule {
+        rule.response_headers.apply(response.headers_mut());
+    }
     if let Some((method, uri)) = log {
         info!(
             service = v.name,
+            route = rule.as_ref().map(|r| r.route.as_str()),
             %peer,
             %method,
             %uri,
@@ -75,6 +84,119 @@ pub async fn handle(
         );
     }
     response
+}
+
+/// The service a request goes to, and the rule that chose it.
+type Routed = (Arc<dyn Target>, Option<Arc<Rule>>);
+
+/// The service a request goes to: the one it was sent to, unless routes are attached there
+/// (or it came in at a gateway), then the matching rule's destination, with the rule's request
+/// changes made. `Err`: the proxy's own answer (no route, a redirect, a destination gone).
+#[allow(clippy::result_large_err)]
+fn resolve(
+    ctx: &Context,
+    front: &Front,
+    req: &mut Request<Incoming>,
+) -> Result<Routed, Response<Body>> {
+    let parent = match front {
+        Front::Service(t) => Parent::Service(t.view().name.to_owned()),
+        Front::Gateway(g) => Parent::Gateway(g.to_string()),
+    };
+    let routes = ctx.routes.load();
+    if !routes.has(&parent) {
+        return match front {
+            Front::Service(t) => Ok((t.clone(), None)),
+            Front::Gateway(g) => Err(not_found(&format!("gateway {g} has no routes"))),
+        };
+    }
+    let host = host_of(req).to_owned();
+    let found = routes.find(
+        &parent,
+        &RouteRequest {
+            host: &host,
+            path: req.uri().path(),
+            query: req.uri().query(),
+            method: req.method(),
+            headers: req.headers(),
+        },
+    );
+    let Some(m) = found else {
+        return Err(not_found(&format!(
+            "no route matches {} {}{}",
+            req.method(),
+            host,
+            req.uri().path()
+        )));
+    };
+    let rule = m.rule.clone();
+    if let Some(r) = &rule.redirect {
+        return Err(redirect(r, &host, req.uri()));
+    }
+    let Some(name) = rule.pick() else {
+        return Err(failure(
+            false,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the route has no destination",
+        ));
+    };
+    let Some(target) = ctx.directory.service(name) else {
+        return Err(failure(
+            is_grpc(req.headers()),
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "route {}: service {name} is not a proxy-mode service now",
+                rule.route
+            ),
+        ));
+    };
+    rule.request_headers.apply(req.headers_mut());
+    if let (Some(new), Some(old)) = (&rule.rewrite_prefix, m.prefix) {
+        let path = req.uri().path();
+        let rest = &path[old.trim_end_matches('/').len().min(path.len())..];
+        let mut rewritten = format!("{}{rest}", new.trim_end_matches('/'));
+        if rewritten.is_empty() {
+            rewritten.push('/');
+        }
+        if let Some(q) = req.uri().query() {
+            rewritten = format!("{rewritten}?{q}");
+        }
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = rewritten.parse().ok();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    Ok((target, Some(rule)))
+}
+
+/// The host a request names: the URI's authority (HTTP/2) or `Host`.
+fn host_of(req: &Request<Incoming>) -> &str {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+fn not_found(why: &str) -> Response<Body> {
+    failure(false, StatusCode::NOT_FOUND, why)
+}
+
+fn redirect(r: &Redirect, host: &str, uri: &Uri) -> Response<Body> {
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let host = r.hostname.as_deref().unwrap_or(host);
+    let path = r.path.as_deref().unwrap_or(uri.path());
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{path}{query}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
 }
 
 /// The request's head, kept to send it again.
