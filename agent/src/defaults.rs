@@ -186,3 +186,31 @@ pub const DRAIN_ON_EXIT: Duration = Duration::from_secs(290);
 /// are balanced in the kernel from then on) and keeps accepting this long, so a connect that
 /// passed the hook just before is not reset by a closing listener.
 pub const LISTENER_SETTLE: Duration = Duration::from_millis(200);
+
+/// HTTP mode (docs/http.md). `auto` detection: one peek of up to this many bytes
+/// (linkerd2-proxy reads 1024), waited for at most this long (linkerd2-proxy: 10 s; a node
+/// agent's clients are local, and a server-first protocol behind `auto` waits this long for
+/// its first byte, so ours is shorter).
+pub const DETECT_BYTES: usize = 1024;
+pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// HTTP mode: a client's request headers must arrive within this long and this size (hyper's
+/// defaults: 30 s and about 400 KiB; nginx: 60 s and 8 KiB lines in 4 buffers).
+pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HTTP_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// HTTP/2 streams one client connection may have open (hyper: 200; Envoy: 2^31).
+pub const HTTP2_MAX_STREAMS: u32 = 256;
+
+/// The upstream pool: idle HTTP/1.1 connections kept per backend, and how long one may idle
+/// (hyper's legacy client: unbounded and 90 s; Envoy: 1 h idle). Each HTTP/2 backend gets one
+/// multiplexed connection.
+pub const POOL_MAX_IDLE_PER_BACKEND: usize = 64;
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A request body kept for a retry up to this size (Envoy's retry buffer: 64 KiB as its
+/// per-request buffer limit; linkerd2-proxy: 64 KiB). Larger ones are never retried once sent.
+pub const REPLAY_BODY_MAX: usize = 64 * 1024;
+
+/// Open client connections a `[[gateway]]` listener takes; more are reset at once (HAProxy's
+/// `maxconn` default is about 4,000 per process on small hosts; nginx 512 per worker).
+pub const GATEWAY_MAX_CONNECTIONS: u32 = 10_000;

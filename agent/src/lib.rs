@@ -52,6 +52,7 @@ pub mod forwarder;
 pub mod fuzzing;
 pub mod handover;
 pub mod health;
+pub mod http;
 pub mod limits;
 pub mod listener;
 pub mod live;

@@ -121,7 +121,33 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
     reconciler.apply(&catalog)?;
     trim_heap();
 
+    // HTTP mode: the file's routes (checked when the file was read) and its gateways.
+    let routes = crate::http::route::SharedRoutes::default();
+    routes.store(
+        crate::http::route::Routes::build(
+            std::mem::take(&mut config.routes),
+            &|_| true,
+            &config
+                .gateways
+                .iter()
+                .map(|g| g.name.clone())
+                .collect::<Vec<_>>(),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    let http = Arc::new(crate::http::Context {
+        routes,
+        directory: Arc::new(crate::forwarder::TableDirectory(table.clone())),
+        own_mark: defaults::OWN_MARK,
+    });
+    let mut _gateways = Vec::new();
+    for g in &config.gateways {
+        _gateways.push(AbortOnDrop(
+            crate::http::gateway::start(g, http.clone()).await?,
+        ));
+    }
     let forwarder = Arc::new(Forwarder {
+        http,
         table,
         orig: OrigDst {
             hook: datapath.getsockopt_hook,
@@ -441,16 +467,17 @@ fn unpin_udp(
 
 /// Hands memory freed by a large catalog change (parse trees, old copies) back to the system:
 /// glibc keeps it in per-thread arenas otherwise, and the agent's RSS would show the peak.
-/// A task that ends with the agent's main loop.
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// A task that ends with its owner (the main loop's helpers and the gateways end when the
+/// agent does).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn trim_heap() {
-    // SAFETY: malloc_trim only releases free memory.
-    unsafe { libc::malloc_trim(0) };
 }

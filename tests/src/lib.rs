@@ -16,6 +16,7 @@ pub mod control;
 pub mod entries;
 pub mod expect;
 pub mod fault;
+pub mod http;
 pub mod netns;
 pub mod process;
 pub mod servers;

@@ -72,7 +72,8 @@ pub fn agent(release: bool) -> anyhow::Result<()> {
 pub fn cargo_test(args: &[&str]) -> Command {
     let mut cmd = cargo(args);
     cmd.env("SWITCHYARD_BIN", binary("switchyard", false))
-        .env("SY_PROBE_BIN", binary("sy-probe", false));
+        .env("SY_PROBE_BIN", binary("sy-probe", false))
+        .env("SY_HTTP_BIN", binary("sy-http", false));
     cmd
 }
 

@@ -616,6 +616,7 @@ fn services() -> impl Strategy<Value = Service> {
                 health,
                 outlier_failures: of,
                 outlier_ejection: oe,
+                ..Policy::default()
             },
         );
     let algorithms = prop_oneof![

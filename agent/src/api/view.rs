@@ -229,6 +229,8 @@ pub fn entry(s: &Service) -> Value {
         ("drain_timeout", p.drain_timeout),
         ("idle_timeout", p.idle_timeout),
         ("outlier_ejection", p.outlier_ejection),
+        ("request_timeout", p.request_timeout),
+        ("try_timeout", p.try_timeout),
     ];
     for (k, v) in durations {
         if let Some(d) = v {
@@ -250,6 +252,12 @@ pub fn entry(s: &Service) -> Value {
     }
     if p.byte_path != Default::default() {
         m.insert("byte_path".into(), json!(p.byte_path));
+    }
+    if p.app_protocol != Default::default() {
+        m.insert("app_protocol".into(), json!(p.app_protocol));
+    }
+    if p.access_log {
+        m.insert("access_log".into(), json!(true));
     }
     if let Some(h) = &p.health {
         let mut hm = Map::new();

@@ -11,8 +11,8 @@ use serde::{
 };
 
 use super::{
-    Algorithm, Backend, BackendState, BytePath, HashKey, HealthCheck, Mode, Policy, Probe,
-    Protocol, Service, ServiceAddr, duration::HumanDuration,
+    Algorithm, AppProtocol, Backend, BackendState, BytePath, HashKey, HealthCheck, Mode, Policy,
+    Probe, Protocol, Service, ServiceAddr, duration::HumanDuration,
 };
 use crate::defaults;
 
@@ -46,6 +46,12 @@ pub struct RawService {
     health: Option<RawHealth>,
     outlier_failures: Option<u32>,
     outlier_ejection: Option<HumanDuration>,
+    #[serde(default)]
+    app_protocol: AppProtocol,
+    request_timeout: Option<HumanDuration>,
+    try_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    access_log: bool,
 }
 
 /// `health = { kind = "http", path = "/healthz", status = 200, interval = "2s", … }`
@@ -137,6 +143,10 @@ impl RawService {
             health,
             outlier_failures: raw.outlier_failures,
             outlier_ejection: raw.outlier_ejection.map(|d| d.0),
+            app_protocol: raw.app_protocol,
+            request_timeout: raw.request_timeout.map(|d| d.0),
+            try_timeout: raw.try_timeout.map(|d| d.0),
+            access_log: raw.access_log,
         };
         let service = Service {
             policy,
@@ -280,6 +290,26 @@ mod tests {
     }
 
     #[test]
+    fn http_mode_fields_read_from_toml_and_json_alike() {
+        let toml = parse(
+            "[[service]]\nname = \"web\"\nvip = \"10.96.0.10:80\"\nmode = \"proxy\"\n\
+             app_protocol = \"grpc\"\nrequest_timeout = \"2s\"\ntry_timeout = \"500ms\"\n\
+             access_log = true\n",
+        )
+        .unwrap();
+        let from_json = json(
+            r#"{"vip": "10.96.0.10:80", "mode": "proxy", "app_protocol": "grpc",
+                "request_timeout": "2s", "try_timeout": "500ms", "access_log": true}"#,
+        )
+        .unwrap();
+        let s = toml.catalog.services.values().next().unwrap();
+        assert_eq!(s.as_ref(), &from_json);
+        assert_eq!(s.policy.app_protocol, AppProtocol::Grpc);
+        assert_eq!(s.policy.try_timeout, Some(Duration::from_millis(500)));
+        assert!(s.policy.access_log);
+    }
+
+    #[test]
     fn json_errors_name_the_field() {
         let cases = [
             (
@@ -302,6 +332,19 @@ mod tests {
             (r#"{"vip": "#, "not JSON"),
             (r#"["10.96.0.1:80"]"#, "not an object"),
             (r#"{"name": "no spaces", "vip": "10.96.0.1:80"}"#, "name: "),
+            (
+                r#"{"vip": "10.96.0.1:80", "app_protocol": "http"}"#,
+                "app_protocol: Http needs mode = \"proxy\"",
+            ),
+            (
+                r#"{"vip": "10.96.0.1:80", "mode": "proxy", "app_protocol": "gopher"}"#,
+                "app_protocol: unknown variant `gopher`",
+            ),
+            (
+                r#"{"vip": "10.96.0.1:80", "mode": "proxy", "app_protocol": "http",
+                    "try_timeout": "2s", "request_timeout": "1s"}"#,
+                "try_timeout: must be positive and at most request_timeout",
+            ),
         ];
         for (text, want) in cases {
             let e = json(text).unwrap_err();

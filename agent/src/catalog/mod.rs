@@ -101,6 +101,30 @@ pub enum BytePath {
     Splice,
 }
 
+/// What a proxy-mode service speaks over TCP: the forwarder relays bytes (`tcp`) or serves
+/// requests (docs/http.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// Bytes both ways, one backend per connection.
+    #[default]
+    Tcp,
+    /// HTTP/1.1, or HTTP/2 with prior knowledge (told apart by the client's preface): one
+    /// backend per request.
+    Http,
+    /// gRPC: HTTP/2 only.
+    Grpc,
+    /// The first bytes decide: an HTTP/1 request line or the HTTP/2 preface is served as
+    /// `http`, anything else is relayed as `tcp`, those bytes included.
+    Auto,
+}
+
+impl AppProtocol {
+    pub fn is_tcp(self) -> bool {
+        self == AppProtocol::Tcp
+    }
+}
+
 /// Per-service forwarding policy (proxy mode). `None` fields take the agent's defaults.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Policy {
@@ -119,6 +143,18 @@ pub struct Policy {
     pub outlier_failures: Option<u32>,
     /// First ejection time; each further one lasts that much longer, capped.
     pub outlier_ejection: Option<Duration>,
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+    /// HTTP: the whole request, retries included (`None`: unbounded, or the client's
+    /// `grpc-timeout`).
+    #[serde(default)]
+    pub request_timeout: Option<Duration>,
+    /// HTTP: one attempt on one backend, to the response's headers.
+    #[serde(default)]
+    pub try_timeout: Option<Duration>,
+    /// HTTP: one line per request on the agent's log.
+    #[serde(default)]
+    pub access_log: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -235,6 +271,10 @@ pub enum Invalid {
          round_robin or maglev"
     )]
     UdpConnections(Algorithm),
+    #[error("app_protocol: {0:?} needs mode = \"proxy\" (the kernel does not see requests)")]
+    AppProtocolKernel(AppProtocol),
+    #[error("try_timeout: must be positive and at most request_timeout")]
+    TryTimeout,
     #[error("health: interval, timeout, rise and fall must be positive, timeout at most interval")]
     Health,
     #[error(
@@ -290,6 +330,16 @@ impl Service {
             )
         {
             return Err(Invalid::UdpConnections(self.algorithm));
+        }
+        if self.mode == Mode::Kernel && !self.policy.app_protocol.is_tcp() {
+            return Err(Invalid::AppProtocolKernel(self.policy.app_protocol));
+        }
+        let p = &self.policy;
+        if p.try_timeout.is_some_and(|t| t.is_zero())
+            || p.request_timeout.is_some_and(|t| t.is_zero())
+            || matches!((p.try_timeout, p.request_timeout), (Some(t), Some(r)) if t > r)
+        {
+            return Err(Invalid::TryTimeout);
         }
         if let Some(h) = &self.policy.health
             && (h.interval.is_zero()

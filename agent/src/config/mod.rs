@@ -132,6 +132,10 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     /// The services the file names.
     pub catalog: Catalog,
+    /// `[[route]]`: HTTP routes, checked against the file's services and gateways.
+    pub routes: Vec<crate::http::route::RawRoute>,
+    /// `[[gateway]]`: HTTP listeners for clients the hooks do not steer.
+    pub gateways: Vec<crate::http::gateway::GatewayConfig>,
 }
 
 #[derive(Deserialize)]
@@ -148,6 +152,10 @@ struct RawConfig {
     metrics: control::RawMetrics,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
+    #[serde(default, rename = "route")]
+    routes: Vec<crate::http::route::RawRoute>,
+    #[serde(default, rename = "gateway")]
+    gateways: Vec<crate::http::gateway::GatewayConfig>,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +367,31 @@ impl AgentConfig {
             None => None,
         };
 
+        let mut gateway_names: Vec<String> = Vec::new();
+        for (i, g) in raw.gateways.iter().enumerate() {
+            if gateway_names.contains(&g.name) {
+                return Err(parse_error(format!(
+                    "gateway[{i}] \"{}\": name: already used by another gateway",
+                    g.name
+                )));
+            }
+            if g.max_connections == 0 {
+                return Err(parse_error(format!(
+                    "gateway[{i}] \"{}\": max_connections: must be positive",
+                    g.name
+                )));
+            }
+            gateway_names.push(g.name.clone());
+        }
+        let proxy_service = |name: &str| {
+            catalog
+                .services
+                .values()
+                .any(|s| s.name == name && s.mode == crate::catalog::Mode::Proxy)
+        };
+        crate::http::route::Routes::build(raw.routes.clone(), &proxy_service, &gateway_names)
+            .map_err(parse_error)?;
+
         Ok(AgentConfig {
             datapath: DatapathConfig {
                 cgroup: PathBuf::from(raw.datapath.cgroup),
@@ -379,6 +412,8 @@ impl AgentConfig {
             api,
             metrics,
             catalog,
+            routes: raw.routes,
+            gateways: raw.gateways,
         })
     }
 }

@@ -5,6 +5,7 @@
 pub mod affinity;
 mod copy;
 pub mod exit;
+mod http_dispatch;
 mod occupancy;
 mod origdst;
 pub mod reserve;
@@ -24,6 +25,7 @@ use tracing::{debug, info, warn};
 
 pub use copy::{CopyError, Moved};
 pub use exit::Exit;
+pub use http_dispatch::TableDirectory;
 pub use origdst::OrigDst;
 pub use reserve::DescriptorReserve;
 pub use table::{ForwardingDefaults, SharedTable, Table};
@@ -45,6 +47,8 @@ pub struct Forwarder {
     pub affinity: affinity::AffinityTable,
     /// Stopping: accepting ends, connections drain (see [`exit`]).
     pub exit: Exit,
+    /// HTTP mode's routes and destinations.
+    pub http: Arc<crate::http::Context>,
 }
 
 impl Forwarder {
@@ -106,11 +110,17 @@ impl Forwarder {
 
     /// One redirected connection: admit it, connect until the backend shows a sign of life,
     /// relay.
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
         let accepted = Instant::now();
         let Some((service, _admitted)) = self.admit(&client, peer) else {
             return;
         };
+        if !service.app_protocol().is_tcp() {
+            match http_dispatch::dispatch(&self.http, &service, client, peer).await {
+                Some(opaque) => client = opaque,
+                None => return,
+            }
+        }
         let Some((upstream, occupied)) = self.connect(&service, &client, peer).await else {
             return;
         };

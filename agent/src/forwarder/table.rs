@@ -49,6 +49,8 @@ pub struct ProxyService {
     pub outlier_failures: u32,
     pub outlier_ejection: Duration,
     pub shared: Arc<ServiceShared>,
+    /// HTTP mode's upstream connections (empty for `tcp` services).
+    pub pool: Arc<crate::http::Pool>,
 }
 
 #[derive(Default)]
@@ -67,6 +69,11 @@ pub struct ForwardingDefaults {
 impl Table {
     pub fn get(&self, vip: &SocketAddr) -> Option<Arc<ProxyService>> {
         self.services.get(vip).cloned()
+    }
+
+    /// A service by name (route destinations): a scan, as routes resolve few names per request.
+    pub fn by_name(&self, name: &str) -> Option<Arc<ProxyService>> {
+        self.services.values().find(|s| s.name == name).cloned()
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<ProxyService>> {
@@ -137,6 +144,11 @@ impl Table {
                         .outlier_ejection
                         .unwrap_or(defaults::OUTLIER_BASE_EJECTION),
                     shared: svc_shared,
+                    pool: Arc::new(crate::http::Pool::new(if s.policy.app_protocol.is_tcp() {
+                        0
+                    } else {
+                        s.backends.len()
+                    })),
                 }),
             );
         }
@@ -157,6 +169,35 @@ impl Table {
             gone.drain(timeout);
         }
         Table { services, shared }
+    }
+}
+
+impl ProxyService {
+    pub fn app_protocol(&self) -> crate::catalog::AppProtocol {
+        self.spec.policy.app_protocol
+    }
+}
+
+impl crate::http::Target for ProxyService {
+    fn view(&self) -> crate::http::View<'_> {
+        crate::http::View {
+            name: &self.name,
+            backends: &self.backends,
+            balancer: &self.balancer,
+            policy: &self.spec.policy,
+            connect_timeout: self.connect_timeout,
+            retries: self.retries,
+            outlier_failures: self.outlier_failures,
+            outlier_ejection: self.outlier_ejection,
+            active: &self.shared.active,
+            retries_in_flight: &self.shared.retries_in_flight,
+            retries_total: &self.shared.retries,
+            pool: &self.pool,
+        }
+    }
+
+    fn client_hash(&self, peer: SocketAddr) -> u64 {
+        super::client_hash(peer, self.hash_key)
     }
 }
 

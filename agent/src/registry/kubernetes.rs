@@ -677,6 +677,9 @@ fn entry(
         json!(SocketAddr::new(ip, vip_port).to_string()),
     );
     fields.insert("protocol".into(), json!(proto));
+    if let Some(app) = app_protocol(port, &fields) {
+        fields.insert("app_protocol".into(), json!(app));
+    }
     fields.insert(
         "backends".into(),
         Value::Array(
@@ -687,6 +690,23 @@ fn entry(
         ),
     );
     service_from_json(Value::Object(fields).to_string().as_bytes(), name, listen)
+}
+
+/// The port's `appProtocol` as an `app_protocol`, for a proxy-mode entry whose annotations did
+/// not choose one: `http` and `kubernetes.io/h2c` serve HTTP (HTTP/1.1 or HTTP/2 by the client's
+/// preface), `grpc` serves gRPC. Kernel-mode entries never see requests, so the value is left
+/// out for them; other values (`kubernetes.io/ws`, …) keep the L4 path.
+fn app_protocol(port: &ServicePort, fields: &Map<String, Value>) -> Option<&'static str> {
+    if fields.get("mode").and_then(Value::as_str) != Some("proxy")
+        || fields.contains_key("app_protocol")
+    {
+        return None;
+    }
+    match port.app_protocol.as_deref()? {
+        "http" | "kubernetes.io/h2c" => Some("http"),
+        "grpc" => Some("grpc"),
+        _ => None,
+    }
 }
 
 fn rank(state: &str) -> u8 {
@@ -782,6 +802,45 @@ mod tests {
                 ("10.0.0.4:8080".into(), BackendState::Ready),
             ]
         );
+    }
+
+    #[test]
+    fn a_port_app_protocol_chooses_http_mode_for_proxy_services_only() {
+        use crate::catalog::AppProtocol;
+        let spec = json!({"clusterIP": "10.96.0.10",
+            "ports": [{"name": "web", "port": 80, "appProtocol": "http"},
+                      {"name": "h2c", "port": 81, "appProtocol": "kubernetes.io/h2c"},
+                      {"name": "rpc", "port": 82, "appProtocol": "grpc"},
+                      {"name": "ws", "port": 83, "appProtocol": "kubernetes.io/ws"}]});
+        let sl = slice(
+            json!([{"addresses": ["10.0.0.1"]}]),
+            json!([{"name": "web", "port": 8080}, {"name": "h2c", "port": 8081},
+                   {"name": "rpc", "port": 8082}, {"name": "ws", "port": 8083}]),
+        );
+        let app = |annotations: Value, port: u16| {
+            let made = entries(
+                &service(annotations, spec.clone()),
+                &[&sl],
+                View::default(),
+                &listen(),
+            )
+            .unwrap();
+            made[&format!("shop/web:{port}/tcp")]
+                .as_ref()
+                .unwrap()
+                .policy
+                .app_protocol
+        };
+        let proxy = json!({"switchyard.io/mode": "proxy"});
+        assert_eq!(app(proxy.clone(), 80), AppProtocol::Http);
+        assert_eq!(app(proxy.clone(), 81), AppProtocol::Http);
+        assert_eq!(app(proxy.clone(), 82), AppProtocol::Grpc);
+        assert_eq!(app(proxy, 83), AppProtocol::Tcp);
+        // Kernel mode never sees requests: the port's appProtocol is left aside.
+        assert_eq!(app(json!({}), 80), AppProtocol::Tcp);
+        // The annotation wins over the port.
+        let auto = json!({"switchyard.io/mode": "proxy", "switchyard.io/app-protocol": "auto"});
+        assert_eq!(app(auto, 82), AppProtocol::Auto);
     }
 
     #[test]

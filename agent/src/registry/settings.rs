@@ -38,6 +38,10 @@ const FIELDS: &[(&str, Kind)] = &[
     ("outlier_failures", Kind::Number),
     ("outlier_ejection", Kind::Text),
     ("health", Kind::Json),
+    ("app_protocol", Kind::Text),
+    ("request_timeout", Kind::Text),
+    ("try_timeout", Kind::Text),
+    ("access_log", Kind::Json),
 ];
 
 /// Fields some sources take from settings and others from their own objects (Kubernetes has

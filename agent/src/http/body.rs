@@ -1,0 +1,228 @@
+//! Bodies the proxy passes on: one boxed type for whatever goes out, a request body that keeps
+//! a copy for a retry (bounded), and a response body that holds its backend until it ends.
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
+use hyper::{
+    HeaderMap,
+    body::{Body as _, Frame, Incoming, SizeHint},
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends, to a client or to a backend.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// What a request body sent so far was, kept for a replay on another backend while it stays
+/// within `max` bytes.
+#[derive(Default)]
+struct Record {
+    data: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    size: usize,
+    /// More than `max` went by: the copy was dropped.
+    overflow: bool,
+    /// The end of the body went by: the copy is whole.
+    complete: bool,
+}
+
+/// The copy of a request body, shared by the attempts of one request.
+#[derive(Clone)]
+pub struct Replay {
+    record: Arc<Mutex<Record>>,
+    max: usize,
+}
+
+impl Replay {
+    /// Wraps the client's body for the first attempt. An empty body is whole from the start.
+    pub fn first(body: Incoming, max: usize) -> (Replay, Body) {
+        let record = Record {
+            complete: body.is_end_stream(),
+            ..Record::default()
+        };
+        let replay = Replay {
+            record: Arc::new(Mutex::new(record)),
+            max,
+        };
+        let tee = Tee {
+            inner: body,
+            replay: replay.clone(),
+        };
+        (replay, tee.boxed_unsync())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The body again for another attempt, if all of it went by and was kept.
+    pub fn again(&self) -> Option<Body> {
+        let r = self.lock();
+        if r.overflow || !r.complete {
+            return None;
+        }
+        let frames: VecDeque<Frame<Bytes>> = r
+            .data
+            .iter()
+            .cloned()
+            .map(Frame::data)
+            .chain(r.trailers.clone().map(Frame::trailers))
+            .collect();
+        Some(Recorded(frames).boxed_unsync())
+    }
+
+    /// Whether any of the body has been sent (an attempt that failed after this may not be
+    /// replayed unless [`Replay::again`] has it whole).
+    pub fn started(&self) -> bool {
+        let r = self.lock();
+        r.size > 0 || r.overflow || r.trailers.is_some()
+    }
+}
+
+/// The client's body, recorded as it goes by.
+struct Tee {
+    inner: Incoming,
+    replay: Replay,
+}
+
+impl hyper::body::Body for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let max = self.replay.max;
+        let mut r = self.replay.lock();
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    r.size += d.len();
+                    if r.size > max {
+                        r.overflow = true;
+                        r.data = Vec::new();
+                    } else if !r.overflow {
+                        r.data.push(d.clone());
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    r.trailers = Some(t.clone());
+                    r.complete = true;
+                }
+            }
+            Poll::Ready(None) => r.complete = true,
+            _ => {}
+        }
+        drop(r);
+        polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A recorded body, played back.
+struct Recorded(VecDeque<Frame<Bytes>>);
+
+impl hyper::body::Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.0.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let n: usize = self
+            .0
+            .iter()
+            .filter_map(|f| f.data_ref().map(Bytes::len))
+            .sum();
+        SizeHint::with_exact(n as u64)
+    }
+}
+
+/// A backend's response body, with what must happen when it ends (`on_end`: the request stops
+/// counting on its backend, a pooled connection goes back) whether it ends whole, broken, or
+/// dropped by a client that left.
+pub struct Held<G: Send + 'static> {
+    inner: Incoming,
+    guard: Option<G>,
+    on_end: fn(G, bool),
+}
+
+impl<G: Send + 'static> Held<G> {
+    pub fn new(inner: Incoming, guard: G, on_end: fn(G, bool)) -> Self {
+        Held {
+            inner,
+            guard: Some(guard),
+            on_end,
+        }
+    }
+
+    fn end(&mut self, whole: bool) {
+        if let Some(g) = self.guard.take() {
+            (self.on_end)(g, whole);
+        }
+    }
+}
+
+impl<G: Send + Unpin + 'static> hyper::body::Body for Held<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.end(true),
+            Poll::Ready(Some(Err(_))) => self.end(false),
+            _ => {}
+        }
+        polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<G: Send + 'static> Drop for Held<G> {
+    fn drop(&mut self) {
+        let whole = self.inner.is_end_stream();
+        self.end(whole);
+    }
+}

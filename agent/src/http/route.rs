@@ -1,0 +1,741 @@
+//! Routes: rules attached to a service (mesh: requests sent to its address) or to a gateway
+//! (ingress), each sending matching requests to weighted destination services, with header
+//! changes, a URL prefix rewrite or a redirect. The schema is the file's `[[route]]` table
+//! and the API's JSON; the order is Gateway API's (docs/http.md):
+//!
+//! 1. the most specific hostname: an exact one, then the longest `*.suffix`, then any host;
+//! 2. an exact path, then a regular expression (implementation-specific in Gateway API; Envoy
+//!    Gateway ranks it here too), then the longest path prefix (whole segments);
+//! 3. a rule with a method match before one without;
+//! 4. more header matches first, then more query-parameter matches;
+//! 5. the order written: route by route, rule by rule, match by match.
+
+use std::{
+    cmp::Reverse,
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
+
+use hyper::{HeaderMap, Method, header::HeaderName, http::HeaderValue};
+use regex::Regex;
+use serde::Deserialize;
+
+/// What a route is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Parent {
+    Service(String),
+    Gateway(String),
+}
+
+/// `[[route]]` as written.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    /// Mesh: requests to this service's address.
+    pub service: Option<String>,
+    /// Ingress: requests to this gateway.
+    pub gateway: Option<String>,
+    /// `host`, `*.suffix`; none: any host.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// Any of them; none: every request.
+    #[serde(default)]
+    pub matches: Vec<RawMatch>,
+    #[serde(default)]
+    pub backends: Vec<RawDestination>,
+    pub request_headers: Option<RawHeaders>,
+    pub response_headers: Option<RawHeaders>,
+    /// Replaces the matched path prefix.
+    pub rewrite_prefix: Option<String>,
+    pub redirect: Option<RawRedirect>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path_exact: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestination {
+    pub service: String,
+    /// Gateway API's range and default.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaders {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedirect {
+    pub hostname: Option<String>,
+    pub path: Option<String>,
+    pub scheme: Option<String>,
+    /// 301 or 302 (Gateway API's Core set); 302 by default.
+    pub status: Option<u16>,
+}
+
+/// Gateway API's weight bound.
+const MAX_WEIGHT: u32 = 1_000_000;
+
+#[derive(Debug)]
+enum Path {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+struct Match {
+    path: Path,
+    method: Option<Method>,
+    headers: Vec<(HeaderName, String)>,
+    query: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+pub struct HeaderEdit {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderEdit {
+    pub fn apply(&self, h: &mut HeaderMap) {
+        for (k, v) in &self.set {
+            h.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &self.add {
+            h.append(k.clone(), v.clone());
+        }
+        for k in &self.remove {
+            h.remove(k);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Redirect {
+    pub hostname: Option<String>,
+    pub path: Option<String>,
+    pub scheme: Option<String>,
+    pub status: u16,
+}
+
+/// One rule, ready to serve.
+#[derive(Debug)]
+pub struct Rule {
+    pub route: String,
+    pub destinations: Vec<(String, u32)>,
+    pub request_headers: HeaderEdit,
+    pub response_headers: HeaderEdit,
+    pub rewrite_prefix: Option<String>,
+    pub redirect: Option<Redirect>,
+}
+
+impl Rule {
+    /// A destination by weight.
+    pub fn pick(&self) -> Option<&str> {
+        let total: u64 = self.destinations.iter().map(|d| d.1 as u64).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut n = fastrand::u64(..total);
+        for (s, w) in &self.destinations {
+            if n < *w as u64 {
+                return Some(s);
+            }
+            n -= *w as u64;
+        }
+        None
+    }
+}
+
+#[derive(Debug)]
+enum Host {
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+    Any,
+}
+
+#[derive(Debug)]
+struct Entry {
+    parent: Parent,
+    host: Host,
+    matcher: Match,
+    rule: Arc<Rule>,
+}
+
+/// A request as routes see it.
+pub struct Request<'a> {
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
+}
+
+/// A match: the rule, and the path prefix it matched (for a rewrite).
+pub struct Matched<'a> {
+    pub rule: &'a Arc<Rule>,
+    pub prefix: Option<&'a str>,
+}
+
+/// Every route, its entries sorted once in the order above.
+#[derive(Debug, Default)]
+pub struct Routes {
+    entries: Vec<Entry>,
+    raw: Vec<RawRoute>,
+}
+
+impl Routes {
+    /// Compiles and checks routes; `known` says whether a service name may be a destination,
+    /// `gateways` names the gateways. The error names the route and field; nothing is taken
+    /// from a list with an error in it.
+    pub fn build(
+        raw: Vec<RawRoute>,
+        known: &dyn Fn(&str) -> bool,
+        gateways: &[String],
+    ) -> Result<Routes, String> {
+        let mut entries = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (ri, r) in raw.iter().enumerate() {
+            let at = format!("route[{ri}] \"{}\"", r.name);
+            if !names.insert(r.name.clone()) {
+                return Err(format!("{at}: name: already used by another route"));
+            }
+            let parent = match (&r.service, &r.gateway) {
+                (Some(s), None) if known(s) => Parent::Service(s.clone()),
+                (Some(s), None) => {
+                    return Err(format!("{at}: service: `{s}` is not a proxy-mode service"));
+                }
+                (None, Some(g)) if gateways.contains(g) => Parent::Gateway(g.clone()),
+                (None, Some(g)) => return Err(format!("{at}: gateway: `{g}` is not a gateway")),
+                _ => return Err(format!("{at}: needs one of service or gateway")),
+            };
+            let mut hosts = Vec::new();
+            for (hi, h) in r.hostnames.iter().enumerate() {
+                hosts.push(host(h).map_err(|e| format!("{at}: hostnames[{hi}]: {e}"))?);
+            }
+            if hosts.is_empty() {
+                hosts.push(Host::Any);
+            }
+            if r.rules.is_empty() {
+                return Err(format!("{at}: rule: a route needs at least one rule"));
+            }
+            for (ui, u) in r.rules.iter().enumerate() {
+                let at = format!("{at}: rule[{ui}]");
+                let rule = Arc::new(rule(&r.name, u, known).map_err(|e| format!("{at}.{e}"))?);
+                let matches: Vec<RawMatch> = if u.matches.is_empty() {
+                    vec![RawMatch::default()]
+                } else {
+                    u.matches.clone()
+                };
+                for (mi, m) in matches.iter().enumerate() {
+                    let matcher = matcher(m).map_err(|e| format!("{at}.matches[{mi}].{e}"))?;
+                    for h in &hosts {
+                        entries.push(Entry {
+                            parent: parent.clone(),
+                            host: host_copy(h),
+                            matcher: Match {
+                                path: path_copy(&matcher.path),
+                                method: matcher.method.clone(),
+                                headers: matcher.headers.clone(),
+                                query: matcher.query.clone(),
+                            },
+                            rule: rule.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        // A stable sort keeps the written order among equals.
+        entries.sort_by_key(precedence);
+        Ok(Routes { entries, raw })
+    }
+
+    /// The routes as written (for the API and `ctl state`).
+    pub fn raw(&self) -> &[RawRoute] {
+        &self.raw
+    }
+
+    /// Whether any route is attached to `parent`.
+    pub fn has(&self, parent: &Parent) -> bool {
+        self.entries.iter().any(|e| &e.parent == parent)
+    }
+
+    /// The first rule of `parent` that matches `req`.
+    pub fn find<'a>(&'a self, parent: &Parent, req: &Request) -> Option<Matched<'a>> {
+        let host = req.host.rsplit_once(':').map_or(req.host, |(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                req.host
+            }
+        });
+        let host = host.to_ascii_lowercase();
+        self.entries
+            .iter()
+            .filter(|e| &e.parent == parent)
+            .find_map(|e| {
+                let host_ok = match &e.host {
+                    Host::Any => true,
+                    Host::Exact(h) => *h == host,
+                    Host::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
+                };
+                if !host_ok {
+                    return None;
+                }
+                let m = &e.matcher;
+                let prefix = match &m.path {
+                    Path::Any => None,
+                    Path::Exact(p) => (req.path == p).then_some(None)?,
+                    Path::Prefix(p) => prefix_match(req.path, p).then_some(Some(p.as_str()))?,
+                    Path::Regex(r) => r.is_match(req.path).then_some(None)?,
+                };
+                if m.method.as_ref().is_some_and(|x| x != req.method) {
+                    return None;
+                }
+                let headers_ok = m.headers.iter().all(|(k, v)| {
+                    req.headers
+                        .get_all(k)
+                        .iter()
+                        .any(|h| h.as_bytes() == v.as_bytes())
+                });
+                let query_ok = m.query.iter().all(|(k, v)| {
+                    req.query.is_some_and(|q| {
+                        q.split('&').any(|kv| {
+                            kv.split_once('=').unwrap_or((kv, "")) == (k.as_str(), v.as_str())
+                        })
+                    })
+                });
+                (headers_ok && query_ok).then_some(Matched {
+                    rule: &e.rule,
+                    prefix,
+                })
+            })
+    }
+}
+
+/// Gateway API's prefix: whole path segments (`/api` matches `/api` and `/api/x`, not
+/// `/apix`).
+fn prefix_match(path: &str, prefix: &str) -> bool {
+    let p = prefix.trim_end_matches('/');
+    p.is_empty()
+        || path == p
+        || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
+}
+
+/// Sort key: smaller first.
+type Precedence = (
+    u8,
+    Reverse<usize>,
+    u8,
+    Reverse<usize>,
+    bool,
+    Reverse<usize>,
+    Reverse<usize>,
+);
+
+fn precedence(e: &Entry) -> Precedence {
+    let (host_kind, host_len) = match &e.host {
+        Host::Exact(h) => (0, h.len()),
+        Host::Suffix(s) => (1, s.len()),
+        Host::Any => (2, 0),
+    };
+    let (path_kind, path_len) = match &e.matcher.path {
+        Path::Exact(p) => (0, p.len()),
+        Path::Regex(_) => (1, 0),
+        Path::Prefix(p) => (2, p.trim_end_matches('/').len()),
+        Path::Any => (2, 0),
+    };
+    (
+        host_kind,
+        Reverse(host_len),
+        path_kind,
+        Reverse(path_len),
+        e.matcher.method.is_none(),
+        Reverse(e.matcher.headers.len()),
+        Reverse(e.matcher.query.len()),
+    )
+}
+
+fn host(h: &str) -> Result<Host, String> {
+    let h = h.to_ascii_lowercase();
+    if h == "*" {
+        return Ok(Host::Any);
+    }
+    let (suffix, name) = match h.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, h.as_str()),
+    };
+    let ok = !name.is_empty()
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !ok {
+        return Err(format!("`{h}` is not a host name or *.suffix"));
+    }
+    Ok(if suffix {
+        Host::Suffix(format!(".{name}"))
+    } else {
+        Host::Exact(name.to_owned())
+    })
+}
+
+fn host_copy(h: &Host) -> Host {
+    match h {
+        Host::Exact(s) => Host::Exact(s.clone()),
+        Host::Suffix(s) => Host::Suffix(s.clone()),
+        Host::Any => Host::Any,
+    }
+}
+
+fn path_copy(p: &Path) -> Path {
+    match p {
+        Path::Any => Path::Any,
+        Path::Exact(s) => Path::Exact(s.clone()),
+        Path::Prefix(s) => Path::Prefix(s.clone()),
+        Path::Regex(r) => Path::Regex(r.clone()),
+    }
+}
+
+fn matcher(m: &RawMatch) -> Result<Match, String> {
+    let path = match (&m.path_exact, &m.path_prefix, &m.path_regex) {
+        (None, None, None) => Path::Any,
+        (Some(p), None, None) => Path::Exact(abs_path(p).map_err(|e| format!("path_exact: {e}"))?),
+        (None, Some(p), None) => {
+            Path::Prefix(abs_path(p).map_err(|e| format!("path_prefix: {e}"))?)
+        }
+        (None, None, Some(r)) => {
+            // Bounded compiled size: a route from the API must not take unbounded memory.
+            let re = regex::RegexBuilder::new(&format!("^(?:{r})$"))
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| format!("path_regex: {e}"))?;
+            Path::Regex(re)
+        }
+        _ => return Err("path_exact, path_prefix, path_regex: at most one".into()),
+    };
+    let method = match &m.method {
+        None => None,
+        Some(s) => Some(
+            Method::from_bytes(s.to_ascii_uppercase().as_bytes())
+                .map_err(|_| format!("method: `{s}` is not a method"))?,
+        ),
+    };
+    let mut headers = Vec::new();
+    for (k, v) in &m.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("headers: `{k}` is not a header name"))?;
+        headers.push((name, v.clone()));
+    }
+    Ok(Match {
+        path,
+        method,
+        headers,
+        query: m
+            .query
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
+fn abs_path(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err(format!("`{p}` must start with /"));
+    }
+    Ok(p.to_owned())
+}
+
+fn edit(raw: &Option<RawHeaders>, field: &str) -> Result<HeaderEdit, String> {
+    let Some(raw) = raw else {
+        return Ok(HeaderEdit::default());
+    };
+    let pair = |(k, v): (&String, &String)| -> Result<(HeaderName, HeaderValue), String> {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("{field}: `{k}` is not a header name"))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|_| format!("{field}.{k}: not a header value"))?;
+        Ok((name, value))
+    };
+    Ok(HeaderEdit {
+        set: raw.set.iter().map(pair).collect::<Result<_, _>>()?,
+        add: raw.add.iter().map(pair).collect::<Result<_, _>>()?,
+        remove: raw
+            .remove
+            .iter()
+            .map(|k| {
+                HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| format!("{field}.remove: `{k}` is not a header name"))
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn rule(route: &str, u: &RawRule, known: &dyn Fn(&str) -> bool) -> Result<Rule, String> {
+    let redirect = match &u.redirect {
+        None => None,
+        Some(r) => {
+            let status = r.status.unwrap_or(302);
+            if status != 301 && status != 302 {
+                return Err(format!("redirect.status: {status} is not 301 or 302"));
+            }
+            if let Some(s) = &r.scheme
+                && s != "http"
+                && s != "https"
+            {
+                return Err(format!("redirect.scheme: `{s}` is not http or https"));
+            }
+            Some(Redirect {
+                hostname: r.hostname.clone(),
+                path: r.path.clone(),
+                scheme: r.scheme.clone(),
+                status,
+            })
+        }
+    };
+    let mut destinations = Vec::new();
+    for (bi, b) in u.backends.iter().enumerate() {
+        if !known(&b.service) {
+            return Err(format!(
+                "backends[{bi}].service: `{}` is not a proxy-mode service",
+                b.service
+            ));
+        }
+        if b.weight > MAX_WEIGHT {
+            return Err(format!(
+                "backends[{bi}].weight: {} is above {MAX_WEIGHT}",
+                b.weight
+            ));
+        }
+        destinations.push((b.service.clone(), b.weight));
+    }
+    if redirect.is_none() {
+        if destinations.is_empty() {
+            return Err("backends: a rule needs a destination or a redirect".into());
+        }
+        if destinations.iter().all(|d| d.1 == 0) {
+            return Err("backends: the weights sum to 0".into());
+        }
+    }
+    if let Some(p) = &u.rewrite_prefix {
+        abs_path(p).map_err(|e| format!("rewrite_prefix: {e}"))?;
+    }
+    Ok(Rule {
+        route: route.to_owned(),
+        destinations,
+        request_headers: edit(&u.request_headers, "request_headers")?,
+        response_headers: edit(&u.response_headers, "response_headers")?,
+        rewrite_prefix: u.rewrite_prefix.clone(),
+        redirect,
+    })
+}
+
+/// The routes every HTTP connection reads, replaced whole (file load, API change).
+#[derive(Clone, Default)]
+pub struct SharedRoutes(Arc<RwLock<Arc<Routes>>>);
+
+impl SharedRoutes {
+    pub fn load(&self) -> Arc<Routes> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn store(&self, routes: Routes) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(toml_text: &str) -> Result<Routes, String> {
+        #[derive(Deserialize)]
+        struct F {
+            route: Vec<RawRoute>,
+        }
+        let f: F = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        Routes::build(
+            f.route,
+            &|s| ["a", "b", "c", "web"].contains(&s),
+            &["gw".to_owned()],
+        )
+    }
+
+    fn find<'a>(
+        r: &'a Routes,
+        host: &str,
+        path_q: &str,
+        method: Method,
+        h: &[(&str, &str)],
+    ) -> Option<&'a str> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in h {
+            headers.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let (path, query) = match path_q.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_q, None),
+        };
+        let req = Request {
+            host,
+            path,
+            query,
+            method: &method,
+            headers: &headers,
+        };
+        r.find(&Parent::Gateway("gw".into()), &req)
+            .map(|m| m.rule.destinations[0].0.as_str())
+    }
+
+    const ORDERED: &str = r#"
+[[route]]
+name = "any"
+gateway = "gw"
+[[route.rule]]
+matches = [{ path_prefix = "/" }]
+backends = [{ service = "a" }]
+[[route.rule]]
+matches = [{ path_regex = "/items/[0-9]+" }]
+backends = [{ service = "c" }]
+[[route.rule]]
+matches = [{ path_prefix = "/api" }]
+backends = [{ service = "b" }]
+[[route.rule]]
+matches = [{ path_exact = "/api/login" }]
+backends = [{ service = "c" }]
+[[route.rule]]
+matches = [{ path_prefix = "/api", method = "POST" }]
+backends = [{ service = "c" }]
+[[route.rule]]
+matches = [{ path_prefix = "/api", headers = { x-canary = "1" } }]
+backends = [{ service = "web" }]
+[[route.rule]]
+matches = [{ path_prefix = "/q", query = { v = "2" } }]
+backends = [{ service = "b" }]
+
+[[route]]
+name = "hosts"
+gateway = "gw"
+hostnames = ["*.example.com", "exact.example.com"]
+[[route.rule]]
+backends = [{ service = "web" }]
+"#;
+
+    #[test]
+    fn rules_apply_in_gateway_api_order() {
+        let r = routes(ORDERED).unwrap();
+        let get = Method::GET;
+        assert_eq!(find(&r, "h", "/", get.clone(), &[]), Some("a"));
+        assert_eq!(find(&r, "h", "/other", get.clone(), &[]), Some("a"));
+        // The longer prefix wins over `/`, whole segments only.
+        assert_eq!(find(&r, "h", "/api/x", get.clone(), &[]), Some("b"));
+        assert_eq!(find(&r, "h", "/apix", get.clone(), &[]), Some("a"));
+        // Exact beats prefix, even written later.
+        assert_eq!(find(&r, "h", "/api/login", get.clone(), &[]), Some("c"));
+        // A method match beats none; more header matches beat fewer.
+        assert_eq!(find(&r, "h", "/api/x", Method::POST, &[]), Some("c"));
+        assert_eq!(
+            find(&r, "h", "/api/x", get.clone(), &[("x-canary", "1")]),
+            Some("web")
+        );
+        // Regular expressions, whole path.
+        assert_eq!(find(&r, "h", "/items/42", get.clone(), &[]), Some("c"));
+        assert_eq!(find(&r, "h", "/items/42x", get.clone(), &[]), Some("a"));
+        // Query parameters.
+        assert_eq!(find(&r, "h", "/q?u=1&v=2", get.clone(), &[]), Some("b"));
+        assert_eq!(find(&r, "h", "/q?v=3", get.clone(), &[]), Some("a"));
+        // A matching hostname beats any host; the port is not part of it.
+        assert_eq!(
+            find(&r, "x.example.com", "/api/x", get.clone(), &[]),
+            Some("web")
+        );
+        assert_eq!(
+            find(&r, "exact.example.com:80", "/", get.clone(), &[]),
+            Some("web")
+        );
+        assert_eq!(find(&r, "example.com", "/", get, &[]), Some("a"));
+    }
+
+    #[test]
+    fn a_weighted_rule_splits_by_weight() {
+        let r = routes(
+            "[[route]]\nname = \"canary\"\ngateway = \"gw\"\n[[route.rule]]\n\
+             backends = [{ service = \"a\", weight = 90 }, { service = \"b\", weight = 10 }]\n",
+        )
+        .unwrap();
+        let rule = r.entries[0].rule.clone();
+        let b = (0..10_000).filter(|_| rule.pick() == Some("b")).count();
+        assert!((800..1200).contains(&b), "{b} of 10000 to the 10 % side");
+    }
+
+    #[test]
+    fn bad_routes_are_refused_with_the_field_named() {
+        let base = "[[route]]\nname = \"r\"\ngateway = \"gw\"\n[[route.rule]]\n";
+        let cases = [
+            (
+                "backends = [{ service = \"nope\" }]",
+                "route[0] \"r\": rule[0].backends[0].service: `nope` is not a proxy-mode service",
+            ),
+            (
+                "matches = [{ path_regex = \"(\" }]\nbackends = [{ service = \"a\" }]",
+                "rule[0].matches[0].path_regex:",
+            ),
+            (
+                "backends = [{ service = \"a\", weight = 0 }, { service = \"b\", weight = 0 }]",
+                "rule[0].backends: the weights sum to 0",
+            ),
+            (
+                "matches = [{ path_prefix = \"api\" }]\nbackends = [{ service = \"a\" }]",
+                "path_prefix: `api` must start with /",
+            ),
+            (
+                "redirect = { status = 308 }",
+                "redirect.status: 308 is not 301 or 302",
+            ),
+        ];
+        for (rest, want) in cases {
+            let e = routes(&format!("{base}{rest}\n")).unwrap_err();
+            assert!(e.contains(want), "{rest}: {e}");
+        }
+        let e = routes("[[route]]\nname = \"r\"\ngateway = \"nogw\"\n[[route.rule]]\nbackends = [{ service = \"a\" }]\n").unwrap_err();
+        assert!(e.contains("gateway: `nogw` is not a gateway"), "{e}");
+    }
+}
