@@ -24,6 +24,8 @@
 //! Connections:
 //! - [`forwarder`] accepts redirected connections, recovers the original service address,
 //!   connects (retrying others) and copies bytes.
+//! - [`http`] is HTTP mode: detection, routes, gateways, a pool of upstream connections, and
+//!   per-request balancing, retries and timeouts (`docs/http.md`).
 //! - [`balance`] makes every choice of a backend, in either mode: candidates and algorithms for
 //!   the forwarder, the kernel's slot layout.
 //! - [`health`] is what the node knows of each backend: outlier ejection, active checks,
@@ -35,6 +37,8 @@
 //! - [`api`] is the local API on a Unix socket; [`ctl`] is its client, `switchyard ctl`.
 //! - [`metrics`] serves Prometheus, `/healthz` and `/readyz`.
 //! - [`listener`] is what the listeners share: the bounded HTTP server, failed accepts.
+//!
+//! Restarts and hardening:
 //! - [`handover`] passes the listening sockets from a running agent to its successor, and
 //!   [`fallback`] reports the kernel's balancing of proxy-mode services while none listens.
 //! - [`fuzzing`] is where the fuzz targets (`fuzz/`) enter the parsers of outside input.
