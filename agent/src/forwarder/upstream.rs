@@ -3,11 +3,15 @@
 
 use std::{io, net::SocketAddr, sync::atomic::Ordering, time::Instant};
 
-use tokio::{net::TcpStream, time::timeout};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{io::Interest, net::TcpStream, time::timeout};
 use tracing::debug;
 
-use super::table::ProxyService;
-use crate::{balance::candidates, socket::connect_marked};
+use super::{
+    copy::{self, Buffer},
+    table::ProxyService,
+};
+use crate::balance::candidates;
 
 /// A connected upstream and the index of its backend in the service.
 pub struct Connected {
@@ -140,6 +144,34 @@ pub async fn connect(
     }
 }
 
+/// A connection to `addr` from a socket marked as the agent's own (the connect hooks never
+/// steer it), with `TCP_NODELAY`. Where tokio's `TcpSocket::connect` asks the socket for its
+/// error (`getsockopt(SO_ERROR)`) after every connect, the readiness that ends the wait says
+/// it already: a refused or unreachable connect reports an error or a hang-up with it. The
+/// error itself is read only then. One system call saved per connection.
+async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_mark(mark)?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
+}
+
 /// Whether the service's retry budget lets another attempt start now.
 fn retry_allowed(service: &ProxyService) -> bool {
     candidates::retry_allowed(
@@ -159,13 +191,16 @@ fn is_local(e: &io::Error) -> bool {
 
 /// The first sign of life on a fresh upstream connection.
 pub enum FirstSign {
-    /// The client spoke first (or the caller stopped waiting): copy as usual.
-    Client,
+    /// The client spoke first: its first read (bytes, or its end of stream), for the copy to
+    /// pass on.
+    Client(Buffer),
+    /// The caller stopped waiting (idle timeout, drain deadline): copy as usual.
+    Quiet,
     /// The backend spoke first, this long after the watch began: its response time.
     Server(std::time::Duration),
     /// The backend closed or reset before either side sent a byte.
     Dead,
-    /// The client reset its connection before the copy began. (A peek takes the socket's
+    /// The client reset its connection before the copy began. (The read took the socket's
     /// error, so the copy would only see an end of stream and pass on a FIN.)
     ClientAborted,
 }
@@ -176,16 +211,17 @@ pub enum FirstSign {
 /// client has spoken, or the backend has, this is an ordinary connection. No timer of its own
 /// (one per connection would cost a wake-up of the event loop): the caller bounds the wait
 /// with the idle timeout and the drain deadline, as for the copy.
-pub async fn first_sign(client: &TcpStream, server: &TcpStream) -> FirstSign {
+pub async fn first_sign(client: &TcpStream, server: &TcpStream, max: usize) -> FirstSign {
     let started = std::time::Instant::now();
-    let (mut c, mut s) = ([0u8; 1], [0u8; 1]);
+    let mut s = [0u8; 1];
     tokio::select! {
-        // The client speaking first is the common case: check it first. A peek, not
-        // `readable()`: readiness may be reported spuriously, a peek only returns on data (or
-        // the client's EOF).
+        // The client speaking first is the common case: check it first. Its bytes are read
+        // for the copy at once (a read only returns on data or the client's end of stream,
+        // however readiness was reported). The backend is only peeked: its bytes stay for
+        // the copy.
         biased;
-        r = client.peek(&mut c) => match r {
-            Ok(_) => FirstSign::Client,
+        r = copy::read_first(client, max) => match r {
+            Ok(first) => FirstSign::Client(first),
             Err(_) => FirstSign::ClientAborted,
         },
         r = server.peek(&mut s) => match r {
