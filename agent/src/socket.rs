@@ -1,30 +1,35 @@
 //! The agent's own outgoing sockets: marked with the agent's mark, so the connect hooks never
 //! steer them (the forwarder's upstream connections, the active health checks).
 
-use std::{io, net::SocketAddr, os::fd::AsRawFd};
+use std::{io, net::SocketAddr};
 
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{io::Interest, net::TcpStream};
 
-/// Connects a socket marked as the agent's own, so the connect hooks never steer it.
+/// A connection to `addr` from a socket marked as the agent's own (the connect hooks never
+/// steer it), with `TCP_NODELAY`. Where tokio's `TcpSocket::connect` asks the socket for its
+/// error (`getsockopt(SO_ERROR)`) after every connect, the readiness that ends the wait says
+/// it already: a refused or unreachable connect reports an error or a hang-up with it. The
+/// error itself is read only then. One system call saved per connection.
 pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    // SAFETY: a valid fd and a u32 option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&mark as *const u32).cast(),
-            size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_mark(mark)?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
     }
-    socket.set_nodelay(true)?;
-    socket.connect(addr).await
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
 }

@@ -8,7 +8,9 @@
 //! asserted: a benchmark reports; tests assert. How to read the output: docs/benchmarks.md.
 
 mod cases;
+mod pinning;
 mod procstat;
+mod profile;
 mod report;
 mod world;
 
@@ -106,6 +108,8 @@ impl Path {
 pub struct Plan {
     pub quick: bool,
     pub repetitions: usize,
+    /// Rounds at most for a workload whose ratios spread beyond [`report::NOISE`].
+    pub max_repetitions: usize,
     /// Seconds per wrk and iperf3 case.
     pub secs: u32,
     /// redis-benchmark requests per test (GET, then SET): it counts requests, not time.
@@ -122,6 +126,7 @@ impl Plan {
             Plan {
                 quick,
                 repetitions: 1,
+                max_repetitions: 1,
                 secs: 1,
                 redis_requests: 20_000,
                 patience: Duration::from_secs(15),
@@ -130,6 +135,7 @@ impl Plan {
             Plan {
                 quick,
                 repetitions: 3,
+                max_repetitions: 5,
                 secs: 5,
                 redis_requests: 100_000,
                 patience: Duration::from_secs(90),
@@ -185,6 +191,10 @@ struct ResultFile<'a> {
     runs: &'a [Run],
 }
 
+const NOISE_LEGEND: &str = "\n(lo–hi): the smallest and largest of the runs (for ratios: the \
+                            ratio within each round); ≈: the rounds fell on both sides of 1.00×, \
+                            a tie inside the noise";
+
 const PINNING: &str = "clients on core 0; HAProxy, nginx stream, the agent and the backends on \
                        core 1";
 
@@ -201,7 +211,16 @@ fn check_interrupt() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
+    let profile = profile
+        .map(|w| match w {
+            "new-connections" => Ok(Workload::Close),
+            "keep-alive" => Ok(Workload::KeepAlive),
+            other => Err(anyhow::anyhow!(
+                "--profile {other}: new-connections or keep-alive"
+            )),
+        })
+        .transpose()?;
     setup::run(setup::Needs::Bench)?;
     // Both set: measure those binaries (another build, an older release) as they are.
     let given = given_binaries();
@@ -223,6 +242,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    if let Some(workload) = profile {
+        return profile::run(workload);
     }
     let plan = Plan::new(quick);
     let machine = machine(given);
@@ -246,6 +268,13 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     println!("pinning: {PINNING}");
     println!("starting: namespaces, backends (nginx, iperf3, 3× redis), agent, HAProxy, nginx");
     let world = World::start()?;
+    for line in pinning::check(&world)? {
+        println!("{line}");
+    }
+    println!(
+        "pinned: every client is checked on core {} as it starts",
+        world::CLIENT_CPU
+    );
     check_interrupt()?;
 
     // One short keep-alive round per path: warms caches and says early if a path is broken.
@@ -264,8 +293,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     let mut n = 0;
     let mut patience = plan.patience;
-    for repetition in 1..=plan.repetitions {
-        for workload in Workload::ALL {
+    let mut round = |repetition: usize, workloads: &[Workload], runs: &mut Vec<Run>| {
+        for &workload in workloads {
             // Not measured: so the first path of a workload (direct) does not pay for a cold
             // backend and the others not.
             let _ = cases::run(&world, &warm_each, Path::Direct, workload);
@@ -301,6 +330,37 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                 runs.push(run);
             }
         }
+        anyhow::Ok(())
+    };
+    for repetition in 1..=plan.repetitions {
+        round(repetition, &Workload::ALL, &mut runs)?;
+    }
+    // One more round of each workload whose verdicts moved by more than the noise between
+    // rounds, up to the plan's limit: the median of five is steadier than that of three.
+    for repetition in plan.repetitions + 1..=plan.max_repetitions {
+        let summary = report::Summary::of(&runs);
+        let again: Vec<Workload> = Workload::ALL
+            .into_iter()
+            .filter(|w| {
+                let worst = summary.worst_spread(&w.metrics());
+                if let Some((spread, what)) = worst.as_ref().filter(|(s, _)| *s > report::NOISE) {
+                    println!(
+                        "  round {repetition} of {}: {what} spread {:.1} % over the rounds",
+                        w.label(),
+                        spread * 100.0
+                    );
+                    return true;
+                }
+                false
+            })
+            .collect();
+        if again.is_empty() {
+            break;
+        }
+        round(repetition, &again, &mut runs)?;
+    }
+    for line in pinning::check(&world)? {
+        println!("  still {line}");
     }
     let torn = Instant::now();
     drop(world);
@@ -314,16 +374,13 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let values = report::values(&summary);
     let ratios = report::ratios(&summary);
     println!(
-        "\nmedians of {} (↑ higher is better, ↓ lower):\n",
-        if plan.repetitions > 1 {
-            format!("{} runs", plan.repetitions)
-        } else {
-            "1 run".into()
-        }
+        "\nmedians of {} (↑ higher is better, ↓ lower), (lo–hi) the runs' range:\n",
+        rounds_text(&runs)
     );
     print!("{}", values.terminal());
     println!("\nratios:\n");
     print!("{}", ratios.terminal());
+    println!("{NOISE_LEGEND}");
     println!("\ngoals:\n");
     print!("{}", report::goals_text(&goals, false));
     let failed: Vec<&Run> = runs.iter().filter(|r| r.error.is_some()).collect();
@@ -462,6 +519,29 @@ fn quiet(patience: &mut Duration) -> anyhow::Result<()> {
     }
 }
 
+/// "3 runs", or "3 to 5 runs" where some workloads needed more rounds.
+fn rounds_text(runs: &[Run]) -> String {
+    let per: Vec<usize> = Workload::ALL
+        .iter()
+        .map(|w| {
+            runs.iter()
+                .filter(|r| r.workload == *w)
+                .map(|r| r.repetition)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let (lo, hi) = (
+        per.iter().copied().min().unwrap_or(0),
+        per.iter().copied().max().unwrap_or(0),
+    );
+    match (lo, hi) {
+        (1, 1) => "1 run".into(),
+        (lo, hi) if lo == hi => format!("{lo} runs"),
+        (lo, hi) => format!("{lo} to {hi} runs (more where the rounds disagreed)"),
+    }
+}
+
 fn progress(run: &Run) -> String {
     if let Some(e) = &run.error {
         let first = e.lines().next().unwrap_or_default();
@@ -497,8 +577,11 @@ fn readme_section(
     let (plan, machine) = (&result.plan, result.machine);
     format!(
         "Made with `{}` on {} (commit {}): {}, {} cores, Linux {}; {} of {} s per case \
-         (redis-benchmark: {} requests per test), median shown; {PINNING}. What each case is and \
-         how to read the ratios: [docs/benchmarks.md](docs/benchmarks.md).{caveat}\n\n\
+         (redis-benchmark: {} requests per test), median shown with the runs' range (lo–hi; \
+         for ratios, the ratio within each round; ≈ marks a ratio whose rounds fell on both \
+         sides of 1.00×, a tie), more rounds where a ratio spread beyond {:.0} %; {PINNING}, \
+         checked. What each case is and how to read the ratios: \
+         [docs/benchmarks.md](docs/benchmarks.md).{caveat}\n\n\
          ![throughput relative to direct](docs/benchmark.svg)\n\n{}\n{}\nGoals:\n\n{}",
         plan.command(),
         result.date,
@@ -506,13 +589,10 @@ fn readme_section(
         machine.cpu,
         machine.cores,
         machine.kernel,
-        if plan.repetitions > 1 {
-            format!("{} runs", plan.repetitions)
-        } else {
-            "1 run".into()
-        },
+        rounds_text(result.runs),
         plan.secs,
         plan.redis_requests,
+        report::NOISE * 100.0,
         values.markdown(),
         ratios.markdown(),
         report::goals_text(result.goals, true),

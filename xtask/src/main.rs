@@ -71,6 +71,11 @@ enum Task {
         /// About a minute: 1 s per case, one repetition; leaves the README alone.
         #[arg(long)]
         quick: bool,
+        /// Instead of the tables: one workload (`new-connections` or `keep-alive`) with the
+        /// agent and HAProxy under `strace -c` and `perf record`, system calls per connection
+        /// side by side (target/bench/profile-*.txt).
+        #[arg(long, value_name = "WORKLOAD")]
+        profile: Option<String>,
     },
 }
 
@@ -95,7 +100,7 @@ fn task(task: Task) -> anyhow::Result<()> {
         Task::Test { args } => test::run(&args),
         Task::Soak { minutes, idle } => soak::run(minutes, idle),
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, profile } => bench::run(quick, profile.as_deref()),
         Task::BenchRegistry { quick } => bench_registry::run(quick),
     }
 }

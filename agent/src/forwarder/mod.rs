@@ -23,6 +23,7 @@ use switchyard_common::hash::mix64;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use copy::Buffer;
 pub use copy::{CopyError, Moved};
 pub use exit::Exit;
 pub use http_dispatch::TableDirectory;
@@ -121,10 +122,10 @@ impl Forwarder {
                 None => return,
             }
         }
-        let Some((upstream, occupied)) = self.connect(&service, &client, peer).await else {
+        let Some((upstream, occupied, first)) = self.connect(&service, &client, peer).await else {
             return;
         };
-        relay(&service, client, upstream, occupied, accepted, peer).await;
+        relay(&service, client, upstream, occupied, first, accepted, peer).await;
     }
 
     /// The proxy-mode service the client was sent here for, if it takes one more connection.
@@ -157,12 +158,13 @@ impl Forwarder {
     /// Connects to a backend and waits for the first sign of life: a backend that closes
     /// before either side spoke has served nothing, so another one is tried, as after a
     /// refused connect. `None`: the client was refused (reset), or reset its connection.
+    /// With the connection, the client's first read if it spoke first.
     async fn connect<'s>(
         &self,
         service: &'s ProxyService,
         client: &TcpStream,
         peer: SocketAddr,
-    ) -> Option<(Connected, Occupancy<'s>)> {
+    ) -> Option<(Connected, Occupancy<'s>, Option<Buffer>)> {
         let hash = client_hash(peer, service.hash_key);
         let mut attempts = upstream::Attempts::new(service);
         // A sticky client tries its backend first, if that is still one of the service's.
@@ -188,12 +190,13 @@ impl Forwarder {
             // The connection occupies its backend from now on; dropped, it lets go.
             let occupied = Occupancy::take(&b.health, &service.shared);
             let sign = tokio::select! {
-                sign = upstream::first_sign(client, &u.stream) => sign,
+                sign = upstream::first_sign(client, &u.stream, defaults::COPY_BUFFER) => sign,
                 // Nobody has spoken: the copy closes an idle connection, or one whose
                 // backend's drain deadline has passed, at once.
-                _ = after(service.idle_timeout) => FirstSign::Client,
-                _ = b.health.drain_deadline() => FirstSign::Client,
+                _ = after(service.idle_timeout) => FirstSign::Quiet,
+                _ = b.health.drain_deadline() => FirstSign::Quiet,
             };
+            let mut first = None;
             match sign {
                 FirstSign::ClientAborted => {
                     debug!(service = %service.name, %peer, "client reset before the first byte");
@@ -213,14 +216,15 @@ impl Forwarder {
                     debug!(service = %service.name, backend = %b.addr, "closed before the first byte: trying another");
                     continue;
                 }
-                FirstSign::Client | FirstSign::Dead => {}
+                FirstSign::Client(bytes) => first = Some(bytes),
+                FirstSign::Quiet | FirstSign::Dead => {}
             }
             debug!(service = %service.name, %peer, backend = %b.addr, hash, "connected");
             if let Some(timeout) = service.affinity {
                 self.affinity
                     .set(service.addr, peer.ip(), b.addr, timeout, Instant::now());
             }
-            return Some((u, occupied));
+            return Some((u, occupied, first));
         }
     }
 }
@@ -232,6 +236,7 @@ async fn relay(
     mut client: TcpStream,
     upstream: Connected,
     mut occupied: Occupancy<'_>,
+    first: Option<Buffer>,
     accepted: Instant,
     peer: SocketAddr,
 ) {
@@ -257,6 +262,7 @@ async fn relay(
             accepted,
             &occupied.moved,
             &answered,
+            first,
         ) => r,
         _ = backend.health.drain_deadline() => {
             counters.drained_closed.fetch_add(1, Ordering::Relaxed);

@@ -6,7 +6,10 @@ use std::{io, net::SocketAddr, sync::atomic::Ordering, time::Instant};
 use tokio::{net::TcpStream, time::timeout};
 use tracing::debug;
 
-use super::table::ProxyService;
+use super::{
+    copy::{self, Buffer},
+    table::ProxyService,
+};
 use crate::{
     balance::{Candidate as _, candidates},
     socket::connect_marked,
@@ -169,13 +172,16 @@ fn is_local(e: &io::Error) -> bool {
 
 /// The first sign of life on a fresh upstream connection.
 pub enum FirstSign {
-    /// The client spoke first (or the caller stopped waiting): copy as usual.
-    Client,
+    /// The client spoke first: its first read (bytes, or its end of stream), for the copy to
+    /// pass on.
+    Client(Buffer),
+    /// The caller stopped waiting (idle timeout, drain deadline): copy as usual.
+    Quiet,
     /// The backend spoke first, this long after the watch began: its response time.
     Server(std::time::Duration),
     /// The backend closed or reset before either side sent a byte.
     Dead,
-    /// The client reset its connection before the copy began. (A peek takes the socket's
+    /// The client reset its connection before the copy began. (The read took the socket's
     /// error, so the copy would only see an end of stream and pass on a FIN.)
     ClientAborted,
 }
@@ -186,16 +192,17 @@ pub enum FirstSign {
 /// client has spoken, or the backend has, this is an ordinary connection. No timer of its own
 /// (one per connection would cost a wake-up of the event loop): the caller bounds the wait
 /// with the idle timeout and the drain deadline, as for the copy.
-pub async fn first_sign(client: &TcpStream, server: &TcpStream) -> FirstSign {
+pub async fn first_sign(client: &TcpStream, server: &TcpStream, max: usize) -> FirstSign {
     let started = std::time::Instant::now();
-    let (mut c, mut s) = ([0u8; 1], [0u8; 1]);
+    let mut s = [0u8; 1];
     tokio::select! {
-        // The client speaking first is the common case: check it first. A peek, not
-        // `readable()`: readiness may be reported spuriously, a peek only returns on data (or
-        // the client's EOF).
+        // The client speaking first is the common case: check it first. Its bytes are read
+        // for the copy at once (a read only returns on data or the client's end of stream,
+        // however readiness was reported). The backend is only peeked: its bytes stay for
+        // the copy.
         biased;
-        r = client.peek(&mut c) => match r {
-            Ok(_) => FirstSign::Client,
+        r = copy::read_first(client, max) => match r {
+            Ok(first) => FirstSign::Client(first),
             Err(_) => FirstSign::ClientAborted,
         },
         r = server.peek(&mut s) => match r {

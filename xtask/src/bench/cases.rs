@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use super::{
-    Path, Plan, procstat,
+    Path, Plan, pinning, procstat,
     world::{Service, World},
 };
 
@@ -46,6 +46,23 @@ impl Workload {
             Workload::Iperf4 => "iperf3 4 streams",
             Workload::Redis => "redis-benchmark",
         }
+    }
+
+    /// The figures this workload yields.
+    pub fn metrics(self) -> Vec<Metric> {
+        let m: &[Metric] = match self {
+            Workload::KeepAlive => &[
+                Metric::KeepAliveRps,
+                Metric::KeepAliveP50Ms,
+                Metric::KeepAliveP99Ms,
+                Metric::KeepAliveCpuUs,
+            ],
+            Workload::Close => &[Metric::CloseCps, Metric::CloseP99Ms, Metric::CloseCpuUs],
+            Workload::Iperf1 => &[Metric::Iperf1Gbps, Metric::Iperf1CpuMsPerGb],
+            Workload::Iperf4 => &[Metric::Iperf4Gbps],
+            Workload::Redis => &[Metric::RedisGetRps, Metric::RedisSetRps, Metric::RedisCpuUs],
+        };
+        m.to_vec()
     }
 
     fn service(self) -> Service {
@@ -219,7 +236,12 @@ fn clients(
 ) -> anyhow::Result<Vec<String>> {
     let mut running = Vec::new();
     for a in args {
-        running.push(world.client(program, program, a)?);
+        let p = world.client(program, program, a)?;
+        // Pinned as stated, or the case's figures mean something else.
+        if let Some(note) = pinning::client_note(p.pid(), program) {
+            bail!("{note}");
+        }
+        running.push(p);
     }
     let mut outputs = Vec::new();
     for mut p in running {
@@ -249,7 +271,12 @@ fn tail(text: &str) -> String {
 }
 
 /// wrk, one thread (one core), `CONNECTIONS` connections; returns the outcome and the request count.
-fn wrk(world: &World, secs: u32, to: SocketAddr, close: bool) -> anyhow::Result<(Outcome, f64)> {
+pub fn wrk(
+    world: &World,
+    secs: u32,
+    to: SocketAddr,
+    close: bool,
+) -> anyhow::Result<(Outcome, f64)> {
     let mut args: Vec<String> = ["-t1", "--latency", "--timeout", "5s"]
         .map(String::from)
         .to_vec();

@@ -7,29 +7,41 @@ use serde::Serialize;
 
 use super::{Path, Run, cases::Metric};
 
-/// Medians per path and metric (the largest value for `RssMib`).
+/// Medians per path and metric (the largest value for `RssMib`), the spread of the runs, and
+/// each run's value by round, for ratios paired within a round.
 #[derive(Serialize, Default)]
 pub struct Summary {
     pub medians: BTreeMap<Path, BTreeMap<Metric, f64>>,
+    /// The smallest and the largest run.
+    pub spread: BTreeMap<Path, BTreeMap<Metric, [f64; 2]>>,
+    #[serde(skip)]
+    rounds: BTreeMap<(Path, Metric), BTreeMap<usize, f64>>,
 }
 
 impl Summary {
     pub fn of(runs: &[Run]) -> Summary {
-        let mut all: BTreeMap<(Path, Metric), Vec<f64>> = BTreeMap::new();
+        let mut s = Summary::default();
         for run in runs {
             for (m, v) in &run.metrics {
-                all.entry((run.path, *m)).or_default().push(*v);
+                s.rounds
+                    .entry((run.path, *m))
+                    .or_default()
+                    .insert(run.repetition, *v);
             }
         }
-        let mut s = Summary::default();
-        for ((path, metric), mut values) in all {
+        for ((path, metric), by_round) in &s.rounds {
+            let mut values: Vec<f64> = by_round.values().copied().collect();
             values.sort_by(f64::total_cmp);
-            let v = if metric == Metric::RssMib {
+            let v = if *metric == Metric::RssMib {
                 values[values.len() - 1]
             } else {
                 median(&values)
             };
-            s.medians.entry(path).or_default().insert(metric, v);
+            s.medians.entry(*path).or_default().insert(*metric, v);
+            s.spread
+                .entry(*path)
+                .or_default()
+                .insert(*metric, [values[0], values[values.len() - 1]]);
         }
         s
     }
@@ -43,6 +55,51 @@ impl Summary {
         let (a, b) = (self.get(path, metric)?, self.get(reference, metric)?);
         (b > 0.0).then(|| a / b)
     }
+
+    /// The ratio round by round (both paths ran back to back in each round, so they shared
+    /// the machine's state), smallest and largest: how far the verdict moved between rounds.
+    pub fn ratio_range(&self, path: Path, metric: Metric, reference: Path) -> Option<[f64; 2]> {
+        let (a, b) = (
+            self.rounds.get(&(path, metric))?,
+            self.rounds.get(&(reference, metric))?,
+        );
+        let ratios: Vec<f64> = a
+            .iter()
+            .filter_map(|(round, x)| Some(x / b.get(round).filter(|y| **y > 0.0)?))
+            .collect();
+        let lo = ratios.iter().copied().reduce(f64::min)?;
+        let hi = ratios.iter().copied().reduce(f64::max)?;
+        Some([lo, hi])
+    }
+
+    /// The widest spread, (max − min) / median, of the ratios the tables and goals show for
+    /// `metrics`: above [`NOISE`], the round is worth repeating.
+    pub fn worst_spread(&self, metrics: &[Metric]) -> Option<(f64, String)> {
+        let mut worst: Option<(f64, String)> = None;
+        for m in metrics.iter().filter(|m| **m != Metric::RssMib) {
+            for (a, b) in RATIOS {
+                let (Some(r), Some([lo, hi])) = (self.ratio(a, *m, b), self.ratio_range(a, *m, b))
+                else {
+                    continue;
+                };
+                let spread = (hi - lo) / r;
+                if worst.as_ref().is_none_or(|(w, _)| spread > *w) {
+                    let (w, what) = m.row();
+                    let label = format!("{w} {what} {} / {}", a.short(), b.short());
+                    worst = Some((spread, label.trim().to_owned()));
+                }
+            }
+        }
+        worst
+    }
+}
+
+/// A spread above this, (max − min) / median, is more than the noise the verdicts allow.
+pub const NOISE: f64 = 0.05;
+
+/// Whether `threshold` lies within the runs' range: the verdict could go either way.
+pub fn inside_noise(range: Option<[f64; 2]>, threshold: f64) -> bool {
+    range.is_some_and(|[lo, hi]| lo <= threshold && threshold <= hi)
 }
 
 /// Of sorted, non-empty values.
@@ -72,9 +129,15 @@ pub fn values(s: &Summary) -> Table {
         let (w, what) = m.row();
         let mut row = vec![w.to_owned(), what.to_owned()];
         row.extend(Path::ALL.iter().map(|p| {
-            s.get(*p, m)
-                .map(|v| m.format(v))
-                .unwrap_or_else(|| DASH.into())
+            let Some(v) = s.get(*p, m) else {
+                return DASH.into();
+            };
+            match s.spread.get(p).and_then(|x| x.get(&m)) {
+                Some([lo, hi]) if m != Metric::RssMib && lo < hi => {
+                    format!("{} ({}–{})", m.format(v), m.format(*lo), m.format(*hi))
+                }
+                _ => m.format(v),
+            }
         }));
         rows.push(row);
     }
@@ -107,9 +170,21 @@ pub fn ratios(s: &Summary) -> Table {
         let cells: Vec<String> = RATIOS
             .iter()
             .map(|(a, b)| {
-                s.ratio(*a, m, *b)
-                    .map(|r| format!("{r:.2}×"))
-                    .unwrap_or_else(|| DASH.into())
+                let Some(r) = s.ratio(*a, m, *b) else {
+                    return DASH.into();
+                };
+                match s.ratio_range(*a, m, *b) {
+                    // ≈: the rounds put it on both sides of 1, a tie.
+                    Some([lo, hi]) if lo < hi => {
+                        let tie = if inside_noise(Some([lo, hi]), 1.0) {
+                            " ≈"
+                        } else {
+                            ""
+                        };
+                        format!("{r:.2}× ({lo:.2}–{hi:.2}){tie}")
+                    }
+                    _ => format!("{r:.2}×"),
+                }
             })
             .collect();
         if cells.iter().all(|c| c == DASH) {
@@ -177,76 +252,108 @@ pub struct Goal {
     pub goal: String,
     pub pass: bool,
     pub figure: String,
+    /// The rounds put the figure on both sides of the goal's threshold: the verdict is
+    /// inside the noise and could go either way on another run.
+    pub inside_noise: bool,
 }
 
 pub fn goals(s: &Summary) -> Vec<Goal> {
-    let ratio = |p, m, r| s.ratio(p, m, r);
-    let one = |goal: &str, r: Option<f64>, pass: fn(f64) -> bool| Goal {
-        goal: goal.to_owned(),
-        pass: r.is_some_and(pass),
-        figure: r.map_or_else(|| "no figure".into(), |r| format!("{r:.2}×")),
+    let one = |goal: &str, (a, m, b): (Path, Metric, Path), threshold: f64, above: bool| {
+        let r = s.ratio(a, m, b);
+        let range = s.ratio_range(a, m, b);
+        Goal {
+            goal: goal.to_owned(),
+            pass: r.is_some_and(|r| {
+                if above {
+                    r >= threshold
+                } else {
+                    r <= threshold
+                }
+            }),
+            figure: match (r, range) {
+                (Some(r), Some([lo, hi])) if lo < hi => format!("{r:.2}× ({lo:.2}–{hi:.2})"),
+                (Some(r), _) => format!("{r:.2}×"),
+                _ => "no figure".into(),
+            },
+            inside_noise: inside_noise(range, threshold),
+        }
     };
     let mut g = vec![
         one(
             "kernel mode keep-alive req/s ≥ 0.98× direct",
-            ratio(Path::Kernel, Metric::KeepAliveRps, Path::Direct),
-            |r| r >= 0.98,
+            (Path::Kernel, Metric::KeepAliveRps, Path::Direct),
+            0.98,
+            true,
         ),
         one(
             "kernel mode new connections/s ≥ 0.95× direct",
-            ratio(Path::Kernel, Metric::CloseCps, Path::Direct),
-            |r| r >= 0.95,
+            (Path::Kernel, Metric::CloseCps, Path::Direct),
+            0.95,
+            true,
         ),
         one(
             "kernel least_connections keep-alive req/s ≥ 0.97× direct",
-            ratio(Path::KernelLeastConn, Metric::KeepAliveRps, Path::Direct),
-            |r| r >= 0.97,
+            (Path::KernelLeastConn, Metric::KeepAliveRps, Path::Direct),
+            0.97,
+            true,
         ),
         one(
             "kernel least_connections new connections/s ≥ 0.97× direct",
-            ratio(Path::KernelLeastConn, Metric::CloseCps, Path::Direct),
-            |r| r >= 0.97,
+            (Path::KernelLeastConn, Metric::CloseCps, Path::Direct),
+            0.97,
+            true,
         ),
         one(
             "kernel peak_ewma keep-alive req/s ≥ 0.97× direct",
-            ratio(Path::KernelPeakEwma, Metric::KeepAliveRps, Path::Direct),
-            |r| r >= 0.97,
+            (Path::KernelPeakEwma, Metric::KeepAliveRps, Path::Direct),
+            0.97,
+            true,
         ),
         one(
             "kernel peak_ewma new connections/s ≥ 0.97× direct",
-            ratio(Path::KernelPeakEwma, Metric::CloseCps, Path::Direct),
-            |r| r >= 0.97,
+            (Path::KernelPeakEwma, Metric::CloseCps, Path::Direct),
+            0.97,
+            true,
         ),
         one(
             "proxy mode keep-alive req/s ≥ 1.3× HAProxy",
-            ratio(Path::Proxy, Metric::KeepAliveRps, Path::Haproxy),
-            |r| r >= 1.3,
+            (Path::Proxy, Metric::KeepAliveRps, Path::Haproxy),
+            1.3,
+            true,
         ),
         one(
             "proxy mode iperf3 1 stream ≥ 2× HAProxy",
-            ratio(Path::Proxy, Metric::Iperf1Gbps, Path::Haproxy),
-            |r| r >= 2.0,
+            (Path::Proxy, Metric::Iperf1Gbps, Path::Haproxy),
+            2.0,
+            true,
         ),
         one(
             "proxy mode iperf3 4 streams ≥ 2× HAProxy",
-            ratio(Path::Proxy, Metric::Iperf4Gbps, Path::Haproxy),
-            |r| r >= 2.0,
+            (Path::Proxy, Metric::Iperf4Gbps, Path::Haproxy),
+            2.0,
+            true,
         ),
     ];
-    let vs_h = ratio(Path::Proxy, Metric::CloseCps, Path::Haproxy);
-    let vs_n = ratio(Path::Proxy, Metric::CloseCps, Path::Nginx);
+    let vs_h = one(
+        "",
+        (Path::Proxy, Metric::CloseCps, Path::Haproxy),
+        1.0,
+        true,
+    );
+    let vs_n = one("", (Path::Proxy, Metric::CloseCps, Path::Nginx), 1.0, true);
+    let ahead = |r: Option<f64>| r.is_some_and(|r| r > 1.0);
     g.push(Goal {
         goal: "proxy mode new connections/s ahead of HAProxy and nginx".into(),
-        pass: vs_h.is_some_and(|r| r > 1.0) && vs_n.is_some_and(|r| r > 1.0),
-        figure: match (vs_h, vs_n) {
-            (Some(h), Some(n)) => format!("{h:.2}× HAProxy, {n:.2}× nginx"),
-            _ => "no figure".into(),
-        },
+        pass: ahead(s.ratio(Path::Proxy, Metric::CloseCps, Path::Haproxy))
+            && ahead(s.ratio(Path::Proxy, Metric::CloseCps, Path::Nginx)),
+        figure: format!("{} HAProxy, {} nginx", vs_h.figure, vs_n.figure),
+        inside_noise: vs_h.inside_noise || vs_n.inside_noise,
     });
     g.push(one(
         "proxy mode CPU per request ≤ 0.8× HAProxy (wrk keep-alive)",
-        ratio(Path::Proxy, Metric::KeepAliveCpuUs, Path::Haproxy),
-        |r| r <= 0.8,
+        (Path::Proxy, Metric::KeepAliveCpuUs, Path::Haproxy),
+        0.8,
+        false,
     ));
     g
 }
@@ -255,10 +362,15 @@ pub fn goals_text(goals: &[Goal], markdown: bool) -> String {
     let mut out = String::new();
     for g in goals {
         let verdict = if g.pass { "PASS" } else { "MISS" };
-        if markdown {
-            let _ = writeln!(out, "- **{verdict}** {} ({})", g.goal, g.figure);
+        let noise = if g.inside_noise {
+            ", inside the noise: the rounds fell on both sides"
         } else {
-            let _ = writeln!(out, "  {verdict}  {:<58} {}", g.goal, g.figure);
+            ""
+        };
+        if markdown {
+            let _ = writeln!(out, "- **{verdict}** {} ({}{noise})", g.goal, g.figure);
+        } else {
+            let _ = writeln!(out, "  {verdict}  {:<58} {}{noise}", g.goal, g.figure);
         }
     }
     out
@@ -457,6 +569,63 @@ mod tests {
             r,
             format!("# X\n\n## Benchmark\n\n{BEGIN}\nt\n{END}\n\nold words\n")
         );
+    }
+
+    fn run(repetition: usize, path: Path, metric: Metric, v: f64) -> Run {
+        Run {
+            repetition,
+            workload: super::super::cases::Workload::Close,
+            path,
+            seconds: 1.0,
+            error: None,
+            metrics: [(metric, v)].into(),
+            notes: Vec::new(),
+            elsewhere: 0.0,
+        }
+    }
+
+    #[test]
+    fn spread_is_kept_and_ratios_pair_within_a_round() {
+        let m = Metric::CloseCps;
+        // Both paths slower in round 2 (a busy machine): the ratio holds within each round.
+        let runs = [
+            run(1, Path::Proxy, m, 100.0),
+            run(1, Path::Haproxy, m, 98.0),
+            run(2, Path::Proxy, m, 80.0),
+            run(2, Path::Haproxy, m, 79.0),
+            run(3, Path::Proxy, m, 101.0),
+            run(3, Path::Haproxy, m, 97.0),
+        ];
+        let s = Summary::of(&runs);
+        assert_eq!(s.get(Path::Proxy, m), Some(100.0));
+        assert_eq!(s.spread[&Path::Proxy][&m], [80.0, 101.0]);
+        let [lo, hi] = s.ratio_range(Path::Proxy, m, Path::Haproxy).unwrap();
+        assert!(lo > 1.0 && hi < 1.05, "{lo} {hi}");
+        let (spread, what) = s.worst_spread(&[m]).unwrap();
+        assert!(spread < NOISE, "{spread} {what}");
+        let g = goals(&s);
+        let ahead = g.iter().find(|g| g.goal.contains("ahead")).unwrap();
+        assert!(!ahead.inside_noise, "every round ahead: not noise");
+        assert!(ratios(&s).terminal().contains("1.02× (1.01–1.04)"));
+    }
+
+    #[test]
+    fn a_verdict_whose_rounds_disagree_is_inside_the_noise() {
+        let m = Metric::KeepAliveRps;
+        let runs = [
+            run(1, Path::Proxy, m, 105.0),
+            run(1, Path::Haproxy, m, 100.0),
+            run(2, Path::Proxy, m, 95.0),
+            run(2, Path::Haproxy, m, 100.0),
+        ];
+        let s = Summary::of(&runs);
+        assert!(inside_noise(
+            s.ratio_range(Path::Proxy, m, Path::Haproxy),
+            1.0
+        ));
+        let (spread, _) = s.worst_spread(&[m]).unwrap();
+        assert!(spread > NOISE, "{spread}");
+        assert!(ratios(&s).terminal().contains("≈"));
     }
 
     #[test]

@@ -1,0 +1,245 @@
+//! `cargo xtask bench --profile WORKLOAD`: one workload of the benchmark's world, each proxy
+//! under `strace -c` and then `perf record`, side by side. Wall-clock figures move with the
+//! machine's load; system calls per connection (or per request) do not, so this is the tool for
+//! cutting a proxy's cost on a shared machine. What it prints: docs/benchmarks.md ("Profiling").
+
+use std::{collections::BTreeMap, fmt::Write as _, fs, process::Command, time::Duration};
+
+use anyhow::{Context as _, bail};
+use switchyard_testkit::{Process, process::Place};
+
+use super::{
+    Path, cases,
+    cases::Workload,
+    world::{Service, World},
+};
+use crate::build;
+
+/// The proxies compared: the agent on its default byte path, and HAProxy.
+const PATHS: [Path; 2] = [Path::Proxy, Path::Haproxy];
+
+/// Seconds of load per profiler and path: the counts are per connection, so a short run is as
+/// good as a long one once it has made some thousands.
+const SECS: u32 = 4;
+
+/// One path's system calls: per name, calls and errors.
+#[derive(Default)]
+struct Calls {
+    by_name: BTreeMap<String, (u64, u64)>,
+    /// Connections (or requests) the client completed meanwhile.
+    work: f64,
+}
+
+pub fn run(workload: Workload) -> anyhow::Result<()> {
+    for tool in ["strace", "perf"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("{tool} is missing: apt-get install strace linux-perf");
+        }
+    }
+    let close = match workload {
+        Workload::Close => true,
+        Workload::KeepAlive => false,
+        _ => bail!("--profile takes new-connections or keep-alive"),
+    };
+    let what = if close { "connection" } else { "request" };
+    println!("starting the benchmark's world (see docs/benchmarks.md)");
+    let world = World::start()?;
+    super::pinning::check(&world)?
+        .iter()
+        .for_each(|l| println!("{l}"));
+    let out_dir = build::target_dir().join("bench");
+    fs::create_dir_all(&out_dir)?;
+    // Warm both paths (and the agent's first connections) before counting.
+    for path in PATHS {
+        wrk(&world, path, 1, close)?;
+    }
+
+    let mut calls: Vec<(Path, Calls)> = Vec::new();
+    for path in PATHS {
+        let pid = world.proxy_pid(path).context("no proxy process")?;
+        let file = out_dir.join(format!("strace-{}.txt", path.short()));
+        let mut strace = Command::new("strace");
+        strace
+            .args(["-c", "-f", "-qq", "-U", "calls,errors,name", "-o"])
+            .arg(&file)
+            .args(["-p", &pid.to_string()]);
+        let mut tracer = Process::spawn("strace", strace, Place::default())?;
+        // strace attaches to every thread before it counts; nothing says when it is done.
+        std::thread::sleep(Duration::from_millis(500));
+        let work = wrk(&world, path, SECS, close)?;
+        tracer.stop(Duration::from_secs(10))?;
+        let text = fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+        let mut c = parse_strace(&text);
+        c.work = work;
+        println!(
+            "  strace {:<11} {work:.0} {what}s: {:.1} system calls per {what}",
+            path.label(),
+            c.total() as f64 / work
+        );
+        calls.push((path, c));
+    }
+
+    // The calls in order, for reading one connection's story (not parsed here).
+    for path in PATHS {
+        let pid = world.proxy_pid(path).context("no proxy process")?;
+        let file = out_dir.join(format!("strace-{}-sequence.txt", path.short()));
+        let mut strace = Command::new("strace");
+        strace
+            .args(["-f", "-qq", "-o"])
+            .arg(&file)
+            .args(["-p", &pid.to_string()]);
+        let mut tracer = Process::spawn("strace", strace, Place::default())?;
+        std::thread::sleep(Duration::from_millis(500));
+        wrk(&world, path, 1, close)?;
+        tracer.stop(Duration::from_secs(10))?;
+    }
+
+    let mut perf_text = String::new();
+    for path in PATHS {
+        let pid = world.proxy_pid(path).context("no proxy process")?;
+        let data = out_dir.join(format!("perf-{}.data", path.short()));
+        let mut perf = Command::new("perf");
+        perf.args(["record", "-q", "-e", "cpu-clock", "-F", "2000", "-g", "-o"])
+            .arg(&data)
+            .args(["-p", &pid.to_string()]);
+        let mut rec = Process::spawn("perf record", perf, Place::default())?;
+        std::thread::sleep(Duration::from_millis(500));
+        let work = wrk(&world, path, SECS, close)?;
+        // perf record writes its file on SIGINT or SIGTERM.
+        rec.stop(Duration::from_secs(20))?;
+        let report = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "-g", "none"])
+            .args(["--sort", "dso,sym", "--percent-limit", "1.5", "-i"])
+            .arg(&data)
+            .output()
+            .context("perf report")?;
+        let _ = writeln!(
+            perf_text,
+            "\n{} ({work:.0} {what}s), self time by symbol, shares of the samples:",
+            path.label()
+        );
+        for l in String::from_utf8_lossy(&report.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(25)
+        {
+            let _ = writeln!(perf_text, "  {}", l.trim_end());
+        }
+    }
+    drop(world);
+
+    let table = calls_table(&calls, what);
+    print!("\nsystem calls per {what} (strace -c -f on the proxy's process):\n\n{table}");
+    print!("{perf_text}");
+    let name = if close {
+        "new-connections"
+    } else {
+        "keep-alive"
+    };
+    let txt = out_dir.join(format!("profile-{name}.txt"));
+    fs::write(&txt, format!("{table}{perf_text}"))?;
+    println!(
+        "\nwrote {} (and the raw strace-*.txt, perf-*.data beside it)",
+        txt.display()
+    );
+    Ok(())
+}
+
+/// wrk over `path` for `secs`; returns the requests it completed (one connection each with
+/// `close`).
+fn wrk(world: &World, path: Path, secs: u32, close: bool) -> anyhow::Result<f64> {
+    let to = *world
+        .targets(path, Service::Http)
+        .first()
+        .context("no address")?;
+    let (_, n) = cases::wrk(world, secs, to, close)?;
+    Ok(n)
+}
+
+impl Calls {
+    fn total(&self) -> u64 {
+        self.by_name.values().map(|(c, _)| c).sum()
+    }
+}
+
+/// strace's `-c -U calls,errors,name` table: `   1234       12 epoll_wait`.
+fn parse_strace(text: &str) -> Calls {
+    let mut c = Calls::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (calls, errors, name) = match f.as_slice() {
+            [calls, errors, name] => (calls, errors.parse().ok(), name),
+            [calls, name] => (calls, Some(0), name),
+            _ => continue,
+        };
+        if let (Ok(calls), Some(errors)) = (calls.parse::<u64>(), errors)
+            && *name != "total"
+        {
+            c.by_name.insert((*name).to_owned(), (calls, errors));
+        }
+    }
+    c
+}
+
+/// Calls per unit of work, one column per path, the busiest first; errors in brackets.
+fn calls_table(calls: &[(Path, Calls)], what: &str) -> String {
+    let mut names: Vec<&String> = calls.iter().flat_map(|(_, c)| c.by_name.keys()).collect();
+    names.sort();
+    names.dedup();
+    let per = |c: &Calls, n: &str| {
+        c.by_name.get(n).map_or((0.0, 0.0), |(k, e)| {
+            (*k as f64 / c.work, *e as f64 / c.work)
+        })
+    };
+    names.sort_by(|a, b| {
+        let sum = |n: &str| calls.iter().map(|(_, c)| per(c, n).0).sum::<f64>();
+        sum(b).total_cmp(&sum(a))
+    });
+    let mut out = format!("  {:<20}", "system call");
+    for (p, _) in calls {
+        let _ = write!(out, " {:>18}", p.label());
+    }
+    out.push('\n');
+    for n in names {
+        if calls.iter().all(|(_, c)| per(c, n).0 < 0.01) {
+            continue;
+        }
+        let _ = write!(out, "  {n:<20}");
+        for (_, c) in calls {
+            let (k, e) = per(c, n);
+            let cell = if e >= 0.01 {
+                format!("{k:.2} ({e:.2} err)")
+            } else {
+                format!("{k:.2}")
+            };
+            let _ = write!(out, " {cell:>18}");
+        }
+        out.push('\n');
+    }
+    let _ = write!(out, "  {:<20}", format!("all, per {what}"));
+    for (_, c) in calls {
+        let _ = write!(out, " {:>18}", format!("{:.2}", c.total() as f64 / c.work));
+    }
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_strace_counts() {
+        let text = "    calls    errors syscall\n--------- --------- ----------------\n\
+                    \x20    2000       500 recvfrom\n      1000           close\n\
+                    --------- --------- ----------------\n      3000       500 total\n";
+        let mut c = parse_strace(text);
+        c.work = 1000.0;
+        assert_eq!(c.by_name["recvfrom"], (2000, 500));
+        assert_eq!(c.by_name["close"], (1000, 0));
+        assert_eq!(c.total(), 3000);
+        let t = calls_table(&[(Path::Proxy, c)], "connection");
+        assert!(t.contains("2.00 (0.50 err)"), "{t}");
+        assert!(t.contains("3.00"), "{t}");
+    }
+}
