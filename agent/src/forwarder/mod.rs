@@ -117,7 +117,9 @@ impl Forwarder {
             return;
         };
         if !service.app_protocol().is_tcp() {
-            match http_dispatch::dispatch(&self.http, &service, client, peer).await {
+            // Boxed: HTTP's connection state is large, and held inline it would be part of
+            // every TCP connection's task too, copied on each spawn.
+            match Box::pin(http_dispatch::dispatch(&self.http, &service, client, peer)).await {
                 Some(opaque) => client = opaque,
                 None => return,
             }
