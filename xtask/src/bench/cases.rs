@@ -814,6 +814,19 @@ Transfer/sec:     16.00MB";
     }
 
     #[test]
+    fn each_part_runs_its_paths_and_the_wrk_cases_serve_both() {
+        let all = Workload::KeepAlive.paths(Part::All);
+        assert_eq!(all.len(), Path::L4.len() + 3, "{all:?}");
+        assert_eq!(&all[..Path::L4.len()], &Path::L4);
+        assert_eq!(Workload::Close.paths(Part::Http), Path::HTTP);
+        assert_eq!(Workload::KeepAlive.paths(Part::L4), Path::L4);
+        assert!(Workload::Iperf1.paths(Part::Http).is_empty());
+        assert!(Workload::H2.paths(Part::L4).is_empty());
+        assert_eq!(Workload::Grpc.paths(Part::All), [Path::Http, Path::Proxy]);
+        assert_eq!(Workload::H2.paths(Part::All), Path::HTTP);
+    }
+
+    #[test]
     fn reads_h2load() {
         let text = "starting benchmark...
 spawning thread #0: 4 total client(s). Timing-based test with 0s of warm-up time and 5s of main duration for measurements.

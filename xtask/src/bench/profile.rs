@@ -105,9 +105,22 @@ pub fn run(workload: Workload, http: bool) -> anyhow::Result<()> {
         let pid = world.proxy_pid(path).context("no proxy process")?;
         let data = out_dir.join(format!("perf-{}.data", path.short().replace(' ', "-")));
         let mut perf = Command::new("perf");
-        perf.args(["record", "-q", "-e", "cpu-clock", "-F", "2000", "-g", "-o"])
-            .arg(&data)
-            .args(["-p", &pid.to_string()]);
+        // Release builds keep no frame pointers: `SY_PERF_CALL_GRAPH=dwarf` gives callers of
+        // the agent's own code (and files some hundred MB); the default walks frame pointers.
+        let graph = std::env::var("SY_PERF_CALL_GRAPH").unwrap_or_else(|_| "fp".into());
+        perf.args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "2000",
+            "--call-graph",
+        ])
+        .arg(&graph)
+        .arg("-o")
+        .arg(&data)
+        .args(["-p", &pid.to_string()]);
         let mut rec = Process::spawn("perf record", perf, Place::default())?;
         std::thread::sleep(Duration::from_millis(500));
         let work = wrk(&world, path, SECS, close)?;

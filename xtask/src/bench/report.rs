@@ -461,8 +461,7 @@ pub fn http_goals(s: &Summary) -> Vec<Goal> {
     let pct = |p: Path, m: Metric| s.get(p, m).map_or("–".into(), |v| format!("{v:.1} %"));
     g.push(Goal {
         goal: format!(
-            "gRPC on one connection: every one of 3 backends within ±{GRPC_EVEN_WITHIN:.0} % of \
-             an even share (HTTP mode)"
+            "HTTP mode gRPC on one connection: 3 backends each within ±{GRPC_EVEN_WITHIN:.0} % of even"
         ),
         pass: off.is_some_and(|v| v <= GRPC_EVEN_WITHIN),
         figure: match off {
@@ -519,6 +518,13 @@ pub fn grpc_text(runs: &[Run]) -> String {
 
 pub fn goals_text(goals: &[Goal], markdown: bool) -> String {
     let mut out = String::new();
+    // The figures in one column, unless a goal's words are very long.
+    let width = goals
+        .iter()
+        .map(|g| g.goal.chars().count())
+        .filter(|n| *n <= 80)
+        .max()
+        .unwrap_or(58);
     for g in goals {
         let verdict = if g.pass { "PASS" } else { "MISS" };
         let noise = if g.inside_noise {
@@ -529,7 +535,7 @@ pub fn goals_text(goals: &[Goal], markdown: bool) -> String {
         if markdown {
             let _ = writeln!(out, "- **{verdict}** {} ({}{noise})", g.goal, g.figure);
         } else {
-            let _ = writeln!(out, "  {verdict}  {:<58} {}{noise}", g.goal, g.figure);
+            let _ = writeln!(out, "  {verdict}  {:<width$} {}{noise}", g.goal, g.figure);
         }
     }
     out
