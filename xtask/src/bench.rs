@@ -212,7 +212,7 @@ impl Plan {
                 max_repetitions: 5,
                 secs: 5,
                 redis_requests: 100_000,
-                grpc_requests: 30_000,
+                grpc_requests: 20_000,
                 patience: Duration::from_secs(90),
             }
         }

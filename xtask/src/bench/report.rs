@@ -874,5 +874,8 @@ mod tests {
             "{text}"
         );
         assert!(svg(&s, &Path::HTTP, &Metric::HTTP, "x").contains("</svg>"));
+        // The HTTP ratios count for more rounds too; every round alike here.
+        let (spread, what) = s.worst_spread(&[Metric::KeepAliveRps]).unwrap();
+        assert!(spread < NOISE && what.contains("HTTP"), "{spread} {what}");
     }
 }
