@@ -1,11 +1,13 @@
 //! `cargo xtask bench`: Switchyard against the physical reference and its peers, side by side
 //! in one run, judged against the goals of docs/benchmarks.md ("The goals").
 //!
-//! One world (the testkit's topology), one set of backends, five ways for the same client to
-//! reach them: direct, kernel mode, proxy mode, HAProxy `mode tcp`, nginx `stream`. Each case
-//! runs for a fixed time, the paths of one workload back to back so that they share the
-//! machine's mood, the whole round repeated and the median kept. Goals are judged, never
-//! asserted: a benchmark reports; tests assert. How to read the output: docs/benchmarks.md.
+//! One world (the testkit's topology), one set of backends, several ways for the same client
+//! to reach them: direct, kernel mode, proxy mode, HAProxy `mode tcp`, nginx `stream` (the L4
+//! cases), and for HTTP also the agent's HTTP mode, HAProxy `mode http` and nginx `proxy_pass`
+//! (the HTTP cases). Each case runs for a fixed time, the paths of one workload back to back so
+//! that they share the machine's mood, the whole round repeated and the median kept. Goals are
+//! judged, never asserted: a benchmark reports; tests assert. How to read the output:
+//! docs/benchmarks.md.
 
 mod cases;
 mod pinning;
@@ -49,10 +51,18 @@ pub enum Path {
     ProxyCopy,
     Haproxy,
     Nginx,
+    /// A proxy-mode service with `app_protocol = "http"` (`"grpc"` for the gRPC case): the
+    /// forwarder serves HTTP and balances each request over its pool of upstream connections.
+    Http,
+    /// HAProxy `mode http` with `http-reuse always`.
+    HaproxyHttp,
+    /// nginx `proxy_pass` to an upstream `keepalive` pool, `proxy_http_version 1.1`.
+    NginxHttp,
 }
 
 impl Path {
-    pub const ALL: [Path; 8] = [
+    /// The paths of the L4 cases, in their table's order.
+    pub const L4: [Path; 8] = [
         Path::Direct,
         Path::Kernel,
         Path::KernelLeastConn,
@@ -61,6 +71,16 @@ impl Path {
         Path::ProxyCopy,
         Path::Haproxy,
         Path::Nginx,
+    ];
+
+    /// The paths of the HTTP cases, in their table's order: the reference, the three HTTP
+    /// proxies, then the agent's L4 path for what per-request balancing changes.
+    pub const HTTP: [Path; 5] = [
+        Path::Direct,
+        Path::Http,
+        Path::HaproxyHttp,
+        Path::NginxHttp,
+        Path::Proxy,
     ];
 
     pub fn label(self) -> &'static str {
@@ -73,6 +93,9 @@ impl Path {
             Path::ProxyCopy => "proxy copy",
             Path::Haproxy => "HAProxy",
             Path::Nginx => "nginx",
+            Path::Http => "HTTP mode",
+            Path::HaproxyHttp => "HAProxy http",
+            Path::NginxHttp => "nginx http",
         }
     }
 
@@ -86,6 +109,9 @@ impl Path {
             Path::ProxyCopy => "copy",
             Path::Haproxy => "HAProxy",
             Path::Nginx => "nginx",
+            Path::Http => "HTTP",
+            Path::HaproxyHttp => "HAProxy http",
+            Path::NginxHttp => "nginx http",
         }
     }
 
@@ -99,21 +125,66 @@ impl Path {
             Path::ProxyCopy => "#9467bd",
             Path::Haproxy => "#d62728",
             Path::Nginx => "#ff7f0e",
+            Path::Http => "#0b4f8a",
+            Path::HaproxyHttp => "#8c1a1a",
+            Path::NginxHttp => "#b35900",
         }
     }
 }
 
-/// Durations and repetitions: the full run fits in about 8 minutes, `--quick` in about one.
+/// Which cases a run makes. Only a run of all of them may rewrite the README.
+#[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    All,
+    /// wrk, iperf3 and redis-benchmark over direct, kernel mode, proxy mode and the L4 peers.
+    L4,
+    /// wrk, h2load and gRPC over direct, HTTP mode, the HTTP peers and proxy mode.
+    Http,
+}
+
+impl Part {
+    fn parse(only: Option<&str>) -> anyhow::Result<Part> {
+        match only {
+            None => Ok(Part::All),
+            Some("l4") => Ok(Part::L4),
+            Some("http") => Ok(Part::Http),
+            Some(other) => bail!("--only {other}: l4 or http"),
+        }
+    }
+
+    pub fn l4(self) -> bool {
+        self != Part::Http
+    }
+
+    pub fn http(self) -> bool {
+        self != Part::L4
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Part::All => "",
+            Part::L4 => " --only l4",
+            Part::Http => " --only http",
+        }
+    }
+}
+
+/// Durations and repetitions: the full run fits in about 12 minutes (8 for the L4 cases, 4 for
+/// the HTTP ones), `--quick` in about one and a half.
 #[derive(Serialize, Clone, Copy)]
 pub struct Plan {
     pub quick: bool,
+    pub part: Part,
     pub repetitions: usize,
     /// Rounds at most for a workload whose ratios spread beyond [`report::NOISE`].
     pub max_repetitions: usize,
-    /// Seconds per wrk and iperf3 case.
+    /// Seconds per wrk, h2load and iperf3 case.
     pub secs: u32,
     /// redis-benchmark requests per test (GET, then SET): it counts requests, not time.
     pub redis_requests: u32,
+    /// gRPC calls per case: the shares are counted, so a count rather than a time.
+    pub grpc_requests: u32,
     /// How long in all the run may wait for other work on the machine to finish, or spend
     /// repeating cases that other work disturbed.
     #[serde(skip)]
@@ -121,34 +192,60 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn new(quick: bool) -> Plan {
+    fn new(quick: bool, part: Part) -> Plan {
         if quick {
             Plan {
                 quick,
+                part,
                 repetitions: 1,
                 max_repetitions: 1,
                 secs: 1,
                 redis_requests: 20_000,
+                grpc_requests: 6_000,
                 patience: Duration::from_secs(15),
             }
         } else {
             Plan {
                 quick,
+                part,
                 repetitions: 3,
                 max_repetitions: 5,
                 secs: 5,
                 redis_requests: 100_000,
+                grpc_requests: 20_000,
                 patience: Duration::from_secs(90),
             }
         }
     }
 
-    fn command(&self) -> &'static str {
-        if self.quick {
-            "cargo xtask bench --quick"
-        } else {
-            "cargo xtask bench"
+    fn command(&self) -> String {
+        format!(
+            "cargo xtask bench{}{}",
+            if self.quick { " --quick" } else { "" },
+            self.part.flag()
+        )
+    }
+
+    /// The workloads this run makes, each with its paths in the order they run.
+    fn workloads(&self) -> Vec<(Workload, Vec<Path>)> {
+        Workload::ALL
+            .into_iter()
+            .map(|w| (w, w.paths(self.part)))
+            .filter(|(_, paths)| !paths.is_empty())
+            .collect()
+    }
+
+    /// Every path of the run, once, in table order.
+    fn paths(&self) -> Vec<Path> {
+        let mut all: Vec<Path> = Vec::new();
+        let l4: &[Path] = if self.part.l4() { &Path::L4 } else { &[] };
+        let http: &[Path] = if self.part.http() { &Path::HTTP } else { &[] };
+        for p in l4.iter().chain(http) {
+            if !all.contains(p) {
+                all.push(*p);
+            }
         }
+        all
     }
 }
 
@@ -164,6 +261,9 @@ pub struct Run {
     pub notes: Vec<String>,
     /// Share of the machine's CPU that other work took meanwhile.
     pub elsewhere: f64,
+    /// Requests each backend served, in the service's order (the gRPC case).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backend_requests: Vec<u64>,
 }
 
 #[derive(Serialize)]
@@ -195,8 +295,8 @@ const NOISE_LEGEND: &str = "\n(lo–hi): the smallest and largest of the runs (f
                             ratio within each round); ≈: the rounds fell on both sides of 1.00×, \
                             a tie inside the noise";
 
-const PINNING: &str = "clients on core 0; HAProxy, nginx stream, the agent and the backends on \
-                       core 1";
+const PINNING: &str = "clients on core 0; HAProxy, nginx (both modes each), the agent and the \
+                       backends on core 1";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -211,7 +311,8 @@ fn check_interrupt() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
+pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Result<()> {
+    let part = Part::parse(only)?;
     let profile = profile
         .map(|w| match w {
             "new-connections" => Ok(Workload::Close),
@@ -244,15 +345,21 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     if let Some(workload) = profile {
-        return profile::run(workload);
+        return profile::run(workload, part == Part::Http);
     }
-    let plan = Plan::new(quick);
+    let plan = Plan::new(quick, part);
     let machine = machine(given);
     let started = Instant::now();
-    let cases = Workload::ALL.len() * Path::ALL.len() * plan.repetitions;
+    let workloads = plan.workloads();
+    let cases: usize = workloads.iter().map(|(_, p)| p.len()).sum::<usize>() * plan.repetitions;
     println!(
-        "\n== Switchyard benchmark ({}: {} × {} s per case{}, {cases} cases)",
+        "\n== Switchyard benchmark ({}{}: {} × {} s per case{}, {cases} cases)",
         if quick { "quick" } else { "full" },
+        match part {
+            Part::All => "",
+            Part::L4 => ", L4 cases only",
+            Part::Http => ", HTTP cases only",
+        },
         plan.repetitions,
         plan.secs,
         if plan.repetitions > 1 {
@@ -266,7 +373,10 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
         machine.cpu, machine.cores, machine.kernel
     );
     println!("pinning: {PINNING}");
-    println!("starting: namespaces, backends (nginx, iperf3, 3× redis), agent, HAProxy, nginx");
+    println!(
+        "starting: namespaces, backends (nginx HTTP/1.1 and h2c, 3× nginx gRPC, iperf3, 3× \
+         redis), agent, HAProxy (tcp, http), nginx (stream, http)"
+    );
     let world = World::start()?;
     for line in pinning::check(&world)? {
         println!("{line}");
@@ -279,7 +389,7 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
 
     // One short keep-alive round per path: warms caches and says early if a path is broken.
     let warm = Plan { secs: 1, ..plan };
-    for path in Path::ALL {
+    for path in plan.paths() {
         if let Err(e) = cases::run(&world, &warm, path, Workload::KeepAlive) {
             println!("  warning: {} does not answer: {e:#}", path.label());
         }
@@ -288,60 +398,65 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
 
     let warm_each = Plan {
         redis_requests: 5_000,
+        grpc_requests: 2_000,
         ..warm
     };
     let mut runs = Vec::new();
     let mut n = 0;
     let mut patience = plan.patience;
-    let mut round = |repetition: usize, workloads: &[Workload], runs: &mut Vec<Run>| {
-        for &workload in workloads {
-            // Not measured: so the first path of a workload (direct) does not pay for a cold
-            // backend and the others not.
-            let _ = cases::run(&world, &warm_each, Path::Direct, workload);
-            check_interrupt()?;
-            for path in Path::ALL {
-                n += 1;
-                let run = loop {
-                    quiet(&mut patience)?;
-                    let run = measure(&world, &plan, repetition, path, workload);
-                    check_interrupt()?;
-                    // Other work took the machine during the case: once quiet again, run it
-                    // again, paying for the lost case out of the same patience.
-                    let spent = Duration::from_secs_f64(run.seconds);
-                    if run.elsewhere > cases::ELSEWHERE_NOTE && patience > spent {
-                        patience -= spent;
-                        println!(
-                            "  [{n:>2}/{cases}] {:<22} {:<12} again: {:.0}% of the CPU went \
+    let mut round =
+        |repetition: usize, workloads: &[(Workload, Vec<Path>)], runs: &mut Vec<Run>| {
+            for (workload, paths) in workloads {
+                let workload = *workload;
+                // Not measured: so the first path of a workload (direct) does not pay for a cold
+                // backend and the others not.
+                if let Some(first) = paths.first() {
+                    let _ = cases::run(&world, &warm_each, *first, workload);
+                }
+                check_interrupt()?;
+                for &path in paths {
+                    n += 1;
+                    let run = loop {
+                        quiet(&mut patience)?;
+                        let run = measure(&world, &plan, repetition, path, workload);
+                        check_interrupt()?;
+                        // Other work took the machine during the case: once quiet again, run it
+                        // again, paying for the lost case out of the same patience.
+                        let spent = Duration::from_secs_f64(run.seconds);
+                        if run.elsewhere > cases::ELSEWHERE_NOTE && patience > spent {
+                            patience -= spent;
+                            println!(
+                                "  [{n:>3}/{cases}] {:<22} {:<12} again: {:.0}% of the CPU went \
                              elsewhere",
-                            workload.label(),
-                            path.label(),
-                            run.elsewhere * 100.0
-                        );
-                        continue;
-                    }
-                    break run;
-                };
-                println!(
-                    "  [{n:>2}/{cases}] {:<22} {:<12} {}",
-                    workload.label(),
-                    path.label(),
-                    progress(&run)
-                );
-                runs.push(run);
+                                workload.label(),
+                                path.label(),
+                                run.elsewhere * 100.0
+                            );
+                            continue;
+                        }
+                        break run;
+                    };
+                    println!(
+                        "  [{n:>3}/{cases}] {:<22} {:<12} {}",
+                        workload.label(),
+                        path.label(),
+                        progress(&run)
+                    );
+                    runs.push(run);
+                }
             }
-        }
-        anyhow::Ok(())
-    };
+            anyhow::Ok(())
+        };
     for repetition in 1..=plan.repetitions {
-        round(repetition, &Workload::ALL, &mut runs)?;
+        round(repetition, &workloads, &mut runs)?;
     }
     // One more round of each workload whose verdicts moved by more than the noise between
     // rounds, up to the plan's limit: the median of five is steadier than that of three.
     for repetition in plan.repetitions + 1..=plan.max_repetitions {
         let summary = report::Summary::of(&runs);
-        let again: Vec<Workload> = Workload::ALL
-            .into_iter()
-            .filter(|w| {
+        let again: Vec<(Workload, Vec<Path>)> = workloads
+            .iter()
+            .filter(|(w, _)| {
                 let worst = summary.worst_spread(&w.metrics());
                 if let Some((spread, what)) = worst.as_ref().filter(|(s, _)| *s > report::NOISE) {
                     println!(
@@ -353,6 +468,7 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
                 }
                 false
             })
+            .cloned()
             .collect();
         if again.is_empty() {
             break;
@@ -370,17 +486,38 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
     );
 
     let summary = report::Summary::of(&runs);
-    let goals = report::goals(&summary);
-    let values = report::values(&summary);
-    let ratios = report::ratios(&summary);
-    println!(
-        "\nmedians of {} (↑ higher is better, ↓ lower), (lo–hi) the runs' range:\n",
-        rounds_text(&runs)
-    );
-    print!("{}", values.terminal());
-    println!("\nratios:\n");
-    print!("{}", ratios.terminal());
+    let mut goals = Vec::new();
+    let mut tables = Vec::new();
+    if part.l4() {
+        goals.extend(report::goals(&summary));
+        tables.push((
+            "L4",
+            report::values(&summary, &Path::L4, &Metric::L4),
+            report::ratios(&summary, &report::RATIOS, &Metric::L4),
+        ));
+    }
+    if part.http() {
+        goals.extend(report::http_goals(&summary));
+        tables.push((
+            "HTTP",
+            report::values(&summary, &Path::HTTP, &Metric::HTTP),
+            report::ratios(&summary, &report::HTTP_RATIOS, &Metric::HTTP),
+        ));
+    }
+    for (what, values, ratios) in &tables {
+        println!(
+            "\n{what} cases, medians of {} (↑ higher is better, ↓ lower), (lo–hi) the runs' \
+             range:\n",
+            rounds_text(&runs)
+        );
+        print!("{}", values.terminal());
+        println!("\n{what} ratios:\n");
+        print!("{}", ratios.terminal());
+    }
     println!("{NOISE_LEGEND}");
+    if part.http() {
+        print!("{}", report::grpc_text(&runs));
+    }
     println!("\ngoals:\n");
     print!("{}", report::goals_text(&goals, false));
     let failed: Vec<&Run> = runs.iter().filter(|r| r.error.is_some()).collect();
@@ -411,8 +548,9 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
     let date = today();
     let out_dir = build::target_dir().join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("mkdir {}", out_dir.display()))?;
+    let command = plan.command();
     let result = ResultFile {
-        command: plan.command(),
+        command: &command,
         date: date.clone(),
         seconds,
         plan,
@@ -422,8 +560,16 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
         goals: &goals,
         runs: &runs,
     };
-    // A smoke run must not overwrite the last full run's figures.
-    let suffix = if quick { "-quick" } else { "" };
+    // A smoke run, or a part, must not overwrite the last full run's figures.
+    let suffix = format!(
+        "{}{}",
+        if quick { "-quick" } else { "" },
+        match part {
+            Part::All => "",
+            Part::L4 => "-l4",
+            Part::Http => "-http",
+        }
+    );
     let json = out_dir.join(format!("result{suffix}.json"));
     fs::write(&json, serde_json::to_string_pretty(&result)?)
         .with_context(|| format!("write {}", json.display()))?;
@@ -432,24 +578,40 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
         .filter(|r| r.elsewhere > cases::ELSEWHERE_NOTE)
         .count();
     let mut subtitle = format!(
-        "{} · {date} · {}, {} cores · median of {} × {} s",
-        plan.command(),
-        machine.cpu,
-        machine.cores,
-        plan.repetitions,
-        plan.secs
+        "{command} · {date} · {}, {} cores · median of {} × {} s",
+        machine.cpu, machine.cores, plan.repetitions, plan.secs
     );
     if busy > 0 {
         subtitle.push_str(&format!(
             " · {busy} of {cases} cases disturbed by other work"
         ));
     }
-    let chart = report::svg(&summary, &subtitle);
-    let svg = out_dir.join(format!("chart{suffix}.svg"));
-    fs::write(&svg, &chart).with_context(|| format!("write {}", svg.display()))?;
-    println!("\nwrote {} and {}", json.display(), svg.display());
+    let mut charts = Vec::new();
+    if part.l4() {
+        charts.push(("", report::svg(&summary, &Path::L4, &Metric::L4, &subtitle)));
+    }
+    if part.http() {
+        charts.push((
+            "-http",
+            report::svg(&summary, &Path::HTTP, &Metric::HTTP, &subtitle),
+        ));
+    }
+    // chart.svg and chart-http.svg from a full run; `-quick`, and `-only` for a part, beside.
+    let chart_suffix = format!(
+        "{}{}",
+        if quick { "-quick" } else { "" },
+        if part == Part::All { "" } else { "-only" }
+    );
+    for (name, chart) in &charts {
+        let svg = out_dir.join(format!("chart{name}{chart_suffix}.svg"));
+        fs::write(&svg, chart).with_context(|| format!("write {}", svg.display()))?;
+        println!("wrote {}", svg.display());
+    }
+    println!("wrote {}", json.display());
     if quick {
         println!("--quick: README.md left alone (one short run is too rough to publish)");
+    } else if part != Part::All {
+        println!("--only: README.md left alone (its tables come from a run of every case)");
     } else {
         let caveat = match busy {
             0 => String::new(),
@@ -459,7 +621,7 @@ pub fn run(quick: bool, profile: Option<&str>) -> anyhow::Result<()> {
                 cases::ELSEWHERE_NOTE * 100.0
             ),
         };
-        publish(&readme_section(&result, &values, &ratios, &caveat), &chart)?;
+        publish(&readme_section(&result, &tables, &caveat), &charts)?;
     }
     println!("done in {:.0?}", Duration::from_secs_f64(seconds));
     Ok(())
@@ -480,6 +642,7 @@ fn measure(world: &World, plan: &Plan, repetition: usize, path: Path, workload: 
             metrics: o.metrics,
             notes: o.notes,
             elsewhere: o.elsewhere,
+            backend_requests: o.backend_requests,
         },
         Err(e) => Run {
             repetition,
@@ -490,6 +653,7 @@ fn measure(world: &World, plan: &Plan, repetition: usize, path: Path, workload: 
             metrics: BTreeMap::new(),
             notes: Vec::new(),
             elsewhere: 0.0,
+            backend_requests: Vec::new(),
         },
     }
 }
@@ -521,14 +685,14 @@ fn quiet(patience: &mut Duration) -> anyhow::Result<()> {
 
 /// "3 runs", or "3 to 5 runs" where some workloads needed more rounds.
 fn rounds_text(runs: &[Run]) -> String {
+    // Only the workloads the run made (`--only` leaves some out).
     let per: Vec<usize> = Workload::ALL
         .iter()
-        .map(|w| {
+        .filter_map(|w| {
             runs.iter()
                 .filter(|r| r.workload == *w)
                 .map(|r| r.repetition)
                 .max()
-                .unwrap_or(0)
         })
         .collect();
     let (lo, hi) = (
@@ -564,25 +728,26 @@ fn progress(run: &Run) -> String {
     } else {
         String::new()
     };
-    format!("{main}{cpu}{busy}")
+    let shares = match report::shares(&run.backend_requests) {
+        Some(s) => format!("  shares {}", report::shares_text(&s)),
+        None => String::new(),
+    };
+    format!("{main}{cpu}{shares}{busy}")
 }
 
-/// The README's benchmark section: what made it, the chart, the tables, the goals.
-fn readme_section(
-    result: &ResultFile,
-    values: &report::Table,
-    ratios: &report::Table,
-    caveat: &str,
-) -> String {
+/// Tables of one part of the run: its name, the medians, the ratios.
+type Tables = [(&'static str, report::Table, report::Table)];
+
+/// The README's benchmark section: what made it, the charts, the tables, the goals.
+fn readme_section(result: &ResultFile, tables: &Tables, caveat: &str) -> String {
     let (plan, machine) = (&result.plan, result.machine);
-    format!(
+    let mut out = format!(
         "Made with `{}` on {} (commit {}): {}, {} cores, Linux {}; {} of {} s per case \
-         (redis-benchmark: {} requests per test), median shown with the runs' range (lo–hi; \
-         for ratios, the ratio within each round; ≈ marks a ratio whose rounds fell on both \
-         sides of 1.00×, a tie), more rounds where a ratio spread beyond {:.0} %; {PINNING}, \
-         checked. What each case is and how to read the ratios: \
-         [docs/benchmarks.md](docs/benchmarks.md).{caveat}\n\n\
-         ![throughput relative to direct](docs/benchmark.svg)\n\n{}\n{}\nGoals:\n\n{}",
+         (redis-benchmark: {} requests per test; gRPC: {} calls), median shown with the runs' \
+         range (lo–hi; for ratios, the ratio within each round; ≈ marks a ratio whose rounds \
+         fell on both sides of 1.00×, a tie), more rounds where a ratio spread beyond {:.0} %; \
+         {PINNING}, checked. What each case is and how to read the ratios: \
+         [docs/benchmarks.md](docs/benchmarks.md).{caveat}\n\n",
         plan.command(),
         result.date,
         machine.commit,
@@ -592,23 +757,42 @@ fn readme_section(
         rounds_text(result.runs),
         plan.secs,
         plan.redis_requests,
+        plan.grpc_requests,
         report::NOISE * 100.0,
-        values.markdown(),
-        ratios.markdown(),
-        report::goals_text(result.goals, true),
-    )
+    );
+    for (what, values, ratios) in tables {
+        let chart = if *what == "HTTP" {
+            "docs/benchmark-http.svg"
+        } else {
+            "docs/benchmark.svg"
+        };
+        out.push_str(&format!(
+            "**{what} cases**\n\n![{what} throughput relative to direct]({chart})\n\n{}\n{}\n",
+            values.markdown(),
+            ratios.markdown()
+        ));
+    }
+    out.push_str(&report::grpc_text(result.runs));
+    out.push_str(&format!(
+        "\nGoals:\n\n{}",
+        report::goals_text(result.goals, true)
+    ));
+    out
 }
 
-/// Writes the section between the README's markers and the chart beside the docs.
-fn publish(section: &str, chart: &str) -> anyhow::Result<()> {
+/// Writes the section between the README's markers and the charts beside the docs.
+fn publish(section: &str, charts: &[(&str, String)]) -> anyhow::Result<()> {
     let root = build::workspace_root();
     let docs = root.join("docs");
     fs::create_dir_all(&docs)?;
-    fs::write(docs.join("benchmark.svg"), chart).context("write docs/benchmark.svg")?;
+    for (name, chart) in charts {
+        let file = format!("benchmark{name}.svg");
+        fs::write(docs.join(&file), chart).with_context(|| format!("write docs/{file}"))?;
+    }
     let path: PathBuf = root.join("README.md");
     let readme = fs::read_to_string(&path).context("read README.md")?;
     fs::write(&path, report::splice_readme(&readme, section)).context("write README.md")?;
-    println!("updated README.md (between the bench markers) and docs/benchmark.svg");
+    println!("updated README.md (between the bench markers) and the charts in docs/");
     Ok(())
 }
 
@@ -639,6 +823,7 @@ fn machine(given: bool) -> Machine {
         ("wrk", &["-v"]),
         ("iperf3", &["--version"]),
         ("redis-server", &["--version"]),
+        ("h2load", &["--version"]),
     ] {
         tools.insert(name, first_line(name, args));
     }

@@ -64,16 +64,22 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Benchmark direct, kernel mode, proxy mode, HAProxy and nginx side by side (wrk,
-    /// iperf3, redis-benchmark); print ratios, write target/bench/result.json and a chart, and
-    /// regenerate the README's benchmark section.
+    /// Benchmark direct, kernel mode, proxy mode, HTTP mode, HAProxy and nginx side by side
+    /// (wrk, iperf3, redis-benchmark, h2load, gRPC); print ratios, write
+    /// target/bench/result.json and charts, and regenerate the README's benchmark section.
     Bench {
-        /// About a minute: 1 s per case, one repetition; leaves the README alone.
+        /// About a minute and a half: 1 s per case, one repetition; leaves the README alone.
         #[arg(long)]
         quick: bool,
+        /// Only one part of the cases: `l4` (wrk, iperf3, redis over the L4 paths) or `http`
+        /// (wrk, h2load, gRPC over HTTP mode, the HTTP peers, proxy mode and direct); leaves
+        /// the README alone.
+        #[arg(long, value_name = "PART")]
+        only: Option<String>,
         /// Instead of the tables: one workload (`new-connections` or `keep-alive`) with the
         /// agent and HAProxy under `strace -c` and `perf record`, system calls per connection
-        /// side by side (target/bench/profile-*.txt).
+        /// side by side (target/bench/profile-*.txt); with `--only http`, HTTP mode and
+        /// HAProxy `mode http`.
         #[arg(long, value_name = "WORKLOAD")]
         profile: Option<String>,
     },
@@ -100,7 +106,11 @@ fn task(task: Task) -> anyhow::Result<()> {
         Task::Test { args } => test::run(&args),
         Task::Soak { minutes, idle } => soak::run(minutes, idle),
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
-        Task::Bench { quick, profile } => bench::run(quick, profile.as_deref()),
+        Task::Bench {
+            quick,
+            only,
+            profile,
+        } => bench::run(quick, profile.as_deref(), only.as_deref()),
         Task::BenchRegistry { quick } => bench_registry::run(quick),
     }
 }

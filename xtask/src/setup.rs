@@ -47,8 +47,9 @@ const TEST_PACKAGES: &[&str] = &[
     // promtool and a real Prometheus server for the metrics tests.
     "prometheus",
 ];
-/// The peers Switchyard is measured against (HAProxy, nginx `stream`), the backends (nginx,
-/// iperf3, redis-server) and the load generators (wrk, iperf3, redis-benchmark).
+/// The peers Switchyard is measured against (HAProxy, nginx `stream` and `http`), the backends
+/// (nginx, iperf3, redis-server) and the load generators (wrk, iperf3, redis-benchmark, and
+/// h2load from nghttp2-client for HTTP/2 and gRPC).
 const BENCH_PACKAGES: &[&str] = &[
     "haproxy",
     "nginx",
@@ -57,6 +58,7 @@ const BENCH_PACKAGES: &[&str] = &[
     "iperf3",
     "redis-server",
     "redis-tools",
+    "nghttp2-client",
 ];
 
 /// bpf-linker built against LLVM 22: its default feature wants LLVM 23, which Debian here lacks.

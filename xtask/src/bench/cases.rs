@@ -1,18 +1,35 @@
 //! The workloads, the figures each yields, and how the load generators' output is read.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use super::{
-    Path, Plan, pinning, procstat,
+    Part, Path, Plan, pinning, procstat, report,
     world::{Service, World},
 };
 
 /// Concurrent connections of every client: enough to keep one core busy, few enough that
 /// latency means something.
 const CONNECTIONS: u32 = 32;
+
+/// HTTP/2: a few connections with several streams each, as many requests in flight as the
+/// other clients keep (`CONNECTIONS`).
+const H2_CONNECTIONS: u32 = 4;
+const H2_STREAMS: u32 = 8;
+
+/// gRPC: one client connection (the case is about what happens to its calls), and as many
+/// calls in flight on it as a busy client channel has.
+const GRPC_STREAMS: u32 = 16;
+
+/// The gRPC method called: the backends answer every path alike.
+const GRPC_PATH: &str = "/switchyard.bench.Bench/Call";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -27,16 +44,54 @@ pub enum Workload {
     Iperf4,
     /// redis-benchmark GET and SET: small request/response pairs over 3 backends.
     Redis,
+    /// h2load, HTTP/2 with prior knowledge: several streams on each of a few connections.
+    H2,
+    /// gRPC-shaped calls (h2load) on one HTTP/2 connection to a service of three backends:
+    /// the share each backend got.
+    Grpc,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 7] = [
         Workload::KeepAlive,
         Workload::Close,
         Workload::Iperf1,
         Workload::Iperf4,
         Workload::Redis,
+        Workload::H2,
+        Workload::Grpc,
     ];
+
+    /// The paths this workload runs over in `part` of the benchmark, in the order they run.
+    /// The two wrk workloads are both L4 and HTTP cases: direct and proxy mode serve both
+    /// tables from the same runs.
+    pub fn paths(self, part: Part) -> Vec<Path> {
+        let l4: &[Path] = match self {
+            Workload::KeepAlive
+            | Workload::Close
+            | Workload::Iperf1
+            | Workload::Iperf4
+            | Workload::Redis
+                if part.l4() =>
+            {
+                &Path::L4
+            }
+            _ => &[],
+        };
+        let http: &[Path] = match self {
+            Workload::KeepAlive | Workload::Close | Workload::H2 if part.http() => &Path::HTTP,
+            // Per-request balancing against the L4 path's one backend per connection.
+            Workload::Grpc if part.http() => &[Path::Http, Path::Proxy],
+            _ => &[],
+        };
+        let mut all: Vec<Path> = Vec::new();
+        for p in l4.iter().chain(http) {
+            if !all.contains(p) {
+                all.push(*p);
+            }
+        }
+        all
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -45,6 +100,8 @@ impl Workload {
             Workload::Iperf1 => "iperf3 1 stream",
             Workload::Iperf4 => "iperf3 4 streams",
             Workload::Redis => "redis-benchmark",
+            Workload::H2 => "h2load HTTP/2",
+            Workload::Grpc => "gRPC 1 connection",
         }
     }
 
@@ -61,6 +118,13 @@ impl Workload {
             Workload::Iperf1 => &[Metric::Iperf1Gbps, Metric::Iperf1CpuMsPerGb],
             Workload::Iperf4 => &[Metric::Iperf4Gbps],
             Workload::Redis => &[Metric::RedisGetRps, Metric::RedisSetRps, Metric::RedisCpuUs],
+            Workload::H2 => &[Metric::H2Rps, Metric::H2P99Ms, Metric::H2CpuUs],
+            Workload::Grpc => &[
+                Metric::GrpcRps,
+                Metric::GrpcMaxShare,
+                Metric::GrpcMinShare,
+                Metric::GrpcOffEven,
+            ],
         };
         m.to_vec()
     }
@@ -70,6 +134,8 @@ impl Workload {
             Workload::KeepAlive | Workload::Close => Service::Http,
             Workload::Iperf1 | Workload::Iperf4 => Service::Iperf,
             Workload::Redis => Service::Redis,
+            Workload::H2 => Service::H2,
+            Workload::Grpc => Service::Grpc,
         }
     }
 }
@@ -91,12 +157,22 @@ pub enum Metric {
     RedisGetRps,
     RedisSetRps,
     RedisCpuUs,
+    H2Rps,
+    H2P99Ms,
+    H2CpuUs,
+    GrpcRps,
+    /// The largest and the smallest share of the calls one backend got, in percent.
+    GrpcMaxShare,
+    GrpcMinShare,
+    /// How far the farthest backend's share was from an even one, in percent of even.
+    GrpcOffEven,
     /// The largest resident size seen after any case (a maximum, not a median).
     RssMib,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 14] = [
+    /// The L4 cases' table, in order.
+    pub const L4: [Metric; 14] = [
         Metric::KeepAliveRps,
         Metric::KeepAliveP50Ms,
         Metric::KeepAliveP99Ms,
@@ -110,6 +186,25 @@ impl Metric {
         Metric::RedisGetRps,
         Metric::RedisSetRps,
         Metric::RedisCpuUs,
+        Metric::RssMib,
+    ];
+
+    /// The HTTP cases' table, in order.
+    pub const HTTP: [Metric; 15] = [
+        Metric::KeepAliveRps,
+        Metric::KeepAliveP50Ms,
+        Metric::KeepAliveP99Ms,
+        Metric::KeepAliveCpuUs,
+        Metric::CloseCps,
+        Metric::CloseP99Ms,
+        Metric::CloseCpuUs,
+        Metric::H2Rps,
+        Metric::H2P99Ms,
+        Metric::H2CpuUs,
+        Metric::GrpcRps,
+        Metric::GrpcMaxShare,
+        Metric::GrpcMinShare,
+        Metric::GrpcOffEven,
         Metric::RssMib,
     ];
 
@@ -129,6 +224,13 @@ impl Metric {
             Metric::RedisGetRps => ("redis-benchmark", "GET req/s"),
             Metric::RedisSetRps => ("", "SET req/s"),
             Metric::RedisCpuUs => ("", "proxy CPU µs/req"),
+            Metric::H2Rps => ("h2load HTTP/2", "req/s"),
+            Metric::H2P99Ms => ("", "p99 ms"),
+            Metric::H2CpuUs => ("", "proxy CPU µs/req"),
+            Metric::GrpcRps => ("gRPC 1 connection", "calls/s"),
+            Metric::GrpcMaxShare => ("", "largest backend share %"),
+            Metric::GrpcMinShare => ("", "smallest backend share %"),
+            Metric::GrpcOffEven => ("", "farthest off even %"),
             Metric::RssMib => ("proxy memory", "max RSS MiB"),
         }
     }
@@ -143,12 +245,27 @@ impl Metric {
                 | Metric::Iperf4Gbps
                 | Metric::RedisGetRps
                 | Metric::RedisSetRps
+                | Metric::H2Rps
+                | Metric::GrpcRps
+        )
+    }
+
+    /// A share of the calls, judged on its own: a ratio of it to another path says nothing.
+    pub fn is_share(self) -> bool {
+        matches!(
+            self,
+            Metric::GrpcMaxShare | Metric::GrpcMinShare | Metric::GrpcOffEven
         )
     }
 
     pub fn format(self, v: f64) -> String {
         match self {
-            Metric::KeepAliveRps | Metric::CloseCps | Metric::RedisGetRps | Metric::RedisSetRps => {
+            Metric::KeepAliveRps
+            | Metric::CloseCps
+            | Metric::RedisGetRps
+            | Metric::RedisSetRps
+            | Metric::H2Rps
+            | Metric::GrpcRps => {
                 if v >= 10_000.0 {
                     format!("{:.1}k", v / 1000.0)
                 } else {
@@ -156,8 +273,13 @@ impl Metric {
                 }
             }
             Metric::Iperf1Gbps | Metric::Iperf4Gbps | Metric::KeepAliveP50Ms => format!("{v:.2}"),
-            Metric::KeepAliveP99Ms | Metric::CloseP99Ms => format!("{v:.2}"),
-            Metric::KeepAliveCpuUs | Metric::CloseCpuUs | Metric::RedisCpuUs => format!("{v:.1}"),
+            Metric::KeepAliveP99Ms | Metric::CloseP99Ms | Metric::H2P99Ms => format!("{v:.2}"),
+            Metric::KeepAliveCpuUs | Metric::CloseCpuUs | Metric::RedisCpuUs | Metric::H2CpuUs => {
+                format!("{v:.1}")
+            }
+            Metric::GrpcMaxShare | Metric::GrpcMinShare | Metric::GrpcOffEven => {
+                format!("{v:.1}")
+            }
             Metric::Iperf1CpuMsPerGb => format!("{v:.0}"),
             Metric::RssMib => format!("{v:.1}"),
         }
@@ -174,6 +296,8 @@ pub struct Outcome {
     /// The share of the machine's CPU that went to work not ours during the case (other
     /// builds, other benchmarks): the figures of a case with much of it are not comparable.
     pub elsewhere: f64,
+    /// Requests each backend served, counted by the backends (the gRPC case).
+    pub backend_requests: Vec<u64>,
 }
 
 /// Above this share of the machine used elsewhere a case is noted as suspect.
@@ -197,6 +321,8 @@ pub fn run(world: &World, plan: &Plan, path: Path, workload: Workload) -> anyhow
             if workload == Workload::Iperf1 { 1 } else { 4 },
         )?,
         Workload::Redis => redis(world, plan.redis_requests, &to)?,
+        Workload::H2 => h2(world, plan.secs, first)?,
+        Workload::Grpc => grpc(world, plan.grpc_requests, first)?,
     };
     if let (Some(pid), Some(before)) = (pid, cpu_before) {
         let cpu = procstat::cpu_seconds(pid)? - before;
@@ -207,6 +333,8 @@ pub fn run(world: &World, plan: &Plan, path: Path, workload: Workload) -> anyhow
             Workload::Iperf1 => Some((Metric::Iperf1CpuMsPerGb, 1e12)),
             Workload::Iperf4 => None,
             Workload::Redis => Some((Metric::RedisCpuUs, 1e6)),
+            Workload::H2 => Some((Metric::H2CpuUs, 1e6)),
+            Workload::Grpc => None,
         };
         if let Some((metric, scale)) = per
             && work > 0.0
@@ -481,6 +609,173 @@ pub fn parse_redis(text: &str) -> anyhow::Result<BTreeMap<String, f64>> {
     Ok(rows)
 }
 
+/// h2load over HTTP/2 with prior knowledge (an `http://` URL: no upgrade, no TLS), one
+/// thread, `H2_CONNECTIONS` × `H2_STREAMS` requests in flight, for `secs`; returns the outcome
+/// and the requests that succeeded. h2load prints no percentiles: p99 comes from its
+/// per-request log.
+fn h2(world: &World, secs: u32, to: SocketAddr) -> anyhow::Result<(Outcome, f64)> {
+    let log = world.scratch("h2load-latency.tsv");
+    let _ = fs::remove_file(&log);
+    let args: Vec<String> = vec![
+        "-t1".into(),
+        format!("-c{H2_CONNECTIONS}"),
+        format!("-m{H2_STREAMS}"),
+        "-D".into(),
+        secs.to_string(),
+        "--log-file".into(),
+        log.display().to_string(),
+        format!("http://{to}/index.html"),
+    ];
+    let text = client(
+        world,
+        "h2load",
+        &args,
+        Duration::from_secs(secs as u64 + 30),
+    )?;
+    let h = parse_h2load(&text)?;
+    let log_text =
+        fs::read_to_string(&log).with_context(|| format!("h2load's log {}", log.display()))?;
+    let _ = fs::remove_file(&log);
+    let mut out = Outcome::default();
+    out.metrics.insert(Metric::H2Rps, h.rps);
+    out.metrics.insert(Metric::H2P99Ms, p99_ms(&log_text)?);
+    h.note(&mut out);
+    Ok((out, h.succeeded as f64))
+}
+
+/// `requests` gRPC-shaped calls (POST, `content-type: application/grpc`, `te: trailers`, a
+/// length-prefixed message as the body) on one HTTP/2 connection; the backends count what
+/// each served. Returns the outcome and the calls that succeeded.
+fn grpc(world: &World, requests: u32, to: SocketAddr) -> anyhow::Result<(Outcome, f64)> {
+    let before = world.grpc_served()?;
+    let args: Vec<String> = vec![
+        "-t1".into(),
+        "-c1".into(),
+        format!("-m{GRPC_STREAMS}"),
+        "-n".into(),
+        requests.to_string(),
+        "-H".into(),
+        "content-type: application/grpc".into(),
+        "-H".into(),
+        "te: trailers".into(),
+        "-d".into(),
+        world.grpc_message().display().to_string(),
+        format!("http://{to}{GRPC_PATH}"),
+    ];
+    let text = client(world, "h2load", &args, Duration::from_secs(120))?;
+    let h = parse_h2load(&text)?;
+    // The backends log a call once its response is sent: the last few may still be on the
+    // way when the client is done.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let counts = loop {
+        let after = world.grpc_served()?;
+        let counts: Vec<u64> = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
+        if counts.iter().sum::<u64>() >= h.succeeded || Instant::now() > deadline {
+            break counts;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let Some(shares) = report::shares(&counts) else {
+        bail!("no backend served a call: {}", tail(&text));
+    };
+    let even = 1.0 / shares.len() as f64;
+    let max = shares.iter().copied().fold(0.0, f64::max);
+    let min = shares.iter().copied().fold(1.0, f64::min);
+    let mut out = Outcome::default();
+    out.metrics.insert(Metric::GrpcRps, h.rps);
+    out.metrics.insert(Metric::GrpcMaxShare, max * 100.0);
+    out.metrics.insert(Metric::GrpcMinShare, min * 100.0);
+    out.metrics.insert(
+        Metric::GrpcOffEven,
+        (max - even).max(even - min) / even * 100.0,
+    );
+    h.note(&mut out);
+    let served: u64 = counts.iter().sum();
+    if served != h.succeeded {
+        out.notes.push(format!(
+            "the backends counted {served} calls, h2load {} that succeeded",
+            h.succeeded
+        ));
+    }
+    out.backend_requests = counts;
+    Ok((out, h.succeeded as f64))
+}
+
+#[derive(Debug, PartialEq)]
+pub struct H2load {
+    pub rps: f64,
+    pub succeeded: u64,
+    /// Failed, errored and timed-out requests.
+    pub failed: u64,
+    /// Answers other than 2xx.
+    pub not_2xx: u64,
+}
+
+impl H2load {
+    fn note(&self, out: &mut Outcome) {
+        if self.failed > 0 || self.not_2xx > 0 {
+            out.notes.push(format!(
+                "h2load: {} failed, {} answers not 2xx",
+                self.failed, self.not_2xx
+            ));
+        }
+    }
+}
+
+/// h2load's summary: `finished in 5.00s, 41234.40 req/s, 9.80MB/s`, `requests: … N
+/// succeeded, N failed, N errored, N timeout`, `status codes: N 2xx, N 3xx, N 4xx, N 5xx`.
+pub fn parse_h2load(text: &str) -> anyhow::Result<H2load> {
+    let mut rps = None;
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("finished in ") {
+            rps = v
+                .split(',')
+                .find_map(|f| f.trim().strip_suffix(" req/s")?.parse::<f64>().ok());
+        } else if let Some(v) = line
+            .strip_prefix("requests:")
+            .or_else(|| line.strip_prefix("status codes:"))
+        {
+            for f in v.split(',') {
+                let mut w = f.split_whitespace();
+                if let (Some(n), Some(what)) = (w.next(), w.next())
+                    && let Ok(n) = n.parse()
+                {
+                    counts.insert(what, n);
+                }
+            }
+        }
+    }
+    let get = |k: &str| counts.get(k).copied().unwrap_or(0);
+    Ok(H2load {
+        rps: rps.with_context(|| format!("no req/s in h2load's output: {}", tail(text)))?,
+        succeeded: *counts
+            .get("succeeded")
+            .context("no succeeded count in h2load's output")?,
+        failed: get("failed") + get("errored") + get("timeout"),
+        not_2xx: get("3xx") + get("4xx") + get("5xx"),
+    })
+}
+
+/// The 99th percentile of h2load's `--log-file` (tab-separated: start in µs since the epoch,
+/// status, µs to the end of the response), in milliseconds.
+pub fn p99_ms(log: &str) -> anyhow::Result<f64> {
+    let mut us: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    if us.is_empty() {
+        bail!("h2load's log holds no requests");
+    }
+    us.sort_unstable();
+    let at = (us.len() * 99).div_ceil(100).saturating_sub(1);
+    Ok(us[at] as f64 / 1000.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,6 +811,49 @@ Transfer/sec:     16.00MB";
         let rows = parse_redis(text).expect("parses");
         assert_eq!(rows["SET"], 49504.95);
         assert_eq!(rows["GET"], 51020.41);
+    }
+
+    #[test]
+    fn each_part_runs_its_paths_and_the_wrk_cases_serve_both() {
+        let all = Workload::KeepAlive.paths(Part::All);
+        assert_eq!(all.len(), Path::L4.len() + 3, "{all:?}");
+        assert_eq!(&all[..Path::L4.len()], &Path::L4);
+        assert_eq!(Workload::Close.paths(Part::Http), Path::HTTP);
+        assert_eq!(Workload::KeepAlive.paths(Part::L4), Path::L4);
+        assert!(Workload::Iperf1.paths(Part::Http).is_empty());
+        assert!(Workload::H2.paths(Part::L4).is_empty());
+        assert_eq!(Workload::Grpc.paths(Part::All), [Path::Http, Path::Proxy]);
+        assert_eq!(Workload::H2.paths(Part::All), Path::HTTP);
+    }
+
+    #[test]
+    fn reads_h2load() {
+        let text = "starting benchmark...
+spawning thread #0: 4 total client(s). Timing-based test with 0s of warm-up time and 5s of main duration for measurements.
+Main benchmark duration is started for thread #0.
+finished in 5.00s, 41234.40 req/s, 9.80MB/s
+requests: 206172 total, 206204 started, 206172 done, 206170 succeeded, 1 failed, 1 errored, 0 timeout
+status codes: 206170 2xx, 0 3xx, 2 4xx, 0 5xx
+traffic: 49.02MB (51398240) total, 2.56MB (2681468) headers (space savings 90.12%), 25.17MB (26390016) data
+                     min         max         mean         sd        +/- sd
+time for request:      127us     12.96ms       741us       313us    77.12%";
+        let h = parse_h2load(text).expect("parses");
+        assert_eq!(
+            h,
+            H2load {
+                rps: 41234.4,
+                succeeded: 206170,
+                failed: 2,
+                not_2xx: 2
+            }
+        );
+        let mut log = String::new();
+        for i in 1..=200u64 {
+            log.push_str(&format!("1700000000000000\t200\t{}\n", i * 10));
+        }
+        // 200 requests: the 198th smallest is the 99th percentile.
+        assert!((p99_ms(&log).unwrap() - 1.98).abs() < 1e-9);
+        assert!(p99_ms("").is_err());
     }
 
     #[test]

@@ -33,7 +33,13 @@ pub fn cores(pid: u32) -> Option<Vec<String>> {
 pub fn check(world: &World) -> anyhow::Result<Vec<String>> {
     let want = PROXY_CPU.to_string();
     let mut lines = Vec::new();
-    for path in [Path::Proxy, Path::Haproxy, Path::Nginx] {
+    for path in [
+        Path::Proxy,
+        Path::Haproxy,
+        Path::Nginx,
+        Path::HaproxyHttp,
+        Path::NginxHttp,
+    ] {
         let Some(pid) = world.proxy_pid(path) else {
             continue;
         };

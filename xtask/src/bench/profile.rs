@@ -15,8 +15,10 @@ use super::{
 };
 use crate::build;
 
-/// The proxies compared: the agent on its default byte path, and HAProxy.
+/// The proxies compared: the agent on its default byte path, and HAProxy; with `--only http`,
+/// the agent's HTTP mode and HAProxy `mode http`.
 const PATHS: [Path; 2] = [Path::Proxy, Path::Haproxy];
+const HTTP_PATHS: [Path; 2] = [Path::Http, Path::HaproxyHttp];
 
 /// Seconds of load per profiler and path: the counts are per connection, so a short run is as
 /// good as a long one once it has made some thousands.
@@ -30,7 +32,8 @@ struct Calls {
     work: f64,
 }
 
-pub fn run(workload: Workload) -> anyhow::Result<()> {
+pub fn run(workload: Workload, http: bool) -> anyhow::Result<()> {
+    let paths = if http { HTTP_PATHS } else { PATHS };
     for tool in ["strace", "perf"] {
         if Command::new(tool).arg("--version").output().is_err() {
             bail!("{tool} is missing: apt-get install strace linux-perf");
@@ -50,14 +53,14 @@ pub fn run(workload: Workload) -> anyhow::Result<()> {
     let out_dir = build::target_dir().join("bench");
     fs::create_dir_all(&out_dir)?;
     // Warm both paths (and the agent's first connections) before counting.
-    for path in PATHS {
+    for path in paths {
         wrk(&world, path, 1, close)?;
     }
 
     let mut calls: Vec<(Path, Calls)> = Vec::new();
-    for path in PATHS {
+    for path in paths {
         let pid = world.proxy_pid(path).context("no proxy process")?;
-        let file = out_dir.join(format!("strace-{}.txt", path.short()));
+        let file = out_dir.join(format!("strace-{}.txt", path.short().replace(' ', "-")));
         let mut strace = Command::new("strace");
         strace
             .args(["-c", "-f", "-qq", "-U", "calls,errors,name", "-o"])
@@ -80,9 +83,12 @@ pub fn run(workload: Workload) -> anyhow::Result<()> {
     }
 
     // The calls in order, for reading one connection's story (not parsed here).
-    for path in PATHS {
+    for path in paths {
         let pid = world.proxy_pid(path).context("no proxy process")?;
-        let file = out_dir.join(format!("strace-{}-sequence.txt", path.short()));
+        let file = out_dir.join(format!(
+            "strace-{}-sequence.txt",
+            path.short().replace(' ', "-")
+        ));
         let mut strace = Command::new("strace");
         strace
             .args(["-f", "-qq", "-o"])
@@ -95,13 +101,26 @@ pub fn run(workload: Workload) -> anyhow::Result<()> {
     }
 
     let mut perf_text = String::new();
-    for path in PATHS {
+    for path in paths {
         let pid = world.proxy_pid(path).context("no proxy process")?;
-        let data = out_dir.join(format!("perf-{}.data", path.short()));
+        let data = out_dir.join(format!("perf-{}.data", path.short().replace(' ', "-")));
         let mut perf = Command::new("perf");
-        perf.args(["record", "-q", "-e", "cpu-clock", "-F", "2000", "-g", "-o"])
-            .arg(&data)
-            .args(["-p", &pid.to_string()]);
+        // Release builds keep no frame pointers: `SY_PERF_CALL_GRAPH=dwarf` gives callers of
+        // the agent's own code (and files some hundred MB); the default walks frame pointers.
+        let graph = std::env::var("SY_PERF_CALL_GRAPH").unwrap_or_else(|_| "fp".into());
+        perf.args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "2000",
+            "--call-graph",
+        ])
+        .arg(&graph)
+        .arg("-o")
+        .arg(&data)
+        .args(["-p", &pid.to_string()]);
         let mut rec = Process::spawn("perf record", perf, Place::default())?;
         std::thread::sleep(Duration::from_millis(500));
         let work = wrk(&world, path, SECS, close)?;
@@ -131,10 +150,11 @@ pub fn run(workload: Workload) -> anyhow::Result<()> {
     let table = calls_table(&calls, what);
     print!("\nsystem calls per {what} (strace -c -f on the proxy's process):\n\n{table}");
     print!("{perf_text}");
-    let name = if close {
-        "new-connections"
-    } else {
-        "keep-alive"
+    let name = match (http, close) {
+        (false, true) => "new-connections",
+        (false, false) => "keep-alive",
+        (true, true) => "http-new-connections",
+        (true, false) => "http-keep-alive",
     };
     let txt = out_dir.join(format!("profile-{name}.txt"));
     fs::write(&txt, format!("{table}{perf_text}"))?;

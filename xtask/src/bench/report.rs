@@ -76,8 +76,11 @@ impl Summary {
     /// `metrics`: above [`NOISE`], the round is worth repeating.
     pub fn worst_spread(&self, metrics: &[Metric]) -> Option<(f64, String)> {
         let mut worst: Option<(f64, String)> = None;
-        for m in metrics.iter().filter(|m| **m != Metric::RssMib) {
-            for (a, b) in RATIOS {
+        for m in metrics
+            .iter()
+            .filter(|m| **m != Metric::RssMib && !m.is_share())
+        {
+            for (a, b) in RATIOS.into_iter().chain(HTTP_RATIOS) {
                 let (Some(r), Some([lo, hi])) = (self.ratio(a, *m, b), self.ratio_range(a, *m, b))
                 else {
                     continue;
@@ -117,18 +120,19 @@ pub struct Table(pub Vec<Vec<String>>);
 
 const DASH: &str = "–";
 
-pub fn values(s: &Summary) -> Table {
+/// The medians of `metrics` (rows) over `paths` (columns), each with its runs' range.
+pub fn values(s: &Summary, paths: &[Path], metrics: &[Metric]) -> Table {
     let mut rows = vec![
         ["workload", "figure"]
             .into_iter()
             .map(String::from)
-            .chain(Path::ALL.iter().map(|p| p.label().to_owned()))
+            .chain(paths.iter().map(|p| p.label().to_owned()))
             .collect::<Vec<_>>(),
     ];
-    for m in Metric::ALL {
+    for &m in metrics {
         let (w, what) = m.row();
         let mut row = vec![w.to_owned(), what.to_owned()];
-        row.extend(Path::ALL.iter().map(|p| {
+        row.extend(paths.iter().map(|p| {
             let Some(v) = s.get(*p, m) else {
                 return DASH.into();
             };
@@ -144,9 +148,9 @@ pub fn values(s: &Summary) -> Table {
     Table(rows)
 }
 
-/// The ratios people ask for: every path to the physical reference, and the proxies in
-/// userspace (the forwarder on both byte paths, nginx) to HAProxy.
-const RATIOS: [(Path, Path); 9] = [
+/// The ratios people ask for of the L4 cases: every path to the physical reference, and the
+/// proxies in userspace (the forwarder on both byte paths, nginx) to HAProxy.
+pub const RATIOS: [(Path, Path); 9] = [
     (Path::Kernel, Path::Direct),
     (Path::KernelLeastConn, Path::Direct),
     (Path::KernelPeakEwma, Path::Direct),
@@ -158,16 +162,30 @@ const RATIOS: [(Path, Path); 9] = [
     (Path::Nginx, Path::Haproxy),
 ];
 
-pub fn ratios(s: &Summary) -> Table {
+/// Of the HTTP cases: each HTTP proxy to direct, HTTP mode to each peer, and HTTP mode to the
+/// agent's own L4 path (what parsing and per-request balancing cost or gain).
+pub const HTTP_RATIOS: [(Path, Path); 7] = [
+    (Path::Http, Path::Direct),
+    (Path::HaproxyHttp, Path::Direct),
+    (Path::NginxHttp, Path::Direct),
+    (Path::Http, Path::HaproxyHttp),
+    (Path::Http, Path::NginxHttp),
+    (Path::Http, Path::Proxy),
+    (Path::NginxHttp, Path::HaproxyHttp),
+];
+
+/// The ratios `pairs` of `metrics`; shares are left out (a ratio of shares says nothing), and
+/// rows without a figure.
+pub fn ratios(s: &Summary, pairs: &[(Path, Path)], metrics: &[Metric]) -> Table {
     let mut head = vec!["workload".to_owned(), "figure".to_owned()];
     head.extend(
-        RATIOS
+        pairs
             .iter()
             .map(|(a, b)| format!("{} / {}", a.short(), b.short())),
     );
     let mut rows = vec![head];
-    for m in Metric::ALL {
-        let cells: Vec<String> = RATIOS
+    for &m in metrics.iter().filter(|m| !m.is_share()) {
+        let cells: Vec<String> = pairs
             .iter()
             .map(|(a, b)| {
                 let Some(r) = s.ratio(*a, m, *b) else {
@@ -190,13 +208,34 @@ pub fn ratios(s: &Summary) -> Table {
         if cells.iter().all(|c| c == DASH) {
             continue;
         }
-        let (w, what) = m.row();
+        // The workload's name goes with its first row shown.
+        let w = metric_workload(metrics, m);
+        let shown_before = rows.iter().skip(1).any(|r| r[0] == w);
+        let (_, what) = m.row();
         let arrow = if m.higher_is_better() { "↑" } else { "↓" };
-        let mut row = vec![w.to_owned(), format!("{what} {arrow}")];
+        let mut row = vec![
+            if shown_before { "" } else { w }.to_owned(),
+            format!("{what} {arrow}"),
+        ];
         row.extend(cells);
         rows.push(row);
     }
     Table(rows)
+}
+
+/// The workload a metric's row belongs to: its own name, or that of the nearest row above it
+/// in `metrics` that names one (continuation rows leave it empty).
+fn metric_workload(metrics: &[Metric], m: Metric) -> &'static str {
+    let (w, _) = m.row();
+    if !w.is_empty() {
+        return w;
+    }
+    metrics
+        .iter()
+        .take_while(|x| **x != m)
+        .filter(|x| !x.row().0.is_empty())
+        .last()
+        .map_or("", |x| x.row().0)
 }
 
 impl Table {
@@ -257,26 +296,46 @@ pub struct Goal {
     pub inside_noise: bool,
 }
 
+/// How a ratio is judged against its threshold.
+#[derive(Clone, Copy)]
+pub enum Cmp {
+    AtLeast,
+    AtMost,
+    /// Strictly above: "beats", "ahead of".
+    Above,
+}
+
+/// A goal on the ratio of `a` to `b` in `m`.
+pub fn ratio_goal(
+    s: &Summary,
+    goal: &str,
+    (a, m, b): (Path, Metric, Path),
+    threshold: f64,
+    cmp: Cmp,
+) -> Goal {
+    let r = s.ratio(a, m, b);
+    let range = s.ratio_range(a, m, b);
+    Goal {
+        goal: goal.to_owned(),
+        pass: r.is_some_and(|r| match cmp {
+            Cmp::AtLeast => r >= threshold,
+            Cmp::AtMost => r <= threshold,
+            Cmp::Above => r > threshold,
+        }),
+        figure: match (r, range) {
+            (Some(r), Some([lo, hi])) if lo < hi => format!("{r:.2}× ({lo:.2}–{hi:.2})"),
+            (Some(r), _) => format!("{r:.2}×"),
+            _ => "no figure".into(),
+        },
+        inside_noise: inside_noise(range, threshold),
+    }
+}
+
+/// The L4 cases' goals.
 pub fn goals(s: &Summary) -> Vec<Goal> {
-    let one = |goal: &str, (a, m, b): (Path, Metric, Path), threshold: f64, above: bool| {
-        let r = s.ratio(a, m, b);
-        let range = s.ratio_range(a, m, b);
-        Goal {
-            goal: goal.to_owned(),
-            pass: r.is_some_and(|r| {
-                if above {
-                    r >= threshold
-                } else {
-                    r <= threshold
-                }
-            }),
-            figure: match (r, range) {
-                (Some(r), Some([lo, hi])) if lo < hi => format!("{r:.2}× ({lo:.2}–{hi:.2})"),
-                (Some(r), _) => format!("{r:.2}×"),
-                _ => "no figure".into(),
-            },
-            inside_noise: inside_noise(range, threshold),
-        }
+    let one = |goal: &str, t: (Path, Metric, Path), threshold: f64, above: bool| {
+        let cmp = if above { Cmp::AtLeast } else { Cmp::AtMost };
+        ratio_goal(s, goal, t, threshold, cmp)
     };
     let mut g = vec![
         one(
@@ -358,8 +417,114 @@ pub fn goals(s: &Summary) -> Vec<Goal> {
     g
 }
 
+/// How far from even a backend's share of the gRPC calls may be, in percent of even.
+pub const GRPC_EVEN_WITHIN: f64 = 10.0;
+
+/// The HTTP cases' goals.
+pub fn http_goals(s: &Summary) -> Vec<Goal> {
+    let mut g = vec![
+        ratio_goal(
+            s,
+            "HTTP mode keep-alive req/s ≥ HAProxy mode http",
+            (Path::Http, Metric::KeepAliveRps, Path::HaproxyHttp),
+            1.0,
+            Cmp::AtLeast,
+        ),
+        ratio_goal(
+            s,
+            "HTTP mode keep-alive proxy CPU per request ≤ HAProxy mode http",
+            (Path::Http, Metric::KeepAliveCpuUs, Path::HaproxyHttp),
+            1.0,
+            Cmp::AtMost,
+        ),
+        ratio_goal(
+            s,
+            "HTTP mode keep-alive p99 latency ≤ HAProxy mode http",
+            (Path::Http, Metric::KeepAliveP99Ms, Path::HaproxyHttp),
+            1.0,
+            Cmp::AtMost,
+        ),
+        ratio_goal(
+            s,
+            "HTTP mode beats L4 proxy mode with a new client connection per request",
+            (Path::Http, Metric::CloseCps, Path::Proxy),
+            1.0,
+            Cmp::Above,
+        ),
+    ];
+    let off = s.get(Path::Http, Metric::GrpcOffEven);
+    let range = s
+        .spread
+        .get(&Path::Http)
+        .and_then(|x| x.get(&Metric::GrpcOffEven))
+        .copied();
+    let pct = |p: Path, m: Metric| s.get(p, m).map_or("–".into(), |v| format!("{v:.1} %"));
+    g.push(Goal {
+        goal: format!(
+            "HTTP mode gRPC on one connection: 3 backends each within ±{GRPC_EVEN_WITHIN:.0} % of even"
+        ),
+        pass: off.is_some_and(|v| v <= GRPC_EVEN_WITHIN),
+        figure: match off {
+            Some(v) => format!(
+                "{} to {} per backend, {v:.1} % off even at most; L4 proxy mode: {} to {}",
+                pct(Path::Http, Metric::GrpcMinShare),
+                pct(Path::Http, Metric::GrpcMaxShare),
+                pct(Path::Proxy, Metric::GrpcMinShare),
+                pct(Path::Proxy, Metric::GrpcMaxShare),
+            ),
+            None => "no figure".into(),
+        },
+        inside_noise: inside_noise(range, GRPC_EVEN_WITHIN),
+    });
+    g
+}
+
+/// Each backend's share of `counts`, or `None` if nothing was counted.
+pub fn shares(counts: &[u64]) -> Option<Vec<f64>> {
+    let total: u64 = counts.iter().sum();
+    (total > 0).then(|| counts.iter().map(|c| *c as f64 / total as f64).collect())
+}
+
+/// `33.4 % / 33.3 % / 33.3 %`.
+pub fn shares_text(shares: &[f64]) -> String {
+    shares
+        .iter()
+        .map(|s| format!("{:.1} %", s * 100.0))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// The calls each gRPC backend served, run by run: the share each got, as the case asks.
+pub fn grpc_text(runs: &[Run]) -> String {
+    let mut out = String::new();
+    for r in runs.iter().filter(|r| !r.backend_requests.is_empty()) {
+        if out.is_empty() {
+            out.push_str(
+                "\ngRPC on one connection, calls each backend served (backends 1 / 2 / 3):\n\n",
+            );
+        }
+        let counts: Vec<String> = r.backend_requests.iter().map(u64::to_string).collect();
+        let _ = writeln!(
+            out,
+            "- {} round {}: {} ({})",
+            r.path.label(),
+            r.repetition,
+            counts.join(" / "),
+            shares(&r.backend_requests).map_or_else(String::new, |s| shares_text(&s))
+        );
+    }
+    out
+}
+
 pub fn goals_text(goals: &[Goal], markdown: bool) -> String {
     let mut out = String::new();
+    // The figures in one column, unless a goal's words are very long.
+    let width = goals
+        .iter()
+        .map(|g| g.goal.chars().count())
+        .filter(|n| *n <= 80)
+        .max()
+        .unwrap_or(58);
     for g in goals {
         let verdict = if g.pass { "PASS" } else { "MISS" };
         let noise = if g.inside_noise {
@@ -370,28 +535,31 @@ pub fn goals_text(goals: &[Goal], markdown: bool) -> String {
         if markdown {
             let _ = writeln!(out, "- **{verdict}** {} ({}{noise})", g.goal, g.figure);
         } else {
-            let _ = writeln!(out, "  {verdict}  {:<58} {}{noise}", g.goal, g.figure);
+            let _ = writeln!(out, "  {verdict}  {:<width$} {}{noise}", g.goal, g.figure);
         }
     }
     out
 }
 
 /// The throughput figures, each path as a fraction of direct, as grouped bars.
-pub fn svg(s: &Summary, subtitle: &str) -> String {
+pub fn svg(s: &Summary, paths: &[Path], metrics: &[Metric], subtitle: &str) -> String {
     const W: f64 = 980.0;
     const H: f64 = 460.0;
     const LEFT: f64 = 60.0;
     const RIGHT: f64 = 20.0;
     const TOP: f64 = 80.0;
     const BOTTOM: f64 = 70.0;
-    let metrics: Vec<Metric> = Metric::ALL
-        .into_iter()
-        .filter(|m| m.higher_is_better())
-        .collect();
     let ratio = |p: Path, m: Metric| s.ratio(p, m, Path::Direct);
+    // Throughput with a direct figure to compare to (the gRPC case has none).
+    let all = metrics;
+    let metrics: Vec<Metric> = all
+        .iter()
+        .copied()
+        .filter(|m| m.higher_is_better() && paths.iter().any(|p| ratio(*p, *m).is_some()))
+        .collect();
     let top = metrics
         .iter()
-        .flat_map(|m| Path::ALL.iter().filter_map(|p| ratio(*p, *m)))
+        .flat_map(|m| paths.iter().filter_map(|p| ratio(*p, *m)))
         .fold(1.0f64, f64::max);
     let y_max = ((top * 1.1) / 0.25).ceil() * 0.25;
     let plot_h = H - TOP - BOTTOM;
@@ -414,8 +582,10 @@ pub fn svg(s: &Summary, subtitle: &str) -> String {
         "<text x=\"{LEFT}\" y=\"42\" fill=\"#555\">{}</text>",
         escape(subtitle)
     );
-    for (i, p) in Path::ALL.iter().enumerate() {
-        let x = LEFT + i as f64 * 150.0;
+    // The legend in one row across the plot's width.
+    let step = (plot_w / paths.len().max(1) as f64).min(150.0);
+    for (i, p) in paths.iter().enumerate() {
+        let x = LEFT + i as f64 * step;
         let _ = writeln!(
             o,
             "<rect x=\"{x}\" y=\"54\" width=\"12\" height=\"12\" fill=\"{}\"/>\
@@ -445,10 +615,10 @@ pub fn svg(s: &Summary, subtitle: &str) -> String {
         v += 0.25;
     }
     let group = plot_w / metrics.len() as f64;
-    let bar = group * 0.8 / Path::ALL.len() as f64;
+    let bar = group * 0.8 / paths.len() as f64;
     for (g, m) in metrics.iter().enumerate() {
         let x0 = LEFT + g as f64 * group + group * 0.1;
-        for (i, p) in Path::ALL.iter().enumerate() {
+        for (i, p) in paths.iter().enumerate() {
             let x = x0 + i as f64 * bar;
             let cx = x + bar / 2.0;
             match ratio(*p, *m) {
@@ -481,8 +651,7 @@ pub fn svg(s: &Summary, subtitle: &str) -> String {
         let (w, what) = m.row();
         let w = if w.is_empty() {
             // Continuation rows (redis SET) take their workload from the row above.
-            Metric::ALL
-                .iter()
+            all.iter()
                 .take_while(|x| *x != m)
                 .filter(|x| !x.row().0.is_empty())
                 .last()
@@ -581,6 +750,7 @@ mod tests {
             metrics: [(metric, v)].into(),
             notes: Vec::new(),
             elsewhere: 0.0,
+            backend_requests: Vec::new(),
         }
     }
 
@@ -606,7 +776,9 @@ mod tests {
         let g = goals(&s);
         let ahead = g.iter().find(|g| g.goal.contains("ahead")).unwrap();
         assert!(!ahead.inside_noise, "every round ahead: not noise");
-        assert!(ratios(&s).terminal().contains("1.02× (1.01–1.04)"));
+        let t = ratios(&s, &RATIOS, &Metric::L4).terminal();
+        // 100 / 97 over the medians; 1.01 to 1.04 round by round.
+        assert!(t.contains("1.03× (1.01–1.04)"), "{t}");
     }
 
     #[test]
@@ -625,7 +797,7 @@ mod tests {
         ));
         let (spread, _) = s.worst_spread(&[m]).unwrap();
         assert!(spread > NOISE, "{spread}");
-        assert!(ratios(&s).terminal().contains("≈"));
+        assert!(ratios(&s, &RATIOS, &Metric::L4).terminal().contains("≈"));
     }
 
     #[test]
@@ -639,12 +811,71 @@ mod tests {
             .entry(Path::Kernel)
             .or_default()
             .insert(Metric::KeepAliveRps, 99.0);
-        let t = ratios(&s);
+        let t = ratios(&s, &RATIOS, &Metric::L4);
         assert_eq!(t.0.len(), 2);
         assert_eq!(t.0[1][2], "0.99×");
         let g = goals(&s);
         assert!(g[0].pass);
         assert!(!g[2].pass);
-        assert!(svg(&s, "x").contains("0.99"));
+        assert!(svg(&s, &Path::L4, &Metric::L4, "x").contains("0.99"));
+    }
+
+    #[test]
+    fn http_goals_judge_http_mode_against_haproxy_and_l4_and_the_grpc_shares() {
+        let mut runs = Vec::new();
+        for round in 1..=3 {
+            for (path, rps, cpu, p99, close) in [
+                (Path::Http, 40_000.0, 18.0, 1.9, 9_000.0),
+                (Path::HaproxyHttp, 38_000.0, 20.0, 2.0, 8_000.0),
+                (Path::Proxy, 41_000.0, 17.0, 1.8, 7_000.0),
+            ] {
+                let mut r = run(round, path, Metric::KeepAliveRps, rps);
+                r.metrics.insert(Metric::KeepAliveCpuUs, cpu);
+                r.metrics.insert(Metric::KeepAliveP99Ms, p99);
+                r.metrics.insert(Metric::CloseCps, close);
+                runs.push(r);
+            }
+            // Round robin per request against one backend for the one connection.
+            for (path, counts) in [
+                (Path::Http, vec![3334, 3333, 3333]),
+                (Path::Proxy, vec![0, 10_000, 0]),
+            ] {
+                let sh = shares(&counts).unwrap();
+                let max = sh.iter().copied().fold(0.0, f64::max);
+                let min = sh.iter().copied().fold(1.0, f64::min);
+                let mut r = run(round, path, Metric::GrpcMaxShare, max * 100.0);
+                r.metrics.insert(Metric::GrpcMinShare, min * 100.0);
+                r.metrics.insert(
+                    Metric::GrpcOffEven,
+                    (max - 1.0 / 3.0).max(1.0 / 3.0 - min) * 300.0,
+                );
+                r.backend_requests = counts;
+                runs.push(r);
+            }
+        }
+        let s = Summary::of(&runs);
+        let g = http_goals(&s);
+        let verdicts: Vec<bool> = g.iter().map(|g| g.pass).collect();
+        assert_eq!(
+            verdicts,
+            [true, true, true, true, true],
+            "{}",
+            goals_text(&g, false)
+        );
+        assert!(g[4].figure.contains("33.3 % to 33.3 %"), "{}", g[4].figure);
+        assert!(g[4].figure.contains("0.0 % to 100.0 %"), "{}", g[4].figure);
+        // Shares are judged, never shown as ratios.
+        let t = ratios(&s, &HTTP_RATIOS, &Metric::HTTP).terminal();
+        assert!(!t.contains("share"), "{t}");
+        assert!(t.contains("1.05×"), "{t}");
+        let text = grpc_text(&runs);
+        assert!(
+            text.contains("proxy mode round 2: 0 / 10000 / 0 (0.0 % / 100.0 % / 0.0 %)"),
+            "{text}"
+        );
+        assert!(svg(&s, &Path::HTTP, &Metric::HTTP, "x").contains("</svg>"));
+        // The HTTP ratios count for more rounds too; every round alike here.
+        let (spread, what) = s.worst_spread(&[Metric::KeepAliveRps]).unwrap();
+        assert!(spread < NOISE && what.contains("HTTP"), "{spread} {what}");
     }
 }

@@ -1,13 +1,15 @@
 //! The benchmark's world: the testkit's topology, real backends in it, the agent, and the two
-//! peers it is measured against, all listening on addresses inside namespaces the run made.
+//! peers it is measured against (each once in TCP mode and once in HTTP mode), all listening on
+//! addresses inside namespaces the run made.
 //!
 //! ```text
 //!   pod ns 10.77.0.2 (clients, core 0, in the steered cgroup)
 //!     │  direct ─────────────────────────────────────────────► backend ns 10.77.0.11..13
-//!     │  kernel-mode VIP 10.96.0.1x/4x/5x ─ connect() rewritten ►  nginx :80 (backend 1)
+//!     │  kernel-mode VIP 10.96.0.1x/4x/5x ─ connect() rewritten ►  nginx :80, h2c :81 (backend 1)
 //!     │  proxy-mode VIP 10.96.0.2x ──► agent 10.77.0.1:15001 ─►   iperf3 -s :5201 (backend 1)
-//!     │  HAProxy 10.77.0.1:18xxx ─────────────────────────────►   redis-server :6379 (all three)
-//!     └  nginx stream 10.77.0.1:18xxx ────────────────────────►
+//!     │  HTTP-mode VIP 10.96.0.6x ───► (the same forwarder) ──►   redis-server :6379 (all three)
+//!     │  HAProxy tcp, http 10.77.0.1:180xx ───────────────────►   nginx gRPC h2c :50051 (all three)
+//!     └  nginx stream, http 10.77.0.1:180xx ──────────────────►
 //!                        node ns (proxies on core 1)      (backends on core 1 too)
 //! ```
 //!
@@ -41,19 +43,34 @@ const START: Duration = Duration::from_secs(15);
 /// What a client talks to; each has its own backends, service addresses and peer ports.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Service {
+    /// HTTP/1.1 (nginx).
     Http,
     Iperf,
     Redis,
+    /// HTTP/2 with prior knowledge (the same nginx on a cleartext `http2` listener).
+    H2,
+    /// gRPC-shaped calls over HTTP/2 (three nginx, one per backend, counting what they serve).
+    Grpc,
 }
 
 impl Service {
-    pub const ALL: [Service; 3] = [Service::Http, Service::Iperf, Service::Redis];
+    /// The services of the L4 cases: TCP-mode peers and every agent path serve them.
+    pub const L4: [Service; 3] = [Service::Http, Service::Iperf, Service::Redis];
+    pub const ALL: [Service; 5] = [
+        Service::Http,
+        Service::Iperf,
+        Service::Redis,
+        Service::H2,
+        Service::Grpc,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Service::Http => "http",
             Service::Iperf => "iperf",
             Service::Redis => "redis",
+            Service::H2 => "h2",
+            Service::Grpc => "grpc",
         }
     }
 
@@ -62,16 +79,19 @@ impl Service {
             Service::Http => 80,
             Service::Iperf => 5201,
             Service::Redis => 6379,
+            Service::H2 => 81,
+            Service::Grpc => 50051,
         }
     }
 
     /// iperf3 serves one test at a time and a test's control and data connections must all
-    /// reach the same server, so it gets one backend; HTTP gets one so that the direct case
-    /// talks to exactly the server the proxies do; redis shows balancing over three.
+    /// reach the same server, so it gets one backend; HTTP (both versions) gets one so that
+    /// the direct case talks to exactly the server the proxies do; redis shows balancing over
+    /// three, gRPC the share of one connection's calls each of three got.
     fn backends(self) -> usize {
         match self {
-            Service::Http | Service::Iperf => 1,
-            Service::Redis => 3,
+            Service::Http | Service::Iperf | Service::H2 => 1,
+            Service::Redis | Service::Grpc => 3,
         }
     }
 
@@ -80,6 +100,31 @@ impl Service {
             Service::Http => 0,
             Service::Iperf => 1,
             Service::Redis => 2,
+            Service::H2 => 3,
+            Service::Grpc => 4,
+        }
+    }
+
+    /// The agent's paths to this service: every L4 one for the L4 services, HTTP mode for
+    /// the HTTP ones (and the L4 proxy path beside it).
+    fn agent_paths(self) -> &'static [Path] {
+        match self {
+            Service::Http => &[
+                Path::Kernel,
+                Path::KernelLeastConn,
+                Path::KernelPeakEwma,
+                Path::Proxy,
+                Path::ProxyCopy,
+                Path::Http,
+            ],
+            Service::Iperf | Service::Redis => &[
+                Path::Kernel,
+                Path::KernelLeastConn,
+                Path::KernelPeakEwma,
+                Path::Proxy,
+                Path::ProxyCopy,
+            ],
+            Service::H2 | Service::Grpc => &[Path::Proxy, Path::Http],
         }
     }
 
@@ -90,6 +135,7 @@ impl Service {
             Path::ProxyCopy => 30,
             Path::KernelLeastConn => 40,
             Path::KernelPeakEwma => 50,
+            Path::Http => 60,
             _ => 20,
         };
         SocketAddr::from(([10, 96, 0, base + self.index()], self.backend_port()))
@@ -101,9 +147,15 @@ impl Service {
             (Service::Http, Path::Nginx) => 18081,
             (Service::Iperf, Path::Nginx) => 18202,
             (Service::Redis, Path::Nginx) => 18380,
+            (Service::Http, Path::HaproxyHttp) => 18090,
+            (Service::H2, Path::HaproxyHttp) => 18091,
+            (Service::Http, Path::NginxHttp) => 18093,
+            (Service::H2, Path::NginxHttp) => 18094,
             (Service::Http, _) => 18080,
             (Service::Iperf, _) => 18201,
             (Service::Redis, _) => 18379,
+            // No peer serves these (the gRPC case runs over the agent only): nothing listens.
+            (Service::H2 | Service::Grpc, _) => 18099,
         };
         SocketAddr::from(([10, 77, 0, 1], port))
     }
@@ -136,12 +188,19 @@ impl Drop for TempDir {
 pub struct World {
     pub haproxy: Process,
     pub nginx: Process,
+    /// HAProxy `mode http` and nginx `http`: processes of their own, with their own configs.
+    pub haproxy_http: Process,
+    pub nginx_http: Process,
     pub agent: Agent,
     /// Backends, held for their guards.
     _servers: Vec<Process>,
+    /// Each gRPC backend's log, one line per call served.
+    grpc_logs: Vec<PathBuf>,
+    /// The body of every gRPC call: one length-prefixed message.
+    grpc_message: PathBuf,
     pub topo: Topology,
     /// Configs, pid files and logs, held for its guard.
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl World {
@@ -157,17 +216,56 @@ impl World {
         for i in 0..Service::Redis.backends() {
             servers.push(redis_server(&topo, &dir, i)?);
         }
+        let mut grpc_logs = Vec::new();
+        for i in 0..Service::Grpc.backends() {
+            let (p, log) = grpc_backend(&topo, &dir, i)?;
+            servers.push(p);
+            grpc_logs.push(log);
+        }
+        // Field 1 (bytes) of 14 bytes, behind gRPC's prefix: not compressed, 16 bytes long.
+        let mut message = vec![0u8, 0, 0, 0, 16, 0x0a, 14];
+        message.extend_from_slice(b"switchyard-rpc");
+        let grpc_message = dir.0.join("grpc-message.bin");
+        fs::write(&grpc_message, &message)
+            .with_context(|| format!("write {}", grpc_message.display()))?;
         let agent = start_agent(&topo)?;
         let haproxy = haproxy(&topo, &dir)?;
         let nginx = nginx_stream(&topo, &dir)?;
+        let haproxy_http = haproxy_http(&topo, &dir)?;
+        let nginx_http = nginx_http(&topo, &dir)?;
         Ok(World {
             haproxy,
             nginx,
+            haproxy_http,
+            nginx_http,
             agent,
             _servers: servers,
+            grpc_logs,
+            grpc_message,
             topo,
-            _dir: dir,
+            dir,
         })
+    }
+
+    /// A file in the run's own directory, for a client's output (removed with the run).
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    /// The body every gRPC call sends.
+    pub fn grpc_message(&self) -> &FsPath {
+        &self.grpc_message
+    }
+
+    /// Calls each gRPC backend has served since it started, in the service's order.
+    pub fn grpc_served(&self) -> anyhow::Result<Vec<u64>> {
+        self.grpc_logs
+            .iter()
+            .map(|p| {
+                let text = fs::read(p).with_context(|| format!("read {}", p.display()))?;
+                Ok(text.iter().filter(|b| **b == b'\n').count() as u64)
+            })
+            .collect()
     }
 
     /// Where a client on `path` connects for `service`: one address, but every backend's for
@@ -179,8 +277,11 @@ impl World {
             | Path::KernelLeastConn
             | Path::KernelPeakEwma
             | Path::Proxy
-            | Path::ProxyCopy => vec![service.vip(path)],
-            Path::Haproxy | Path::Nginx => vec![service.peer(path)],
+            | Path::ProxyCopy
+            | Path::Http => vec![service.vip(path)],
+            Path::Haproxy | Path::Nginx | Path::HaproxyHttp | Path::NginxHttp => {
+                vec![service.peer(path)]
+            }
         }
     }
 
@@ -193,9 +294,12 @@ impl World {
             | Path::KernelLeastConn
             | Path::KernelPeakEwma
             | Path::Proxy
-            | Path::ProxyCopy => Some(self.agent.process.pid()),
+            | Path::ProxyCopy
+            | Path::Http => Some(self.agent.process.pid()),
             Path::Haproxy => Some(self.haproxy.pid()),
             Path::Nginx => Some(self.nginx.pid()),
+            Path::HaproxyHttp => Some(self.haproxy_http.pid()),
+            Path::NginxHttp => Some(self.nginx_http.pid()),
         }
     }
 
@@ -281,10 +385,13 @@ fn in_ns(ns: &Netns) -> Place<'_> {
     }
 }
 
-/// nginx serving one small static file, the HTTP backend of every path. One process
-/// (`master_process off`) so that its guard's PID is all there is to end.
+/// nginx serving one small static file, the HTTP backend of every path: HTTP/1.1 on port 80,
+/// HTTP/2 with prior knowledge on 81 (nginx 1.22 speaks only HTTP/2 on a cleartext `listen
+/// … http2`, with no upgrade from HTTP/1.1, which is h2c as h2load and the proxies send it).
+/// One process (`master_process off`) so that its guard's PID is all there is to end.
 fn backend_nginx(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
     let addr = backend(topo, 0, Service::Http);
+    let h2 = backend(topo, 0, Service::H2);
     let root = dir.0.join("www");
     fs::create_dir_all(&root)?;
     // 128 bytes: a small response, so the figures are about connections and requests.
@@ -298,11 +405,10 @@ fn backend_nginx(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
              pid {d}/nginx-backend.pid;\nerror_log {d}/nginx-backend.log warn;\n\
              events {{ worker_connections {MAX_CONNECTIONS}; }}\n\
              http {{\n  access_log off;\n  default_type text/plain;\n\
-             \x20 keepalive_requests 1000000000;\n  keepalive_timeout 120s;\n\
-             \x20 client_body_temp_path {d}/tmp-body;\n  proxy_temp_path {d}/tmp-proxy;\n\
-             \x20 fastcgi_temp_path {d}/tmp-fastcgi;\n  uwsgi_temp_path {d}/tmp-uwsgi;\n\
-             \x20 scgi_temp_path {d}/tmp-scgi;\n\
-             \x20 server {{ listen {addr} backlog=4096; root {root}; }}\n}}\n",
+             \x20 keepalive_requests 1000000000;\n  keepalive_timeout 120s;\n{}\
+             \x20 server {{ listen {addr} backlog=4096; root {root}; }}\n\
+             \x20 server {{ listen {h2} http2 backlog=4096; root {root}; }}\n}}\n",
+            temp_paths(dir, "backend"),
             root = root.display()
         ),
     )?;
@@ -314,7 +420,50 @@ fn backend_nginx(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
         &topo.backend_ns[0],
     )?;
     wait_listening(&topo.backend_ns[0], addr, &mut p).context("backend nginx")?;
+    wait_listening(&topo.backend_ns[0], h2, &mut p).context("backend nginx h2c")?;
     Ok(p)
+}
+
+/// nginx's temporary directories for one instance, in the run's directory (the defaults are
+/// the system's, shared with any nginx the host runs).
+fn temp_paths(dir: &TempDir, name: &str) -> String {
+    let d = dir.0.join(format!("tmp-{name}"));
+    let d = d.display();
+    format!(
+        "  client_body_temp_path {d}-body;\n  proxy_temp_path {d}-proxy;\n\
+         \x20 fastcgi_temp_path {d}-fastcgi;\n  uwsgi_temp_path {d}-uwsgi;\n\
+         \x20 scgi_temp_path {d}-scgi;\n"
+    )
+}
+
+/// gRPC backend `i`: nginx on a cleartext HTTP/2 listener answering every call with `200`,
+/// `content-type: application/grpc` and a `grpc-status: 0` trailer, and logging one line
+/// per call (the share each backend got is counted here, where the calls land, the same way
+/// for every path). The answer's body is a short text, not a decodable message: nothing on
+/// the path decodes it.
+fn grpc_backend(topo: &Topology, dir: &TempDir, i: usize) -> anyhow::Result<(Process, PathBuf)> {
+    let addr = backend(topo, i, Service::Grpc);
+    let name = format!("nginx-grpc-{}", i + 1);
+    let calls = dir.0.join(format!("{name}-calls.log"));
+    let d = dir.0.display();
+    let conf = dir.write(
+        &format!("{name}.conf"),
+        &format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n\
+             pid {d}/{name}.pid;\nerror_log {d}/{name}.log warn;\n\
+             events {{ worker_connections {MAX_CONNECTIONS}; }}\n\
+             http {{\n  log_format calls '$status';\n  access_log {} calls;\n\
+             \x20 keepalive_requests 1000000000;\n  keepalive_timeout 120s;\n{}\
+             \x20 server {{\n    listen {addr} http2 backlog=4096;\n\
+             \x20   location / {{\n      default_type application/grpc;\n\
+             \x20     add_trailer grpc-status 0;\n      return 200 \"switchyard\";\n    }}\n  }}\n}}\n",
+            calls.display(),
+            temp_paths(dir, &name),
+        ),
+    )?;
+    let mut p = nginx(&conf, dir, &name, Some(PROXY_CPU), &topo.backend_ns[i])?;
+    wait_listening(&topo.backend_ns[i], addr, &mut p).with_context(|| name.clone())?;
+    Ok((p, calls))
 }
 
 /// Checks the config with `nginx -t`, then runs it in the foreground in `ns`.
@@ -388,9 +537,11 @@ fn redis_server(topo: &Topology, dir: &TempDir, i: usize) -> anyhow::Result<Proc
     Ok(p)
 }
 
-/// The agent with a kernel-mode and two proxy-mode service addresses (the default byte path,
-/// and `copy`) for each service, over the same backends as the peers. Started with this thread pinned to the proxy core, so the agent
-/// inherits it (as under `taskset`) and its runtime sizes itself to that one core.
+/// The agent with, for each L4 service, a kernel-mode address for each kernel algorithm and two
+/// proxy-mode ones (the default byte path, and `copy`), and for each HTTP service an L4
+/// proxy-mode address and an HTTP-mode one (`app_protocol`), over the same backends as the
+/// peers. Started with this thread pinned to the proxy core, so the agent inherits it (as
+/// under `taskset`) and its runtime sizes itself to that one core.
 fn start_agent(topo: &Topology) -> anyhow::Result<Agent> {
     let mut services = String::new();
     for s in Service::ALL {
@@ -398,27 +549,24 @@ fn start_agent(topo: &Topology) -> anyhow::Result<Agent> {
             .iter()
             .map(|a| format!("\"{a}\""))
             .collect();
-        for (path, name, mode, byte_path) in [
-            (Path::Kernel, "kernel", "kernel", ""),
-            (
-                Path::KernelLeastConn,
-                "kernel-lc",
-                "kernel",
-                "algorithm = \"least_connections\"\n",
-            ),
-            (
-                Path::KernelPeakEwma,
-                "kernel-ewma",
-                "kernel",
-                "algorithm = \"peak_ewma\"\n",
-            ),
-            (Path::Proxy, "proxy", "proxy", ""),
-            (Path::ProxyCopy, "copy", "proxy", "byte_path = \"copy\"\n"),
-        ] {
+        for &path in s.agent_paths() {
+            let (name, mode, extra) = match path {
+                Path::Kernel => ("kernel", "kernel", ""),
+                Path::KernelLeastConn => {
+                    ("kernel-lc", "kernel", "algorithm = \"least_connections\"\n")
+                }
+                Path::KernelPeakEwma => ("kernel-ewma", "kernel", "algorithm = \"peak_ewma\"\n"),
+                Path::ProxyCopy => ("copy", "proxy", "byte_path = \"copy\"\n"),
+                Path::Http if s == Service::Grpc => {
+                    ("httpmode", "proxy", "app_protocol = \"grpc\"\n")
+                }
+                Path::Http => ("httpmode", "proxy", "app_protocol = \"http\"\n"),
+                _ => ("proxy", "proxy", ""),
+            };
             let _ = write!(
                 services,
                 "[[service]]\nname = \"{}-{name}\"\nvip = \"{}\"\nmode = \"{mode}\"\n\
-                 {byte_path}backends = [{}]\n\n",
+                 {extra}backends = [{}]\n\n",
                 s.name(),
                 s.vip(path),
                 list.join(", ")
@@ -476,7 +624,7 @@ fn haproxy(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
          \x20   timeout client 2m\n    timeout server 2m\n\n",
         dir.0.display()
     );
-    for s in Service::ALL {
+    for s in Service::L4 {
         let _ = writeln!(
             conf,
             "listen {}\n    bind {}\n    balance roundrobin",
@@ -488,7 +636,52 @@ fn haproxy(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
         }
         conf.push('\n');
     }
-    let conf = dir.write("haproxy.cfg", &conf)?;
+    start_haproxy(
+        topo,
+        dir,
+        "haproxy",
+        &conf,
+        Service::Http.peer(Path::Haproxy),
+    )
+}
+
+/// HAProxy `mode http`, a process of its own beside the TCP one, likewise one thread on the
+/// proxy core. `http-reuse always`: an idle server connection serves any request, the first
+/// of a client connection included (the default, `safe`, sends each client connection's first
+/// request on a connection of its own, so with one request per client connection it would
+/// reuse nothing). HTTP/2 from the client (`proto h2`: prior knowledge) goes to the backend's
+/// HTTP/2 listener as HTTP/2 (`proto h2` on the server).
+fn haproxy_http(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
+    let b1 = backend(topo, 0, Service::Http);
+    let b1_h2 = backend(topo, 0, Service::H2);
+    let conf = format!(
+        "global\n    nbthread 1\n    maxconn {MAX_CONNECTIONS}\n    pidfile {}/haproxy-http.pid\n\n\
+         defaults\n    mode http\n    maxconn {MAX_CONNECTIONS}\n    timeout connect 1s\n\
+         \x20   timeout client 2m\n    timeout server 2m\n    http-reuse always\n\n\
+         listen http\n    bind {}\n    balance roundrobin\n    server b1 {b1}\n\n\
+         listen h2\n    bind {} proto h2\n    balance roundrobin\n    server b1 {b1_h2} proto h2\n",
+        dir.0.display(),
+        Service::Http.peer(Path::HaproxyHttp),
+        Service::H2.peer(Path::HaproxyHttp),
+    );
+    start_haproxy(
+        topo,
+        dir,
+        "haproxy-http",
+        &conf,
+        Service::Http.peer(Path::HaproxyHttp),
+    )
+}
+
+/// Checks `conf` with `haproxy -c`, then runs it in the foreground on the proxy core.
+fn start_haproxy(
+    topo: &Topology,
+    dir: &TempDir,
+    name: &str,
+    conf: &str,
+    probe: SocketAddr,
+) -> anyhow::Result<Process> {
+    let conf = dir.write(&format!("{name}.cfg"), conf)?;
     let out = Command::new("haproxy")
         .arg("-c")
         .arg("-q")
@@ -506,8 +699,41 @@ fn haproxy(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", &PROXY_CPU.to_string(), "haproxy", "-db", "-f"])
         .arg(&conf);
-    let mut p = Process::spawn("haproxy", cmd, in_ns(&topo.node))?;
-    wait_listening(&topo.node, Service::Http.peer(Path::Haproxy), &mut p).context("haproxy")?;
+    let mut p = Process::spawn(name, cmd, in_ns(&topo.node))?;
+    wait_listening(&topo.node, probe, &mut p).context(name.to_owned())?;
+    Ok(p)
+}
+
+/// nginx `http` as a reverse proxy, one process on the proxy core: `proxy_pass` to an
+/// upstream with a `keepalive` pool of 64 idle connections (the agent's bound per backend),
+/// HTTP/1.1 upstream with the client's `Connection` header dropped, as nginx's documentation
+/// asks for keep-alive. HTTP/2 from the client (a cleartext `http2` listener: prior knowledge)
+/// goes upstream as HTTP/1.1 too: `proxy_pass` speaks nothing else.
+fn nginx_http(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
+    let d = dir.0.display();
+    let b1 = backend(topo, 0, Service::Http);
+    let conf = dir.write(
+        "nginx-http.conf",
+        &format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n\
+             pid {d}/nginx-http.pid;\nerror_log {d}/nginx-http.log warn;\n\
+             events {{ worker_connections {MAX_CONNECTIONS}; }}\n\
+             http {{\n  access_log off;\n\
+             \x20 keepalive_requests 1000000000;\n  keepalive_timeout 120s;\n{}\
+             \x20 upstream backend {{\n    server {b1};\n    keepalive 64;\n\
+             \x20   keepalive_requests 1000000000;\n    keepalive_timeout 120s;\n  }}\n\
+             \x20 server {{\n    listen {} backlog=4096;\n    listen {} http2 backlog=4096;\n\
+             \x20   location / {{\n      proxy_pass http://backend;\n\
+             \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+             \x20     proxy_connect_timeout 1s;\n    }}\n  }}\n}}\n",
+            temp_paths(dir, "http"),
+            Service::Http.peer(Path::NginxHttp),
+            Service::H2.peer(Path::NginxHttp),
+        ),
+    )?;
+    let mut p = nginx(&conf, dir, "nginx-http", Some(PROXY_CPU), &topo.node)?;
+    wait_listening(&topo.node, Service::Http.peer(Path::NginxHttp), &mut p)
+        .context("nginx http")?;
     Ok(p)
 }
 
@@ -523,7 +749,7 @@ fn nginx_stream(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
          load_module {NGINX_STREAM_MODULE};\n\
          events {{ worker_connections {MAX_CONNECTIONS}; }}\nstream {{\n"
     );
-    for s in Service::ALL {
+    for s in Service::L4 {
         let _ = writeln!(conf, "  upstream {} {{", s.name());
         for b in backends(topo, s) {
             let _ = writeln!(conf, "    server {b};");
