@@ -46,6 +46,14 @@ const TEST_PACKAGES: &[&str] = &[
     "runc",
     // promtool and a real Prometheus server for the metrics tests.
     "prometheus",
+    // HTTP mode's clients (curl, and nghttp for HTTP/2 on one connection) and the redis
+    // server and client that `auto` detection must pass through untouched.
+    "curl",
+    "nghttp2-client",
+    "redis-server",
+    "redis-tools",
+    // The kernel-learning tests' backend that is slow to accept.
+    "python3",
 ];
 /// The peers Switchyard is measured against (HAProxy, nginx `stream` and `http`), the backends
 /// (nginx, iperf3, redis-server) and the load generators (wrk, iperf3, redis-benchmark, and
