@@ -615,11 +615,8 @@ mod tests {
             0,
             "an idle direction holds no memory"
         );
-        assert_eq!(
-            memory(FIRST_BUFFER).as_ptr(),
-            at,
-            "the last one lent is the next one out"
-        );
+        let again = memory(FIRST_BUFFER);
+        assert_eq!(again.as_ptr(), at, "the last one lent is the next one out");
         let spares = || SPARE.with_borrow(Vec::len);
         let before = spares();
         let mut grown = Buffer::new(FIRST_BUFFER * 2);
