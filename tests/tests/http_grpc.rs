@@ -137,14 +137,26 @@ fn unavailable_and_killed_backends_are_retried_and_grpc_timeout_is_the_deadline(
     assert!(!seen.contains_key("backend-1"), "{seen:?}");
     assert_eq!(seen.len(), 2, "{seen:?}");
 
-    // The deadline the backend is told is what is left of the tighter of the client's and
-    // the service's (10 s here, the client 3 s): at most the client's.
-    let out = grpc_call(&topo, VIP, &["--timeout-ms", "3000", "--calls", "4", "who"])?;
-    for l in out.iter().filter(|l| l.starts_with("ok ")) {
-        let t = l.split("timeout=").nth(1).unwrap_or("");
-        let ms = switchyard_testkit::http::grpc_timeout_ms(t)
-            .unwrap_or_else(|| panic!("no grpc-timeout passed on: {l}"));
-        assert!((2000..=3000).contains(&ms), "{l}");
+    // Each attempt tells the backend what is left of the request's deadline: the tighter of
+    // the client's and the service's (10 s): the service's, with no client deadline or a
+    // longer one, the client's when it is shorter.
+    for (client, want) in [
+        (None, 9000..=10_000),
+        (Some("20000"), 9000..=10_000),
+        (Some("3000"), 2000..=3000),
+    ] {
+        let mut args = vec!["--calls", "4", "who"];
+        if let Some(t) = client {
+            args.splice(0..0, ["--timeout-ms", t]);
+        }
+        let out = grpc_call(&topo, VIP, &args)?;
+        assert_eq!(answered(&out).values().sum::<usize>(), 4, "{out:?}");
+        for l in out.iter().filter(|l| l.starts_with("ok ")) {
+            let t = l.split("timeout=").nth(1).unwrap_or("");
+            let ms = switchyard_testkit::http::grpc_timeout_ms(t)
+                .unwrap_or_else(|| panic!("no grpc-timeout passed on: {l}"));
+            assert!(want.contains(&ms), "client {client:?}: {l}");
+        }
     }
 
     // The client's grpc-timeout is the request's deadline: backend-3 takes 5 s and does not
