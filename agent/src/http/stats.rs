@@ -133,10 +133,13 @@ impl Totals {
     }
 }
 
-/// Every group, by service, then route (`""`: served without a route).
+/// A service's groups by route (`""`: served without a route).
+type Routes = HashMap<Arc<str>, Arc<Group>>;
+
+/// Every group, by service, then route.
 #[derive(Debug, Default)]
 pub struct Stats {
-    groups: RwLock<HashMap<Arc<str>, HashMap<Arc<str>, Arc<Group>>>>,
+    groups: RwLock<HashMap<Arc<str>, Routes>>,
     series: AtomicUsize,
     /// Requests not counted because the series bound was reached.
     pub unrecorded: AtomicU64,

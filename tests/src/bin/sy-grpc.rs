@@ -156,7 +156,7 @@ fn show_status(s: &Status) {
 #[derive(Clone)]
 enum Client {
     Channel(EchoClient<Channel>),
-    Raw(EchoClient<RawTransport>),
+    Raw(Box<EchoClient<RawTransport>>),
 }
 
 type RawTransport = hyper_util::client::legacy::Client<
@@ -185,10 +185,8 @@ async fn call(
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .http2_only(true)
                 .build_http();
-        Client::Raw(EchoClient::with_origin(
-            hyper,
-            target.parse().expect("target"),
-        ))
+        let origin = target.parse().expect("target");
+        Client::Raw(Box::new(EchoClient::with_origin(hyper, origin)))
     } else {
         // One channel: one HTTP/2 connection that every call shares.
         let channel = Channel::from_shared(target)
