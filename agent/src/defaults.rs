@@ -211,6 +211,12 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// per-request buffer limit; linkerd2-proxy: 64 KiB). Larger ones are never retried once sent.
 pub const REPLAY_BODY_MAX: usize = 64 * 1024;
 
+/// HTTP request series kept for the metrics, one per (service, route, backend): beyond this,
+/// requests are counted as unrecorded (about 600 bytes each, so at most some 12 MB). Envoy and
+/// linkerd2-proxy bound nothing here; their label sets follow the config as ours do, and this
+/// is the backstop against a catalog that churns faster than it is scraped.
+pub const HTTP_STATS_MAX_SERIES: usize = 20_000;
+
 /// Open client connections a `[[gateway]]` listener takes; more are reset at once (HAProxy's
 /// `maxconn` default is about 4,000 per process on small hosts; nginx 512 per worker).
 pub const GATEWAY_MAX_CONNECTIONS: u32 = 10_000;

@@ -26,6 +26,8 @@ pub struct Live {
     pub table: SharedTable,
     /// What the eBPF programs count per kernel-mode backend (`None` in tests without them).
     pub kernel: Option<Arc<KernelLearned>>,
+    /// HTTP mode's request counters (docs/http.md).
+    pub http: Arc<crate::http::stats::Stats>,
 }
 
 /// One look at the catalog, the board and the table.
@@ -38,6 +40,8 @@ pub struct Snapshot {
     kernel: HashMap<(SocketAddr, SocketAddr), BackendStats>,
     /// The programs' clock (CLOCK_MONOTONIC) at this moment.
     pub kernel_now_ns: u64,
+    /// HTTP mode's request counters (live, not copied).
+    pub http: Arc<crate::http::stats::Stats>,
 }
 
 pub use crate::registry::Ownership;
@@ -67,6 +71,7 @@ impl Live {
             now: Instant::now(),
             kernel,
             kernel_now_ns: crate::datapath::maps::kernel_now_ns(),
+            http: self.http.clone(),
         }
     }
 

@@ -135,10 +135,12 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
         )
         .map_err(anyhow::Error::msg)?,
     );
+    let http_stats = Arc::new(crate::http::stats::Stats::default());
     let http = Arc::new(crate::http::Context {
         routes,
         directory: Arc::new(crate::forwarder::TableDirectory(table.clone())),
         own_mark: defaults::OWN_MARK,
+        stats: http_stats.clone(),
     });
     let mut _gateways = Vec::new();
     for g in &config.gateways {
@@ -176,6 +178,7 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
         board: board.clone(),
         table: forwarder.table.clone(),
         kernel: Some(Arc::new(reconciler.maps().learned_handle()?)),
+        http: http_stats,
     };
     // The programs eject on their own; the agent says so in its log.
     let _learned = AbortOnDrop(tokio::spawn(datapath::learned::watch(

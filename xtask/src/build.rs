@@ -73,7 +73,8 @@ pub fn cargo_test(args: &[&str]) -> Command {
     let mut cmd = cargo(args);
     cmd.env("SWITCHYARD_BIN", binary("switchyard", false))
         .env("SY_PROBE_BIN", binary("sy-probe", false))
-        .env("SY_HTTP_BIN", binary("sy-http", false));
+        .env("SY_HTTP_BIN", binary("sy-http", false))
+        .env("SY_GRPC_BIN", binary("sy-grpc", false));
     cmd
 }
 

@@ -1,17 +1,19 @@
-//! The API's view of a live snapshot: one service's state, health and counters as JSON.
+//! The API's view of a live snapshot: one service's state, health and counters as JSON (HTTP
+//! mode's request counts too: [`http_state`]).
 
 use std::sync::atomic::Ordering;
 
 use switchyard_common::maps::BackendStats;
 
 use super::view::{
-    BackendLive, CountersView, DrainProgress, ForwarderState, Health, KernelBackendView,
-    ServiceState,
+    BackendLive, CountersView, DrainProgress, ForwarderState, Health, HttpState, KernelBackendView,
+    RequestCounts, RouteRequests, ServiceState,
 };
 use crate::{
     catalog::Service,
     datapath::learned,
     health::{BackendHealth, Counters, Verdict},
+    http::stats::{CLASSES, Totals},
     live::Snapshot,
     registry::Source,
 };
@@ -63,6 +65,41 @@ pub fn state(snap: &Snapshot, s: &Service, source: Option<Source>) -> ServiceSta
         source,
         forwarder,
         backends,
+        http: http_state(snap, s),
+    }
+}
+
+/// An HTTP-mode service's request counts, and per route that sent it requests.
+pub fn http_state(snap: &Snapshot, s: &Service) -> Option<HttpState> {
+    if s.mode != crate::catalog::Mode::Proxy || s.policy.app_protocol.is_tcp() {
+        return None;
+    }
+    let routes = snap
+        .http
+        .service_routes(&s.name)
+        .into_iter()
+        .map(|(route, t)| RouteRequests {
+            route,
+            requests: request_counts(&t),
+        })
+        .collect();
+    Some(HttpState {
+        requests: request_counts(&snap.http.service_totals(&s.name)),
+        routes,
+    })
+}
+
+fn request_counts(t: &Totals) -> RequestCounts {
+    RequestCounts {
+        by_class: CLASSES
+            .iter()
+            .zip(t.requests)
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, n)| (c.to_string(), n))
+            .collect(),
+        by_proxy: t.by_proxy,
+        retries: t.retries,
+        in_flight: t.in_flight,
     }
 }
 

@@ -40,6 +40,7 @@ fn api() -> (Api, Registry) {
         board: Arc::new(Board::default()),
         table: SharedTable::default(),
         kernel: None,
+        http: Default::default(),
     };
     (Api::new(live, listen()), registry)
 }

@@ -52,6 +52,32 @@ pub struct ServiceState {
     /// Proxy mode only: the forwarder's service-wide counters.
     pub forwarder: Option<ForwarderState>,
     pub backends: Vec<BackendLive>,
+    /// HTTP mode only (`app_protocol` other than `tcp`): its requests, and per route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpState>,
+}
+
+/// A service's HTTP requests, over its routes and backends, and the routes that sent them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpState {
+    pub requests: RequestCounts,
+    pub routes: Vec<RouteRequests>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRequests {
+    pub route: String,
+    pub requests: RequestCounts,
+}
+
+/// Requests by status class (`1xx` … `5xx`), how many of them the proxy answered itself,
+/// retries on another backend, and requests in flight now.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    pub by_class: std::collections::BTreeMap<String, u64>,
+    pub by_proxy: u64,
+    pub retries: u64,
+    pub in_flight: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -247,7 +273,9 @@ pub fn entry(s: &Service) -> Value {
             m.insert(k.into(), json!(n));
         }
     }
-    if p.hash_key != Default::default() {
+    if let Some(k) = &p.hash_on {
+        m.insert("hash_key".into(), json!(k.to_string()));
+    } else if p.hash_key != Default::default() {
         m.insert("hash_key".into(), json!(p.hash_key));
     }
     if p.byte_path != Default::default() {

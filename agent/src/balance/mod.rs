@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use crate::catalog::Algorithm;
 
 pub use candidates::{Upstream, UpstreamCandidate};
-pub use hash::{Maglev, Ring, ring_points};
+pub use hash::{Maglev, Ring, key_hash, ring_points};
 pub use weighted::{fit_weights, smooth_weighted_order};
 
 /// What a balancer sees of one backend.

@@ -12,7 +12,7 @@ use serde::{
 
 use super::{
     Algorithm, AppProtocol, Backend, BackendState, BytePath, HashKey, HealthCheck, Mode, Policy,
-    Probe, Protocol, Service, ServiceAddr, duration::HumanDuration,
+    Probe, Protocol, RequestKey, Service, ServiceAddr, duration::HumanDuration,
 };
 use crate::defaults;
 
@@ -40,7 +40,7 @@ pub struct RawService {
     drain_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     #[serde(default)]
-    hash_key: HashKey,
+    hash_key: RawHashKey,
     #[serde(default)]
     byte_path: BytePath,
     health: Option<RawHealth>,
@@ -52,6 +52,51 @@ pub struct RawService {
     try_timeout: Option<HumanDuration>,
     #[serde(default)]
     access_log: bool,
+}
+
+/// `hash_key`: `client_ip` (the default), `client_ip_port`, or in HTTP mode `header:NAME` or
+/// `cookie:NAME` (the client's address where a request lacks it).
+#[derive(Default)]
+struct RawHashKey(HashKey, Option<RequestKey>);
+
+/// Header and cookie names: an HTTP token (RFC 9110 §5.6.2), at most this long.
+const KEY_NAME_MAX: usize = 128;
+
+fn token(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= KEY_NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// One `hash_key` value, as written.
+pub fn hash_key(v: &str) -> Result<(HashKey, Option<RequestKey>), String> {
+    let expected = "client_ip, client_ip_port, header:NAME or cookie:NAME";
+    Ok(match v.split_once(':') {
+        None if v == "client_ip" => (HashKey::ClientIp, None),
+        None if v == "client_ip_port" => (HashKey::ClientIpPort, None),
+        Some(("header", n)) if token(n) => (
+            HashKey::ClientIp,
+            Some(RequestKey::Header(n.to_ascii_lowercase())),
+        ),
+        Some(("cookie", n)) if token(n) => (HashKey::ClientIp, Some(RequestKey::Cookie(n.into()))),
+        Some(("header" | "cookie", n)) => {
+            return Err(format!(
+                "`{n}` is not a header or cookie name (1 to {KEY_NAME_MAX} letters, digits or \
+                 !#$%&'*+-.^_`|~)"
+            ));
+        }
+        _ => return Err(format!("`{v}` is not one of {expected}")),
+    })
+}
+
+impl<'de> Deserialize<'de> for RawHashKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = String::deserialize(d)?;
+        let (client, request) = hash_key(&v).map_err(de::Error::custom)?;
+        Ok(RawHashKey(client, request))
+    }
 }
 
 /// `health = { kind = "http", path = "/healthz", status = 200, interval = "2s", … }`
@@ -138,7 +183,7 @@ impl RawService {
             max_connections: raw.max_connections,
             drain_timeout: raw.drain_timeout.map(|d| d.0),
             idle_timeout: raw.idle_timeout.map(|d| d.0),
-            hash_key: raw.hash_key,
+            hash_key: raw.hash_key.0,
             byte_path: raw.byte_path,
             health,
             outlier_failures: raw.outlier_failures,
@@ -147,6 +192,7 @@ impl RawService {
             request_timeout: raw.request_timeout.map(|d| d.0),
             try_timeout: raw.try_timeout.map(|d| d.0),
             access_log: raw.access_log,
+            hash_on: raw.hash_key.1,
         };
         let service = Service {
             policy,
@@ -307,6 +353,65 @@ mod tests {
         assert_eq!(s.policy.app_protocol, AppProtocol::Grpc);
         assert_eq!(s.policy.try_timeout, Some(Duration::from_millis(500)));
         assert!(s.policy.access_log);
+    }
+
+    #[test]
+    fn hash_keys_read_and_refuse_with_the_field_named() {
+        let s = json(
+            r#"{"vip": "10.96.0.10:80", "mode": "proxy", "app_protocol": "http",
+                "algorithm": "maglev", "hash_key": "header:X-User"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.policy.hash_on, Some(RequestKey::Header("x-user".into())));
+        assert_eq!(s.policy.hash_key, HashKey::ClientIp, "the fallback");
+        let s = json(
+            r#"{"vip": "10.96.0.10:80", "mode": "proxy", "app_protocol": "grpc",
+                "algorithm": "ring_hash", "hash_key": "cookie:session"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.policy.hash_on, Some(RequestKey::Cookie("session".into())));
+        let s = json(r#"{"vip": "10.96.0.10:80", "hash_key": "client_ip_port"}"#).unwrap();
+        assert_eq!(
+            (s.policy.hash_key, s.policy.hash_on),
+            (HashKey::ClientIpPort, None)
+        );
+        let cases = [
+            (
+                r#""hash_key": "header:""#,
+                "hash_key: `` is not a header or cookie name",
+            ),
+            (
+                r#""hash_key": "header:a b""#,
+                "hash_key: `a b` is not a header",
+            ),
+            (
+                r#""hash_key": "body:x""#,
+                "hash_key: `body:x` is not one of",
+            ),
+            (r#""hash_key": 7"#, "hash_key: invalid type"),
+        ];
+        for (field, want) in cases {
+            let text = format!(
+                r#"{{"vip": "10.96.0.1:80", "mode": "proxy", "app_protocol": "http",
+                    "algorithm": "maglev", {field}}}"#
+            );
+            let e = json(&text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e:?} lacks {want:?}");
+        }
+        let e = json(r#"{"vip": "10.96.0.1:80", "mode": "proxy", "algorithm": "maglev", "hash_key": "header:x"}"#)
+            .unwrap_err();
+        assert!(
+            e.starts_with("hash_key: header:x is read from HTTP requests"),
+            "{e}"
+        );
+        let e = json(
+            r#"{"vip": "10.96.0.1:80", "mode": "proxy", "app_protocol": "http", "hash_key": "cookie:s"}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("hash_key: cookie:s is hashed by maglev or ring_hash only"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -88,6 +88,27 @@ pub enum HashKey {
     ClientIpPort,
 }
 
+/// HTTP mode: a request's part a consistent-hash service hashes instead of the client's
+/// address (`hash_key = "header:NAME"` or `"cookie:NAME"`). A request without it hashes the
+/// client's address (`client_ip`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKey {
+    /// A request header's first value; the name in lower case.
+    Header(String),
+    /// A cookie's value, by its name.
+    Cookie(String),
+}
+
+impl fmt::Display for RequestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestKey::Header(n) => write!(f, "header:{n}"),
+            RequestKey::Cookie(n) => write!(f, "cookie:{n}"),
+        }
+    }
+}
+
 /// How the forwarder moves bytes for a service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,6 +176,9 @@ pub struct Policy {
     /// HTTP: one line per request on the agent's log.
     #[serde(default)]
     pub access_log: bool,
+    /// HTTP mode, Maglev and ring hash: hash this part of each request (`hash_key`).
+    #[serde(default)]
+    pub hash_on: Option<RequestKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -275,6 +299,13 @@ pub enum Invalid {
     AppProtocolKernel(AppProtocol),
     #[error("try_timeout: must be positive and at most request_timeout")]
     TryTimeout,
+    #[error(
+        "hash_key: {0} is read from HTTP requests; it needs mode = \"proxy\" and app_protocol \
+         http, grpc or auto"
+    )]
+    HashOnTcp(RequestKey),
+    #[error("hash_key: {0} is hashed by maglev or ring_hash only; algorithm is {1:?}")]
+    HashOnAlgorithm(RequestKey, Algorithm),
     #[error("health: interval, timeout, rise and fall must be positive, timeout at most interval")]
     Health,
     #[error(
@@ -335,6 +366,14 @@ impl Service {
             return Err(Invalid::AppProtocolKernel(self.policy.app_protocol));
         }
         let p = &self.policy;
+        if let Some(k) = &p.hash_on {
+            if self.mode != Mode::Proxy || p.app_protocol.is_tcp() {
+                return Err(Invalid::HashOnTcp(k.clone()));
+            }
+            if !self.algorithm.hashes_client() {
+                return Err(Invalid::HashOnAlgorithm(k.clone(), self.algorithm));
+            }
+        }
         if p.try_timeout.is_some_and(|t| t.is_zero())
             || p.request_timeout.is_some_and(|t| t.is_zero())
             || matches!((p.try_timeout, p.request_timeout), (Some(t), Some(r)) if t > r)

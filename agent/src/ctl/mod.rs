@@ -400,6 +400,9 @@ fn state(s: &ServiceState) -> String {
         );
     }
     out.push('\n');
+    if let Some(h) = &s.http {
+        out += &http_requests(h);
+    }
     let dash = || "-".to_string();
     let rows: Vec<Vec<String>> = s
         .backends
@@ -440,6 +443,27 @@ fn state(s: &ServiceState) -> String {
             ],
             &rows,
         );
+    }
+    out
+}
+
+/// An HTTP service's request counts, then one line per route that sent it requests.
+fn http_requests(h: &crate::api::view::HttpState) -> String {
+    let line = |c: &crate::api::view::RequestCounts| {
+        let classes: Vec<String> = c.by_class.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let classes = if classes.is_empty() {
+            "none".to_owned()
+        } else {
+            classes.join(", ")
+        };
+        format!(
+            "{classes} (by the proxy {})  retries {}  in flight {}",
+            c.by_proxy, c.retries, c.in_flight
+        )
+    };
+    let mut out = format!("  requests: {}\n", line(&h.requests));
+    for r in &h.routes {
+        out += &format!("  route {}: {}\n", r.route, line(&r.requests));
     }
     out
 }

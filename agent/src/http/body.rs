@@ -109,6 +109,9 @@ impl hyper::body::Body for Tee {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let max = self.replay.max;
+        // The sender asks `is_end_stream` after each frame and stops polling once it is true
+        // (hyper does, for HTTP/1.1 and HTTP/2): the last data frame may be the end.
+        let ended = self.inner.is_end_stream();
         let mut r = self.replay.lock();
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -120,6 +123,7 @@ impl hyper::body::Body for Tee {
                     } else if !r.overflow {
                         r.data.push(d.clone());
                     }
+                    r.complete |= ended;
                 } else if let Some(t) = frame.trailers_ref() {
                     r.trailers = Some(t.clone());
                     r.complete = true;
@@ -169,32 +173,37 @@ impl hyper::body::Body for Recorded {
     }
 }
 
-/// A backend's response body, with what must happen when it ends (`on_end`: the request stops
-/// counting on its backend, a pooled connection goes back) whether it ends whole, broken, or
-/// dropped by a client that left.
-pub struct Held<G: Send + 'static> {
-    inner: Incoming,
-    guard: Option<G>,
-    on_end: fn(G, bool),
+/// What a response body holds until it ends: it sees the trailers go by, and is told once how
+/// the body ended (whole, or broken or dropped by a client that left).
+pub trait Guard: Send + Unpin + 'static {
+    fn trailers(&mut self, _trailers: &HeaderMap) {}
+    fn end(self, whole: bool);
 }
 
-impl<G: Send + 'static> Held<G> {
-    pub fn new(inner: Incoming, guard: G, on_end: fn(G, bool)) -> Self {
+/// A backend's response body, with what must happen when it ends (the request stops counting
+/// on its backend, a pooled connection goes back, the request is recorded) whether it ends
+/// whole, broken, or dropped by a client that left.
+pub struct Held<G: Guard> {
+    inner: Incoming,
+    guard: Option<G>,
+}
+
+impl<G: Guard> Held<G> {
+    pub fn new(inner: Incoming, guard: G) -> Self {
         Held {
             inner,
             guard: Some(guard),
-            on_end,
         }
     }
 
     fn end(&mut self, whole: bool) {
         if let Some(g) = self.guard.take() {
-            (self.on_end)(g, whole);
+            g.end(whole);
         }
     }
 }
 
-impl<G: Send + Unpin + 'static> hyper::body::Body for Held<G> {
+impl<G: Guard> hyper::body::Body for Held<G> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -204,6 +213,14 @@ impl<G: Send + Unpin + 'static> hyper::body::Body for Held<G> {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(t), Some(g)) = (f.trailers_ref(), self.guard.as_mut()) {
+                    g.trailers(t);
+                }
+                if self.inner.is_end_stream() {
+                    self.end(true);
+                }
+            }
             Poll::Ready(None) => self.end(true),
             Poll::Ready(Some(Err(_))) => self.end(false),
             _ => {}
@@ -220,9 +237,60 @@ impl<G: Send + Unpin + 'static> hyper::body::Body for Held<G> {
     }
 }
 
-impl<G: Send + 'static> Drop for Held<G> {
+impl<G: Guard> Drop for Held<G> {
     fn drop(&mut self) {
         let whole = self.inner.is_end_stream();
         self.end(whole);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_last_frame_that_ends_the_body_completes_the_copy() {
+        // What hyper's senders do: a frame, then `is_end_stream`, and no further poll.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (mut tx, rx) = tokio::io::duplex(4096);
+            let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+            let addr_tx = Arc::new(Mutex::new(Some(addr_tx)));
+            let server = tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let addr_tx = addr_tx.clone();
+                    async move {
+                        let (replay, mut body) = Replay::first(req.into_body(), 1024);
+                        while !body.is_end_stream() {
+                            match body.frame().await {
+                                Some(Ok(_)) => {}
+                                _ => break,
+                            }
+                        }
+                        let again = replay.again().is_some();
+                        if let Some(t) = addr_tx.lock().unwrap().take() {
+                            let _ = t.send(again);
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(empty()))
+                    }
+                });
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(rx), svc)
+                    .await
+            });
+            use tokio::io::AsyncWriteExt;
+            tx.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+                .await
+                .unwrap();
+            assert!(
+                addr_rx.await.unwrap(),
+                "the whole body was kept for a replay"
+            );
+            drop(tx);
+            let _ = server.await;
+        });
     }
 }

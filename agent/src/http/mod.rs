@@ -14,6 +14,7 @@ pub mod pool;
 mod proxy;
 mod retry;
 pub mod route;
+pub mod stats;
 
 use std::{
     convert::Infallible,
@@ -72,11 +73,12 @@ pub trait Directory: Send + Sync + 'static {
 }
 
 /// What every HTTP connection shares: the routes, the services they send to, the mark of
-/// the agent's own sockets.
+/// the agent's own sockets, the request counters.
 pub struct Context {
     pub routes: SharedRoutes,
     pub directory: Arc<dyn Directory>,
     pub own_mark: u32,
+    pub stats: Arc<stats::Stats>,
 }
 
 /// Where a client connection came in: a service's address (mesh) or a gateway (ingress).

@@ -21,16 +21,21 @@ use hyper::{
     header::{self, HeaderValue},
 };
 use tokio::time::timeout;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::{
     Context, Front, Target, View,
-    body::{self, Body, Held, Replay},
+    body::{self, Body, Guard, Held, Replay},
     pool::{Conn, Pool},
     retry,
     route::{Parent, Redirect, Request as RouteRequest, Rule},
+    stats::{self, Done, Tally},
 };
-use crate::{balance::candidates, defaults, health::BackendHealth};
+use crate::{
+    balance::{Candidate, candidates},
+    defaults,
+    health::BackendHealth,
+};
 
 /// Serves one request of a client at `peer` that came in at `front`.
 pub async fn handle(
@@ -43,7 +48,23 @@ pub async fn handle(
     let grpc = is_grpc(req.headers());
     let (target, rule) = match resolve(ctx, front, &mut req) {
         Ok(found) => found,
-        Err(answer) => return answer,
+        Err((answer, route)) => {
+            // The proxy's own answer, counted on the service the request was sent to (none
+            // for a gateway's).
+            let (service, log) = match front {
+                Front::Service(t) => {
+                    let v = t.view();
+                    (v.name.to_owned(), v.policy.access_log)
+                }
+                Front::Gateway(_) => (String::new(), false),
+            };
+            let line = log.then(|| log_line(&req, peer));
+            let mut tally = Tally::start(&ctx.stats, &service, route.as_deref(), started, line);
+            tally
+                .answer(answer.status(), answer.headers(), None)
+                .end(true);
+            return answer;
+        }
     };
     let v = target.view();
     // The tighter of the service's request timeout and the client's own gRPC deadline.
@@ -51,53 +72,86 @@ pub async fn handle(
         .into_iter()
         .flatten()
         .min();
-    let log = v
-        .policy
-        .access_log
-        .then(|| (req.method().clone(), req.uri().clone()));
-    let hash = target.client_hash(peer);
-    let attempts = attempts(&v, req, hash, ctx.own_mark, grpc);
-    let mut response = match deadline {
+    let line = v.policy.access_log.then(|| log_line(&req, peer));
+    let route = rule.as_ref().map(|r| r.route.as_str());
+    let mut tally = Tally::start(&ctx.stats, v.name, route, started, line);
+    let hash = request_hash(v.policy, req.headers()).unwrap_or_else(|| target.client_hash(peer));
+    let deadline_at = deadline.map(|d| started + d);
+    let attempts = attempts(&v, req, hash, ctx.own_mark, grpc, &tally, deadline_at);
+    let answer = match deadline {
         Some(d) => match timeout(d, attempts).await {
             Ok(r) => r,
-            Err(_) => failure(
+            Err(_) => Answer::Own(failure(
                 grpc,
                 StatusCode::GATEWAY_TIMEOUT,
                 &format!("no response within the request timeout of {d:?}"),
-            ),
+            )),
         },
         None => attempts.await,
+    };
+    let mut response = match answer {
+        Answer::Own(r) => {
+            tally.answer(r.status(), r.headers(), None).end(true);
+            r
+        }
+        Answer::Backend {
+            response,
+            in_flight,
+            reuse,
+            addr,
+        } => {
+            let done = tally.answer(response.status(), response.headers(), Some(addr));
+            respond(response, in_flight, reuse, done)
+        }
     };
     if let Some(rule) = &rule {
         rule.response_headers.apply(response.headers_mut());
     }
-    if let Some((method, uri)) = log {
-        info!(
-            service = v.name,
-            route = rule.as_ref().map(|r| r.route.as_str()),
-            %peer,
-            %method,
-            %uri,
-            status = response.status().as_u16(),
-            ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
-    }
     response
+}
+
+/// The access log's view of a request's head.
+fn log_line(req: &Request<Incoming>, peer: SocketAddr) -> stats::Line {
+    stats::Line {
+        service: String::new(),
+        route: None,
+        method: req.method().clone(),
+        host: host_of(req).to_owned(),
+        path: req.uri().path().to_owned(),
+        peer,
+    }
+}
+
+/// The hash of a request's key for consistent hashing, where the service hashes a header or a
+/// cookie and the request carries it (`None`: the client's address is hashed).
+fn request_hash(policy: &crate::catalog::Policy, headers: &HeaderMap) -> Option<u64> {
+    use crate::catalog::RequestKey;
+    let value: &[u8] = match policy.hash_on.as_ref()? {
+        RequestKey::Header(name) => headers.get(name.as_str())?.as_bytes(),
+        RequestKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let (k, v) = pair.split_at(pair.iter().position(|&b| b == b'=')?);
+                (k == name.as_bytes()).then(|| &v[1..])
+            })?,
+    };
+    Some(crate::balance::key_hash(value))
 }
 
 /// The service a request goes to, and the rule that chose it.
 type Routed = (Arc<dyn Target>, Option<Arc<Rule>>);
 
+/// The proxy's own answer, and the route that gave it (if one did).
+type Refused = (Response<Body>, Option<String>);
+
 /// The service a request goes to: the one it was sent to, unless routes are attached there
 /// (or it came in at a gateway), then the matching rule's destination, with the rule's request
 /// changes made. `Err`: the proxy's own answer (no route, a redirect, a destination gone).
 #[allow(clippy::result_large_err)]
-fn resolve(
-    ctx: &Context,
-    front: &Front,
-    req: &mut Request<Incoming>,
-) -> Result<Routed, Response<Body>> {
+fn resolve(ctx: &Context, front: &Front, req: &mut Request<Incoming>) -> Result<Routed, Refused> {
     let parent = match front {
         Front::Service(t) => Parent::Service(t.view().name.to_owned()),
         Front::Gateway(g) => Parent::Gateway(g.to_string()),
@@ -106,7 +160,7 @@ fn resolve(
     if !routes.has(&parent) {
         return match front {
             Front::Service(t) => Ok((t.clone(), None)),
-            Front::Gateway(g) => Err(not_found(&format!("gateway {g} has no routes"))),
+            Front::Gateway(g) => Err((not_found(&format!("gateway {g} has no routes")), None)),
         };
     }
     let host = host_of(req).to_owned();
@@ -121,32 +175,41 @@ fn resolve(
         },
     );
     let Some(m) = found else {
-        return Err(not_found(&format!(
-            "no route matches {} {}{}",
-            req.method(),
-            host,
-            req.uri().path()
-        )));
+        return Err((
+            not_found(&format!(
+                "no route matches {} {}{}",
+                req.method(),
+                host,
+                req.uri().path()
+            )),
+            None,
+        ));
     };
     let rule = m.rule.clone();
     if let Some(r) = &rule.redirect {
-        return Err(redirect(r, &host, req.uri()));
+        return Err((redirect(r, &host, req.uri()), Some(rule.route.clone())));
     }
     let Some(name) = rule.pick() else {
-        return Err(failure(
-            false,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the route has no destination",
+        return Err((
+            failure(
+                false,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the route has no destination",
+            ),
+            Some(rule.route.clone()),
         ));
     };
     let Some(target) = ctx.directory.service(name) else {
-        return Err(failure(
-            is_grpc(req.headers()),
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "route {}: service {name} is not a proxy-mode service now",
-                rule.route
+        return Err((
+            failure(
+                is_grpc(req.headers()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "route {}: service {name} is not a proxy-mode service now",
+                    rule.route
+                ),
             ),
+            Some(rule.route.clone()),
         ));
     };
     rule.request_headers.apply(req.headers_mut());
@@ -246,6 +309,18 @@ impl Head {
     }
 }
 
+/// How a request was answered: by a backend (its response, its place on the backend and the
+/// connection to pool again), or by the proxy.
+enum Answer {
+    Backend {
+        response: Response<Incoming>,
+        in_flight: InFlight,
+        reuse: Option<(Arc<Pool>, usize, Sender)>,
+        addr: SocketAddr,
+    },
+    Own(Response<Body>),
+}
+
 /// Why one attempt got no response.
 enum TryError {
     Timeout(Duration),
@@ -260,7 +335,9 @@ async fn attempts(
     hash: u64,
     mark: u32,
     grpc: bool,
-) -> Response<Body> {
+    tally: &Tally,
+    deadline: Option<Instant>,
+) -> Answer {
     let (parts, incoming) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
@@ -278,6 +355,7 @@ async fn attempts(
     let mut first = Some(first);
     let mut tried = vec![false; v.backends.len()];
     let mut made = 0u32;
+    let mut previous: Option<SocketAddr> = None;
     let mut last = (
         StatusCode::SERVICE_UNAVAILABLE,
         "no usable backend".to_owned(),
@@ -298,6 +376,9 @@ async fn attempts(
                 break;
             }
             v.retries_total.fetch_add(1, Ordering::Relaxed);
+            if let Some(p) = previous {
+                tally.retry(p);
+            }
             Some(RetryInFlight::start(v.retries_in_flight))
         } else {
             None
@@ -305,6 +386,7 @@ async fn attempts(
         made += 1;
         let more = made <= v.retries;
         let b = &v.backends[i];
+        previous = Some(b.addr);
         let fail = || {
             b.health.failure(
                 v.outlier_failures,
@@ -359,17 +441,24 @@ async fn attempts(
         let Some(body) = first.take().or_else(|| replay.again()) else {
             break;
         };
-        let request = head.request(body, h2);
+        let mut request = head.request(body, h2);
+        if grpc && let Some(at) = deadline {
+            pass_deadline(request.headers_mut(), at);
+        }
         let hold = InFlight::take(b.health.clone());
         let sent = Instant::now();
         match send(conn, request, v.policy.try_timeout).await {
             Ok((response, sender)) => {
                 let waited = sent.elapsed();
                 let status = response.status();
+                // With no other backend left to try, the backend's own answer goes back.
                 let again = retry::retriable(status, response.headers())
                     && (idempotent || grpc)
                     && more
-                    && replay.again().is_some();
+                    && replay.again().is_some()
+                    && candidates::candidates(v.backends, &tried)
+                        .iter()
+                        .any(|c| c.usable());
                 if status.is_server_error() || retry::grpc_status(response.headers()) == Some(14) {
                     fail();
                     b.health.observe(waited);
@@ -381,7 +470,12 @@ async fn attempts(
                     last = (status, format!("{} answered {status}", b.addr));
                     continue;
                 }
-                return respond(response, hold, sender.map(|s| (v.pool.clone(), i, s)));
+                return Answer::Backend {
+                    response,
+                    in_flight: hold,
+                    reuse: sender.map(|s| (v.pool.clone(), i, s)),
+                    addr: b.addr,
+                };
             }
             Err(e) => {
                 drop(hold);
@@ -407,7 +501,27 @@ async fn attempts(
             }
         }
     }
-    failure(grpc, last.0, &format!("service {}: {}", v.name, last.1))
+    Answer::Own(failure(
+        grpc,
+        last.0,
+        &format!("service {}: {}", v.name, last.1),
+    ))
+}
+
+/// Tells the backend what is left of the request's deadline, in `grpc-timeout` (gRPC's
+/// deadline propagation): a retry gets less than the first try did.
+fn pass_deadline(h: &mut HeaderMap, at: Instant) {
+    let left = at.saturating_duration_since(Instant::now());
+    let ms = left.as_millis().max(1);
+    // At most 8 digits: beyond 27 hours in milliseconds, whole seconds.
+    let v = if ms < 100_000_000 {
+        format!("{ms}m")
+    } else {
+        format!("{}S", left.as_secs().min(99_999_999))
+    };
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        h.insert("grpc-timeout", v);
+    }
 }
 
 type Sender = http1::SendRequest<Body>;
@@ -470,16 +584,25 @@ impl Drop for RetryInFlight<'_> {
     }
 }
 
-/// What a response body holds until it ends: its request's place on the backend, and the
-/// HTTP/1.1 connection that goes back to the pool if the body was read whole.
+/// What a response body holds until it ends: its request's place on the backend, the
+/// HTTP/1.1 connection that goes back to the pool if the body was read whole, and the
+/// request's record.
 struct Hold {
     _in_flight: InFlight,
     reuse: Option<(Arc<Pool>, usize, Sender)>,
+    done: Done,
 }
 
-fn release(h: Hold, whole: bool) {
-    if whole && let Some((pool, i, s)) = h.reuse {
-        pool.put(i, s);
+impl Guard for Hold {
+    fn trailers(&mut self, t: &HeaderMap) {
+        self.done.trailers(t);
+    }
+
+    fn end(self, whole: bool) {
+        if whole && let Some((pool, i, s)) = self.reuse {
+            pool.put(i, s);
+        }
+        self.done.end(whole);
     }
 }
 
@@ -487,14 +610,16 @@ fn respond(
     response: Response<Incoming>,
     in_flight: InFlight,
     reuse: Option<(Arc<Pool>, usize, Sender)>,
+    done: Done,
 ) -> Response<Body> {
     let (mut parts, incoming) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let hold = Hold {
         _in_flight: in_flight,
         reuse,
+        done,
     };
-    Response::from_parts(parts, Held::new(incoming, hold, release).boxed_unsync())
+    Response::from_parts(parts, Held::new(incoming, hold).boxed_unsync())
 }
 
 /// The proxy's own answer when no backend gave one: a plain-text error, or for gRPC a

@@ -1,19 +1,22 @@
 //! Prometheus metrics, `/healthz` and `/readyz`, on one TCP address.
 //!
 //! Nothing is counted twice: the forwarder and the health checks already keep atomic counters
-//! per (service, backend) on the [`Board`](crate::health::Board), the kernel keeps per-CPU
-//! counters in a map, the registry knows its sources. A scrape reads them all at that moment
-//! ([`Collector`]) and writes OpenMetrics text, one section per file: `backends.rs`,
-//! `services.rs`, `kernel.rs`, `sources.rs`, `process.rs`. Only the two histograms
-//! ([`Timings`](crate::health::Timings)) are metrics objects of their own, kept beside the
-//! counters they go with.
+//! per (service, backend) on the [`Board`](crate::health::Board), HTTP mode keeps its request
+//! counters where requests are answered ([`Stats`](crate::http::stats::Stats)), the kernel
+//! keeps per-CPU counters in a map, the registry knows its sources. A scrape reads them all at
+//! that moment ([`Collector`]) and writes OpenMetrics text, one section per file:
+//! `backends.rs`, `services.rs`, `http.rs`, `kernel.rs`, `sources.rs`, `process.rs`. Only the
+//! histograms ([`Timings`](crate::health::Timings), HTTP request durations) are metrics objects
+//! of their own, kept beside the counters they go with.
 //!
 //! Names start with `switchyard_`; counters end in `_total`; durations are `_seconds`; labels are
-//! `service` and `backend` (plus `counter` for the kernel's counters and `source` for the
-//! registry's: small fixed sets), so the series count follows the catalog.
+//! `service` and `backend` (plus `counter` for the kernel's counters, `source` for the
+//! registry's, and for HTTP `route`, `class` and gRPC's `code`: small fixed sets or names from
+//! the config), so the series count follows the catalog.
 
 mod backends;
 mod family;
+mod http;
 mod kernel;
 mod learned;
 mod process;
@@ -40,7 +43,7 @@ use crate::{
     config::MetricsConfig,
     datapath::maps::KernelCounters,
     health::BackendHealth,
-    listener::http::{self, Limits, Reply},
+    listener::http::{self as listener_http, Limits, Reply},
     live::{Live, Snapshot},
 };
 
@@ -172,6 +175,7 @@ impl Collector for Metrics {
         backends::encode(&mut enc, &seen)?;
         learned::encode(&mut enc, &seen)?;
         services::encode(&mut enc, &seen)?;
+        http::encode(&mut enc, &self.live.http, &snap.catalog)?;
         kernel::encode(&mut enc, self.kernel.as_ref())?;
         sources::encode(&mut enc, &self.live.registry)?;
         process::encode(&mut enc, self.ready.load(Ordering::Relaxed))
@@ -258,7 +262,7 @@ pub async fn start_on(
         reserved_paths: &["/healthz", "/readyz"],
         ..Limits::default()
     };
-    let task = tokio::spawn(http::serve(listener, limits, move |req| {
+    let task = tokio::spawn(listener_http::serve(listener, limits, move |req| {
         let openmetrics = req
             .headers
             .get_all(hyper::header::ACCEPT)

@@ -47,6 +47,7 @@ fn world() -> (Arc<Metrics>, Arc<Board>, Arc<AtomicBool>) {
         board: board.clone(),
         table,
         kernel: None,
+        http: Default::default(),
     };
     (
         Arc::new(Metrics::new(live, None, ready.clone())),
@@ -144,4 +145,46 @@ fn the_text_format_names_counters_with_their_suffix() {
         (r.status, r.content_type)
     };
     assert_eq!((status, ct), (StatusCode::OK, super::OPENMETRICS));
+}
+
+#[test]
+fn http_requests_are_exported_by_class_route_and_backend() {
+    use crate::http::stats::Tally;
+    let (metrics, _, _) = world();
+    let stats = metrics.live.http.clone();
+    let b1: std::net::SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    let gone: std::net::SocketAddr = "10.9.9.9:80".parse().unwrap();
+    let none = hyper::HeaderMap::new();
+    let mut t = Tally::start(&stats, "web", Some("api"), Instant::now(), None);
+    t.retry(b1);
+    t.answer(StatusCode::OK, &none, Some(b1)).end(true);
+    let mut t = Tally::start(&stats, "web", None, Instant::now(), None);
+    let mut grpc = hyper::HeaderMap::new();
+    grpc.insert("grpc-status", "14".parse().unwrap());
+    t.answer(StatusCode::OK, &grpc, None).end(true);
+    // A backend and a service the catalog no longer lists: dropped at the scrape.
+    let mut t = Tally::start(&stats, "web", Some("api"), Instant::now(), None);
+    t.answer(StatusCode::OK, &none, Some(gone)).end(true);
+    let mut t = Tally::start(&stats, "old", None, Instant::now(), None);
+    t.answer(StatusCode::OK, &none, None).end(true);
+    let _open = Tally::start(&stats, "web", Some("api"), Instant::now(), None);
+    let text = exposition(&metrics).unwrap();
+    let api = r#"service="web",route="api",backend="10.0.0.1:8080""#;
+    for want in [
+        format!("switchyard_http_requests_total{{{api},class=\"2xx\"}} 1\n"),
+        format!("switchyard_http_retries_total{{{api}}} 1\n"),
+        format!("switchyard_http_request_duration_seconds_count{{{api}}} 1\n"),
+        "switchyard_http_requests_total{service=\"web\",route=\"\",backend=\"\",class=\"2xx\"} 1\n"
+            .to_owned(),
+        "switchyard_http_grpc_responses_total{service=\"web\",route=\"\",backend=\"\",code=\"UNAVAILABLE\"} 1\n"
+            .to_owned(),
+        "switchyard_http_requests_in_flight{service=\"web\",route=\"api\"} 1\n".to_owned(),
+        "switchyard_http_unrecorded_requests_total 0\n".to_owned(),
+    ] {
+        assert!(text.contains(&want), "missing {want:?} in\n{text}");
+    }
+    assert!(
+        !text.contains("10.9.9.9") && !text.contains("service=\"old\""),
+        "{text}"
+    );
 }
