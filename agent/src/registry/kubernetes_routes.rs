@@ -686,25 +686,41 @@ pub async fn follow(registry: Registry, client: Client) {
     let mut objects = Objects::default();
     let mut published: Option<BTreeMap<String, RawRoute>> = None;
     let mut services_synced = false;
+    // Work waiting: a route event (done at once) or a catalog change (done at the next tick,
+    // so a catalog changing fast costs one resolution per tick, not one per change).
+    let mut dirty = true;
+    let mut tick = tokio::time::interval(RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        tokio::select! {
-            Some(e) = http.next() => on(&mut objects, Kind::Http, e),
-            Some(e) = grpc.next() => on(&mut objects, Kind::Grpc, e),
+        // Whether to resolve now: after a route event, or at a tick with work waiting.
+        let run = tokio::select! {
+            Some(e) = http.next() => {
+                on(&mut objects, Kind::Http, e);
+                dirty = true;
+                true
+            }
+            Some(e) = grpc.next() => {
+                on(&mut objects, Kind::Grpc, e);
+                dirty = true;
+                true
+            }
             changed = catalog.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                if objects.specs.is_empty() && published.is_some() {
-                    continue;
-                }
+                dirty = true;
+                false
             }
-        }
+            _ = tick.tick() => true,
+        };
         // Resolved only once both kinds are listed and the Services have been (a route on a
-        // Service listed a moment later would be refused for nothing).
+        // Service listed a moment later would be refused for nothing). The Services' relist
+        // may change nothing in the catalog: the tick notices that they are live.
         services_synced = services_synced || registry.is_live(Source::Kubernetes);
-        if objects.listed.len() < 2 || !services_synced {
+        if !run || !dirty || objects.listed.len() < 2 || !services_synced {
             continue;
         }
+        dirty = false;
         let routes = objects.routes(&registry);
         if published.as_ref() != Some(&routes) {
             registry.replace_routes(Source::Kubernetes, routes.clone());
@@ -712,6 +728,10 @@ pub async fn follow(registry: Registry, client: Client) {
         }
     }
 }
+
+/// How often routes are resolved again after catalog changes (and checked for the first time
+/// once the Services are listed).
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn on(objects: &mut Objects, kind: Kind, e: Result<watcher::Event<DynamicObject>, watcher::Error>) {
     match e {
