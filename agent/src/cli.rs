@@ -83,6 +83,9 @@ pub enum CtlCommand {
     /// the API's layer, which wins over the source until `ctl service release` hands it back.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// List, show, create or replace, and delete HTTP routes (`[[route]]` tables).
+    #[command(subcommand)]
+    Route(RouteCommand),
     /// Live state: per backend, connections open and counted, health verdict, ejection, drain
     /// progress; per proxy-mode service, refusals and retries.
     State {
@@ -127,6 +130,30 @@ pub enum ServiceCommand {
     /// Drop the API's override of another source's service: that source serves it again.
     Release {
         /// The service's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Every route served, with its parent and source.
+    List,
+    /// Show a route as a `[[route]]` table writes it (JSON), and its source.
+    Get {
+        /// The route's name.
+        name: String,
+    },
+    /// Create or replace the API's route NAME from FILE: JSON, or TOML with the fields of a
+    /// `[[route]]` table (one `[[route]]` table is taken too); `-` reads standard input.
+    Put {
+        /// The route's name (the file's `name`, if given, must be the same).
+        name: String,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Delete a route the API made (another source's route cannot be deleted here).
+    Delete {
+        /// The route's name.
         name: String,
     },
 }

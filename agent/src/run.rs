@@ -121,33 +121,31 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
     reconciler.apply(&catalog)?;
     trim_heap();
 
-    // HTTP mode: the file's routes (checked when the file was read) and its gateways.
+    // HTTP mode: the routes every source gives (the file's were checked when it was read) and
+    // the file's gateways.
     let routes = crate::http::route::SharedRoutes::default();
-    routes.store(
-        crate::http::route::Routes::build(
-            std::mem::take(&mut config.routes),
-            &|_| true,
-            &config
-                .gateways
-                .iter()
-                .map(|g| g.name.clone())
-                .collect::<Vec<_>>(),
-        )
-        .map_err(anyhow::Error::msg)?,
+    registry.replace_routes(
+        Source::File,
+        file::routes(&std::mem::take(&mut config.routes)),
     );
     let http_stats = Arc::new(crate::http::stats::Stats::default());
+    let route_changes = registry.subscribe_routes();
+    crate::registry::routes::compile_into(&route_changes.borrow(), &routes);
+    let _routes = AbortOnDrop(tokio::spawn(crate::registry::routes::follow(
+        route_changes,
+        routes.clone(),
+    )));
     let http = Arc::new(crate::http::Context {
         routes,
         directory: Arc::new(crate::forwarder::TableDirectory(table.clone())),
         own_mark: defaults::OWN_MARK,
         stats: http_stats.clone(),
     });
-    let mut _gateways = Vec::new();
-    for g in &config.gateways {
-        _gateways.push(AbortOnDrop(
-            crate::http::gateway::start(g, http.clone()).await?,
-        ));
-    }
+    let mut gateways = crate::http::gateway::Gateways::default();
+    gateways
+        .apply(&config.gateways, &http)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let forwarder = Arc::new(Forwarder {
         http,
         table,
@@ -184,7 +182,8 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
     let _learned = AbortOnDrop(tokio::spawn(datapath::learned::watch(
         reconciler.maps().learned_handle()?,
     )));
-    let api = crate::api::Api::new(live.clone(), config.forwarder.listen.clone());
+    let api = crate::api::Api::new(live.clone(), config.forwarder.listen.clone())
+        .with_gateways(gateways.names());
     let mut api_server = crate::api::start_on(&config.api, api, inherited.api.take())?;
     let kernel = reconciler.maps().counters_handle()?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -281,6 +280,13 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
             Ok(()) = settings.changed() => {
                 // The file's other sections: live where they can be, said where they cannot.
                 let edited = settings.borrow_and_update().clone();
+                if edited.gateways != config.gateways {
+                    match gateways.apply(&edited.gateways, &forwarder.http).await {
+                        Ok(()) => info!(gateways = edited.gateways.len(), "config file changed: [[gateway]] applied"),
+                        Err(e) => warn!("config file changed: [[gateway]] not all applied: {e}"),
+                    }
+                    config.gateways = edited.gateways.clone();
+                }
                 crate::reload::apply(&mut config, &edited, &mut sources, &registry, |d| {
                     let ids = datapath::opt_out_cgroups(d).map_err(|e| e.to_string())?;
                     reconciler.set_opt_out(&ids, &d.exclude_ports).map_err(|e| e.to_string())

@@ -11,10 +11,10 @@
 //!    its `pin_dir`, `state_dir`, API socket and metrics port are the paths and port the
 //!    DaemonSet mounts, probes and announces to Prometheus; the cleanup DaemonSet cleans the
 //!    same pin dir.
-//! 3. **Policy**: the ClusterRole grants get/list/watch on services and endpointslices and
-//!    nothing else; the agent container is not privileged, drops every capability and adds
-//!    exactly BPF, NET_ADMIN, SYS_ADMIN and SYS_PTRACE; hostNetwork; tolerates every taint;
-//!    RollingUpdate with maxUnavailable 1; the bpffs mount is HostToContainer; readiness on
+//! 3. **Policy**: the ClusterRole grants get/list/watch on services, endpointslices, httproutes
+//!    and grpcroutes and nothing else; the agent container is not privileged, drops every
+//!    capability and adds exactly BPF, NET_ADMIN, SYS_ADMIN and SYS_PTRACE; hostNetwork;
+//!    tolerates every taint; RollingUpdate with maxUnavailable 1; the bpffs mount is HostToContainer; readiness on
 //!    /readyz and liveness on /healthz; resources are set on every container.
 //!
 //! Not checked: admission by a real API server (Pod Security, webhooks), that the images exist,
@@ -164,7 +164,7 @@ fn every_manifest_reads_into_its_api_type_without_losing_a_field() {
 }
 
 #[test]
-fn the_cluster_role_reads_services_and_endpointslices_and_nothing_else() {
+fn the_cluster_role_reads_services_endpointslices_and_routes_and_nothing_else() {
     let m = manifests();
     let rules = m.roles[0].rules.clone().unwrap_or_default();
     let mut grants = Vec::new();
@@ -184,7 +184,21 @@ fn the_cluster_role_reads_services_and_endpointslices_and_nothing_else() {
         grants,
         [
             ("".to_owned(), "services".to_owned(), verbs.clone()),
-            ("discovery.k8s.io".into(), "endpointslices".into(), verbs),
+            (
+                "discovery.k8s.io".into(),
+                "endpointslices".into(),
+                verbs.clone()
+            ),
+            (
+                "gateway.networking.k8s.io".into(),
+                "grpcroutes".into(),
+                verbs.clone()
+            ),
+            (
+                "gateway.networking.k8s.io".into(),
+                "httproutes".into(),
+                verbs
+            ),
         ]
     );
 

@@ -1,6 +1,8 @@
 //! The local API: HTTP/JSON on a Unix socket (HAProxy's runtime API in spirit), for operators on
 //! the node and for `switchyard ctl`.
 //!
+//! Routes (`/v1/routes`, [`http_routes`]) are the API's layer too, beside its services.
+//!
 //! Reads show the merged catalog, live state (connections, health, ejections, drains) and the
 //! registry's sources. Changes are the API's own registry layer ([`Source::Api`], the highest
 //! precedence, saved as last-known-good so they survive restarts): a service created here is
@@ -15,6 +17,7 @@
 //!
 //! [`Source::Api`]: crate::registry::Source::Api
 
+mod http_routes;
 pub mod peer;
 mod routes;
 pub mod state;
@@ -45,6 +48,8 @@ pub struct Api {
     started: Instant,
     /// Changes are read-modify-write of the API's layer: one at a time.
     edits: Mutex<()>,
+    /// The gateways listening now, which a route may name.
+    gateways: crate::http::gateway::GatewayNames,
 }
 
 impl Api {
@@ -55,7 +60,14 @@ impl Api {
             listen,
             started: Instant::now(),
             edits: Mutex::new(()),
+            gateways: Default::default(),
         }
+    }
+
+    /// The gateways a route may name (none without this).
+    pub fn with_gateways(mut self, gateways: crate::http::gateway::GatewayNames) -> Api {
+        self.gateways = gateways;
+        self
     }
 }
 

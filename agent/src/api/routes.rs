@@ -27,15 +27,15 @@ use crate::{
 
 /// A refused request: status, reason, and the field at fault.
 #[derive(Debug)]
-struct Refusal {
-    status: StatusCode,
-    error: String,
-    field: Option<String>,
+pub(super) struct Refusal {
+    pub(super) status: StatusCode,
+    pub(super) error: String,
+    pub(super) field: Option<String>,
 }
 
-type Answer = Result<Reply, Refusal>;
+pub(super) type Answer = Result<Reply, Refusal>;
 
-fn refuse(status: StatusCode, field: Option<&str>, error: impl Into<String>) -> Refusal {
+pub(super) fn refuse(status: StatusCode, field: Option<&str>, error: impl Into<String>) -> Refusal {
     Refusal {
         status,
         error: error.into(),
@@ -43,11 +43,11 @@ fn refuse(status: StatusCode, field: Option<&str>, error: impl Into<String>) -> 
     }
 }
 
-fn bad(field: Option<&str>, error: impl Into<String>) -> Refusal {
+pub(super) fn bad(field: Option<&str>, error: impl Into<String>) -> Refusal {
     refuse(StatusCode::BAD_REQUEST, field, error)
 }
 
-fn conflict(field: &str, error: impl Into<String>) -> Refusal {
+pub(super) fn conflict(field: &str, error: impl Into<String>) -> Refusal {
     refuse(StatusCode::CONFLICT, Some(field), error)
 }
 
@@ -61,7 +61,7 @@ fn no_service(name: &str) -> Refusal {
 
 /// A message from the entry checks (`backends[0].weight: …`, `unknown field `x`, …`) as a
 /// refusal naming its field.
-fn invalid(message: String) -> Refusal {
+pub(super) fn invalid(message: String) -> Refusal {
     let field = field_of(&message);
     Refusal {
         status: StatusCode::BAD_REQUEST,
@@ -197,6 +197,16 @@ impl Api {
                 Method::DELETE => self.remove_backend(name, addr),
                 _ => not_allowed("PATCH, DELETE"),
             },
+            ["v1", "routes"] => match *m {
+                Method::GET => Ok(self.list_routes()),
+                _ => not_allowed("GET"),
+            },
+            ["v1", "routes", name] => match *m {
+                Method::GET => self.get_route(name),
+                Method::PUT => self.put_route(name, body),
+                Method::DELETE => self.delete_route(name),
+                _ => not_allowed("GET, PUT, DELETE"),
+            },
             ["v1", ..] => Err(refuse(
                 StatusCode::NOT_FOUND,
                 None,
@@ -261,6 +271,7 @@ impl Api {
             &StateList {
                 services,
                 kernel_sockets,
+                routes: super::http_routes::states(&self.live.registry.routes(), &snap.catalog),
             },
         )
     }

@@ -171,6 +171,61 @@ pub struct StateList {
     /// closes); `None` without the kernel side.
     #[serde(default)]
     pub kernel_sockets: Option<usize>,
+    /// HTTP routes, by name.
+    #[serde(default)]
+    pub routes: Vec<RouteState>,
+}
+
+/// One route as the API lists it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteView {
+    pub name: String,
+    /// The source whose route is served.
+    pub source: Source,
+    /// The route, with the fields of a `[[route]]` table (what `PUT` takes back).
+    pub route: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteList {
+    pub routes: Vec<RouteView>,
+}
+
+/// A route as `ctl state` shows it: its parent, its rules and where each sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteState {
+    pub name: String,
+    pub source: Source,
+    /// `service NAME` (mesh) or `gateway NAME` (ingress).
+    pub parent: String,
+    /// None: any host.
+    pub hostnames: Vec<String>,
+    pub rules: Vec<RuleState>,
+    /// The route's request counters (by status class, retries, …) once HTTP mode counts per
+    /// route; `None` until then. The metrics fill this; `ctl state` prints it as it comes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Value>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RuleState {
+    /// Each match as one line (`prefix /api GET x-canary=1`); empty: every request.
+    pub matches: Vec<String>,
+    pub backends: Vec<RouteBackend>,
+    /// `301 -> https://host/path` for a redirecting rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RouteBackend {
+    pub service: String,
+    pub weight: u32,
+    /// Whether the service is a proxy-mode service now. Requests for one that is not are
+    /// answered 500 (Gateway API's answer for a backendRef that does not resolve).
+    pub resolved: bool,
 }
 
 /// The registry: each source's layer and how current it is.

@@ -15,9 +15,12 @@ use serde_json::{Value, json};
 use self::client::segment;
 use crate::{
     api::view::{
-        ErrorBody, RegistryView, ServiceList, ServiceState, ServiceView, StateList, VersionView,
+        ErrorBody, RegistryView, RouteList, RouteState, RouteView, ServiceList, ServiceState,
+        ServiceView, StateList, VersionView,
     },
-    cli::{BackendCommand, BackendRef, CtlArgs, CtlCommand, ServiceCommand, StateArg},
+    cli::{
+        BackendCommand, BackendRef, CtlArgs, CtlCommand, RouteCommand, ServiceCommand, StateArg,
+    },
 };
 
 /// Exit statuses.
@@ -37,6 +40,8 @@ enum Failure {
 enum Show {
     Services,
     Service,
+    Routes,
+    Route,
     Deleted,
     State,
     StateOne,
@@ -199,6 +204,20 @@ fn request_for(command: &CtlCommand) -> Result<Call, Failure> {
                 ),
             }
         }
+        CtlCommand::Route(c) => {
+            let route = |name: &str| format!("/v1/routes/{}", segment(name));
+            match c {
+                RouteCommand::List => (Method::GET, "/v1/routes".into(), None, Show::Routes),
+                RouteCommand::Get { name } => (Method::GET, route(name), None, Show::Route),
+                RouteCommand::Put { name, file } => (
+                    Method::PUT,
+                    route(name),
+                    Some(read_table(file, "route")?),
+                    Show::Route,
+                ),
+                RouteCommand::Delete { name } => (Method::DELETE, route(name), None, Show::Deleted),
+            }
+        }
         CtlCommand::State { service: None } => (Method::GET, "/v1/state".into(), None, Show::State),
         CtlCommand::State {
             service: Some(name),
@@ -217,6 +236,11 @@ fn request_for(command: &CtlCommand) -> Result<Call, Failure> {
 /// `[[service]]` table (a file with one `[[service]]` table is taken too). Sent as JSON; the
 /// agent checks it.
 fn read_entry(file: &Path) -> Result<Vec<u8>, Failure> {
+    read_table(file, "service")
+}
+
+/// An entry of `[[table]]` from a file, as [`read_entry`] reads a service.
+fn read_table(file: &Path, table_name: &str) -> Result<Vec<u8>, Failure> {
     let shown = file.display();
     let mut text = String::new();
     let read = if file == Path::new("-") {
@@ -236,12 +260,12 @@ fn read_entry(file: &Path) -> Result<Vec<u8>, Failure> {
             e.to_string().trim_end()
         ))
     })?;
-    let table = match doc.get("service") {
+    let table = match doc.get(table_name) {
         Some(toml::Value::Array(list)) if doc.len() == 1 => match list.as_slice() {
             [toml::Value::Table(t)] => t.clone(),
             _ => {
                 return Err(Failure::Usage(format!(
-                    "{shown}: give exactly one [[service]] table"
+                    "{shown}: give exactly one [[{table_name}]] table"
                 )));
             }
         },
@@ -267,16 +291,120 @@ fn render(show: &Show, body: &[u8]) -> Result<String, Failure> {
             let name = v.get("deleted").and_then(Value::as_str).unwrap_or("?");
             format!("deleted {name}\n")
         }
-        Show::State => parse::<StateList>(body)?
-            .services
-            .iter()
-            .map(state)
-            .collect::<Vec<_>>()
-            .join("\n"),
+        Show::Routes => routes(&parse::<RouteList>(body)?),
+        Show::Route => {
+            let v = parse::<RouteView>(body)?;
+            let mut out = format!("name:   {}\nsource: {}\n", v.name, v.source.name());
+            if let Some(note) = &v.note {
+                out += &format!("note:   {note}\n");
+            }
+            out += &serde_json::to_string_pretty(&v.route).unwrap_or_default();
+            out.push('\n');
+            out
+        }
+        Show::State => {
+            let list = parse::<StateList>(body)?;
+            let mut out = list
+                .services
+                .iter()
+                .map(state)
+                .collect::<Vec<_>>()
+                .join("\n");
+            if !list.routes.is_empty() {
+                out += "\nroutes\n";
+                for r in &list.routes {
+                    out += &route_state(r);
+                }
+            }
+            out
+        }
         Show::StateOne => state(&parse::<ServiceState>(body)?),
         Show::Registry => registry(&parse::<RegistryView>(body)?),
         Show::Version => version(&parse::<VersionView>(body)?),
     })
+}
+
+fn routes(list: &RouteList) -> String {
+    if list.routes.is_empty() {
+        return "no routes\n".into();
+    }
+    let rows: Vec<Vec<String>> = list
+        .routes
+        .iter()
+        .map(|v| {
+            let parent = match (v.route.get("service"), v.route.get("gateway")) {
+                (Some(s), _) => format!("service {}", s.as_str().unwrap_or("?")),
+                (None, Some(g)) => format!("gateway {}", g.as_str().unwrap_or("?")),
+                _ => "-".into(),
+            };
+            let hosts = v
+                .route
+                .get("hostnames")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "*".into());
+            let rules = v
+                .route
+                .get("rule")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            vec![
+                v.name.clone(),
+                parent,
+                hosts,
+                rules.to_string(),
+                v.source.name().to_owned(),
+            ]
+        })
+        .collect();
+    table::render(&["NAME", "PARENT", "HOSTS", "RULES", "SOURCE"], &rows)
+}
+
+/// One route in `ctl state`: its parent, then a line per rule (matches → destinations), then
+/// its request counters when the agent counts them.
+fn route_state(r: &RouteState) -> String {
+    let hosts = if r.hostnames.is_empty() {
+        "*".to_owned()
+    } else {
+        r.hostnames.join(",")
+    };
+    let mut out = format!(
+        "  {}  {}  hosts {}  source {}\n",
+        r.name,
+        r.parent,
+        hosts,
+        r.source.name()
+    );
+    for (i, u) in r.rules.iter().enumerate() {
+        let matches = if u.matches.is_empty() {
+            "any".to_owned()
+        } else {
+            u.matches.join(" | ")
+        };
+        let to = match &u.redirect {
+            Some(redirect) => format!("redirect {redirect}"),
+            None => u
+                .backends
+                .iter()
+                .map(|b| {
+                    let gone = if b.resolved { "" } else { " (not served: 500)" };
+                    format!("{} w{}{gone}", b.service, b.weight)
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        out += &format!("    rule[{i}] {matches} -> {to}\n");
+    }
+    if let Some(requests) = &r.requests {
+        out += &format!("    requests {requests}\n");
+    }
+    out
 }
 
 fn text(v: &Value, key: &str) -> String {

@@ -57,6 +57,8 @@ pub struct ProxyService {
 pub struct Table {
     services: HashMap<SocketAddr, Arc<ProxyService>>,
     shared: HashMap<ServiceAddr, Arc<ServiceShared>>,
+    /// The same services by name: route destinations are looked up per request.
+    names: HashMap<String, Arc<ProxyService>>,
 }
 
 /// Agent-wide forwarding settings (`[forwarder]`) a service's policy may override.
@@ -71,9 +73,9 @@ impl Table {
         self.services.get(vip).cloned()
     }
 
-    /// A service by name (route destinations): a scan, as routes resolve few names per request.
+    /// A service by name (route destinations).
     pub fn by_name(&self, name: &str) -> Option<Arc<ProxyService>> {
-        self.services.values().find(|s| s.name == name).cloned()
+        self.names.get(name).cloned()
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<ProxyService>> {
@@ -168,7 +170,15 @@ impl Table {
                 .unwrap_or(defaults::DRAIN_TIMEOUT);
             gone.drain(timeout);
         }
-        Table { services, shared }
+        let names = services
+            .values()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
+        Table {
+            services,
+            shared,
+            names,
+        }
     }
 }
 

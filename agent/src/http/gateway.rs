@@ -3,12 +3,21 @@
 //! from the proxy. Bounded like every listener: a connection limit (beyond it, new connections
 //! are reset at once), and the header size and time limits of every HTTP connection. Plain
 //! HTTP only: no TLS yet.
+//!
+//! [`Gateways`] follows the file's `[[gateway]]` tables: a gateway added, changed or removed in
+//! an edit is started, rebound or stopped (its open connections run on), the others are left
+//! alone.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use serde::Deserialize;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{Context, Front};
 use crate::{defaults, listener::AcceptFailures};
@@ -26,6 +35,84 @@ pub struct GatewayConfig {
 
 fn max_connections() -> u32 {
     defaults::GATEWAY_MAX_CONNECTIONS
+}
+
+/// The names of the gateways listening now: what a route's `gateway` may name.
+#[derive(Clone, Default)]
+pub struct GatewayNames(Arc<RwLock<BTreeSet<String>>>);
+
+impl GatewayNames {
+    pub fn contains(&self, name: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    fn set(&self, names: BTreeSet<String>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+}
+
+/// The running gateways; dropping this stops them all.
+#[derive(Default)]
+pub struct Gateways {
+    running: Vec<(GatewayConfig, JoinHandle<()>)>,
+    names: GatewayNames,
+}
+
+impl Gateways {
+    pub fn names(&self) -> GatewayNames {
+        self.names.clone()
+    }
+
+    /// Makes the running gateways `wanted`: unchanged ones keep listening, changed and removed
+    /// ones stop accepting (their connections run on), new and changed ones bind. The error
+    /// names each gateway that could not bind (the others are applied).
+    pub async fn apply(
+        &mut self,
+        wanted: &[GatewayConfig],
+        ctx: &Arc<Context>,
+    ) -> Result<(), String> {
+        let mut keep = Vec::new();
+        for (g, task) in self.running.drain(..) {
+            if wanted.contains(&g) {
+                keep.push((g, task));
+            } else {
+                info!(gateway = %g.name, listen = %g.listen, "gateway stopped (changed or removed)");
+                task.abort();
+            }
+        }
+        self.running = keep;
+        let mut errors = Vec::new();
+        for g in wanted {
+            if self.running.iter().any(|(r, _)| r == g) {
+                continue;
+            }
+            match start(g, ctx.clone()).await {
+                Ok(task) => self.running.push((g.clone(), task)),
+                Err(e) => {
+                    warn!("{e}");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        self.names
+            .set(self.running.iter().map(|(g, _)| g.name.clone()).collect());
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+impl Drop for Gateways {
+    fn drop(&mut self) {
+        for (_, t) in &self.running {
+            t.abort();
+        }
+    }
 }
 
 /// Binds the gateway's listener (an error names the gateway) and serves it until the handle is

@@ -66,12 +66,32 @@ pub async fn handle(
             return answer;
         }
     };
-    let v = target.view();
-    // The tighter of the service's request timeout and the client's own gRPC deadline.
-    let deadline = [v.policy.request_timeout, retry::grpc_timeout(req.headers())]
-        .into_iter()
-        .flatten()
-        .min();
+    // A rule's timeouts and retries (Gateway API's `timeouts`, GEP-1731's `retry.attempts`)
+    // stand in for the destination's own.
+    let policy;
+    let mut v = target.view();
+    if let Some(r) = &rule {
+        if let Some(t) = r.try_timeout {
+            policy = crate::catalog::Policy {
+                try_timeout: Some(t),
+                ..v.policy.clone()
+            };
+            v.policy = &policy;
+        }
+        if let Some(n) = r.retries {
+            v.retries = n;
+        }
+    }
+    // The tightest of the service's and the rule's request timeouts and the client's own gRPC
+    // deadline.
+    let deadline = [
+        v.policy.request_timeout,
+        rule.as_ref().and_then(|r| r.request_timeout),
+        retry::grpc_timeout(req.headers()),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     let line = v.policy.access_log.then(|| log_line(&req, peer));
     let route = rule.as_ref().map(|r| r.route.as_str());
     let mut tally = Tally::start(&ctx.stats, v.name, route, started, line);
@@ -199,11 +219,12 @@ fn resolve(ctx: &Context, front: &Front, req: &mut Request<Incoming>) -> Result<
             Some(rule.route.clone()),
         ));
     };
+    // Gateway API: a backendRef that does not resolve is answered 500.
     let Some(target) = ctx.directory.service(name) else {
         return Err((
             failure(
                 is_grpc(req.headers()),
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::INTERNAL_SERVER_ERROR,
                 &format!(
                     "route {}: service {name} is not a proxy-mode service now",
                     rule.route

@@ -12,8 +12,9 @@
 
 use std::{
     cmp::Reverse,
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use hyper::{HeaderMap, Method, header::HeaderName, http::HeaderValue};
@@ -28,22 +29,24 @@ pub enum Parent {
 }
 
 /// `[[route]]` as written.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: String,
     /// Mesh: requests to this service's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// Ingress: requests to this gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
     /// `host`, `*.suffix`; none: any host.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<RawRule>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
     /// Any of them; none: every request.
@@ -51,27 +54,46 @@ pub struct RawRule {
     pub matches: Vec<RawMatch>,
     #[serde(default)]
     pub backends: Vec<RawDestination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_headers: Option<RawHeaders>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_headers: Option<RawHeaders>,
     /// Replaces the matched path prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<RawRedirect>,
+    /// The whole request, retries included (Gateway API's `timeouts.request`); tighter than
+    /// the destination service's `request_timeout`, never looser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<String>,
+    /// One attempt up to the response's headers (`timeouts.backendRequest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub try_timeout: Option<String>,
+    /// Extra attempts on other backends (GEP-1731 `retry.attempts`); the destination's
+    /// `retries` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub query: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDestination {
     pub service: String,
@@ -84,29 +106,36 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHeaders {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub set: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub add: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<String>,
     /// 301 or 302 (Gateway API's Core set); 302 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
 }
 
 /// Gateway API's weight bound.
 const MAX_WEIGHT: u32 = 1_000_000;
+/// Extra attempts a rule may ask for: more only lengthen a failing request (the service's
+/// retry budget bounds them too).
+const MAX_RETRIES: u32 = 10;
 
 #[derive(Debug)]
 enum Path {
@@ -162,6 +191,9 @@ pub struct Rule {
     pub response_headers: HeaderEdit,
     pub rewrite_prefix: Option<String>,
     pub redirect: Option<Redirect>,
+    pub request_timeout: Option<Duration>,
+    pub try_timeout: Option<Duration>,
+    pub retries: Option<u32>,
 }
 
 impl Rule {
@@ -213,11 +245,29 @@ pub struct Matched<'a> {
     pub prefix: Option<&'a str>,
 }
 
-/// Every route, its entries sorted once in the order above.
+/// One parent's entries, indexed by host so that a request looks only at the entries its host
+/// can match: the exact host's, then the suffixes (longest first), then any host's, each list
+/// in the order above.
+#[derive(Debug, Default)]
+struct ParentEntries {
+    exact: HashMap<String, Vec<Entry>>,
+    suffix: Vec<Entry>,
+    any: Vec<Entry>,
+}
+
+/// Every route, indexed by parent and host, each list sorted once in the order above.
 #[derive(Debug, Default)]
 pub struct Routes {
-    entries: Vec<Entry>,
+    by_parent: HashMap<Parent, ParentEntries>,
     raw: Vec<RawRoute>,
+}
+
+/// How a route's parent is checked.
+pub struct Known<'a> {
+    /// Whether a service name may be a destination (or a mesh parent).
+    pub service: &'a dyn Fn(&str) -> bool,
+    /// Whether a gateway name is a gateway.
+    pub gateway: &'a dyn Fn(&str) -> bool,
 }
 
 impl Routes {
@@ -231,59 +281,64 @@ impl Routes {
     ) -> Result<Routes, String> {
         let mut entries = Vec::new();
         let mut names = std::collections::HashSet::new();
+        let gateway = |g: &str| gateways.iter().any(|x| x == g);
+        let k = Known {
+            service: known,
+            gateway: &gateway,
+        };
         for (ri, r) in raw.iter().enumerate() {
             let at = format!("route[{ri}] \"{}\"", r.name);
             if !names.insert(r.name.clone()) {
                 return Err(format!("{at}: name: already used by another route"));
             }
-            let parent = match (&r.service, &r.gateway) {
-                (Some(s), None) if known(s) => Parent::Service(s.clone()),
-                (Some(s), None) => {
-                    return Err(format!("{at}: service: `{s}` is not a proxy-mode service"));
+            entries.extend(compile(r, &k).map_err(|e| format!("{at}: {e}"))?);
+        }
+        Ok(Routes::index(entries, raw))
+    }
+
+    /// Checks one route as the API and the other sources send it: the error starts with the
+    /// field at fault (`rule[0].backends[1].service: …`).
+    pub fn check(r: &RawRoute, known: &Known) -> Result<(), String> {
+        compile(r, known).map(drop)
+    }
+
+    /// Serves `raw` (routes already checked where they came from), leaving out any that no
+    /// longer compiles (a hand-edited last-known-good), each with its error. Destinations are
+    /// not checked here: one that is gone when a request comes is answered 500.
+    pub fn serve(raw: Vec<RawRoute>) -> (Routes, Vec<String>) {
+        let any = |_: &str| true;
+        let k = Known {
+            service: &any,
+            gateway: &any,
+        };
+        let mut entries = Vec::new();
+        let mut kept = Vec::with_capacity(raw.len());
+        let mut errors = Vec::new();
+        for r in raw {
+            match compile(&r, &k) {
+                Ok(e) => {
+                    entries.extend(e);
+                    kept.push(r);
                 }
-                (None, Some(g)) if gateways.contains(g) => Parent::Gateway(g.clone()),
-                (None, Some(g)) => return Err(format!("{at}: gateway: `{g}` is not a gateway")),
-                _ => return Err(format!("{at}: needs one of service or gateway")),
-            };
-            let mut hosts = Vec::new();
-            for (hi, h) in r.hostnames.iter().enumerate() {
-                hosts.push(host(h).map_err(|e| format!("{at}: hostnames[{hi}]: {e}"))?);
-            }
-            if hosts.is_empty() {
-                hosts.push(Host::Any);
-            }
-            if r.rules.is_empty() {
-                return Err(format!("{at}: rule: a route needs at least one rule"));
-            }
-            for (ui, u) in r.rules.iter().enumerate() {
-                let at = format!("{at}: rule[{ui}]");
-                let rule = Arc::new(rule(&r.name, u, known).map_err(|e| format!("{at}.{e}"))?);
-                let matches: Vec<RawMatch> = if u.matches.is_empty() {
-                    vec![RawMatch::default()]
-                } else {
-                    u.matches.clone()
-                };
-                for (mi, m) in matches.iter().enumerate() {
-                    let matcher = matcher(m).map_err(|e| format!("{at}.matches[{mi}].{e}"))?;
-                    for h in &hosts {
-                        entries.push(Entry {
-                            parent: parent.clone(),
-                            host: host_copy(h),
-                            matcher: Match {
-                                path: path_copy(&matcher.path),
-                                method: matcher.method.clone(),
-                                headers: matcher.headers.clone(),
-                                query: matcher.query.clone(),
-                            },
-                            rule: rule.clone(),
-                        });
-                    }
-                }
+                Err(e) => errors.push(format!("route \"{}\": {e}", r.name)),
             }
         }
+        (Routes::index(entries, kept), errors)
+    }
+
+    fn index(mut entries: Vec<Entry>, raw: Vec<RawRoute>) -> Routes {
         // A stable sort keeps the written order among equals.
         entries.sort_by_key(precedence);
-        Ok(Routes { entries, raw })
+        let mut by_parent: HashMap<Parent, ParentEntries> = HashMap::new();
+        for e in entries {
+            let p = by_parent.entry(e.parent.clone()).or_default();
+            match &e.host {
+                Host::Exact(h) => p.exact.entry(h.clone()).or_default().push(e),
+                Host::Suffix(_) => p.suffix.push(e),
+                Host::Any => p.any.push(e),
+            }
+        }
+        Routes { by_parent, raw }
     }
 
     /// The routes as written (for the API and `ctl state`).
@@ -293,60 +348,119 @@ impl Routes {
 
     /// Whether any route is attached to `parent`.
     pub fn has(&self, parent: &Parent) -> bool {
-        self.entries.iter().any(|e| &e.parent == parent)
+        self.by_parent.contains_key(parent)
     }
 
     /// The first rule of `parent` that matches `req`.
     pub fn find<'a>(&'a self, parent: &Parent, req: &Request) -> Option<Matched<'a>> {
-        let host = req.host.rsplit_once(':').map_or(req.host, |(h, p)| {
-            if p.bytes().all(|b| b.is_ascii_digit()) {
+        let p = self.by_parent.get(parent)?;
+        let host = req.host.rsplit_once(':').map_or(req.host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
                 h
             } else {
                 req.host
             }
         });
         let host = host.to_ascii_lowercase();
-        self.entries
+        let exact = p.exact.get(&host).map(Vec::as_slice).unwrap_or_default();
+        let suffix = p.suffix.iter().filter(|e| match &e.host {
+            Host::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
+            _ => false,
+        });
+        exact
             .iter()
-            .filter(|e| &e.parent == parent)
-            .find_map(|e| {
-                let host_ok = match &e.host {
-                    Host::Any => true,
-                    Host::Exact(h) => *h == host,
-                    Host::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
-                };
-                if !host_ok {
-                    return None;
-                }
-                let m = &e.matcher;
-                let prefix = match &m.path {
-                    Path::Any => None,
-                    Path::Exact(p) => (req.path == p).then_some(None)?,
-                    Path::Prefix(p) => prefix_match(req.path, p).then_some(Some(p.as_str()))?,
-                    Path::Regex(r) => r.is_match(req.path).then_some(None)?,
-                };
-                if m.method.as_ref().is_some_and(|x| x != req.method) {
-                    return None;
-                }
-                let headers_ok = m.headers.iter().all(|(k, v)| {
-                    req.headers
-                        .get_all(k)
-                        .iter()
-                        .any(|h| h.as_bytes() == v.as_bytes())
-                });
-                let query_ok = m.query.iter().all(|(k, v)| {
-                    req.query.is_some_and(|q| {
-                        q.split('&').any(|kv| {
-                            kv.split_once('=').unwrap_or((kv, "")) == (k.as_str(), v.as_str())
-                        })
-                    })
-                });
-                (headers_ok && query_ok).then_some(Matched {
-                    rule: &e.rule,
-                    prefix,
-                })
-            })
+            .chain(suffix)
+            .chain(p.any.iter())
+            .find_map(|e| matches(e, req))
     }
+}
+
+/// Whether `e` (its host already matched) matches the rest of `req`.
+fn matches<'a>(e: &'a Entry, req: &Request) -> Option<Matched<'a>> {
+    let m = &e.matcher;
+    let prefix = match &m.path {
+        Path::Any => None,
+        Path::Exact(p) => (req.path == p).then_some(None)?,
+        Path::Prefix(p) => prefix_match(req.path, p).then_some(Some(p.as_str()))?,
+        Path::Regex(r) => r.is_match(req.path).then_some(None)?,
+    };
+    if m.method.as_ref().is_some_and(|x| x != req.method) {
+        return None;
+    }
+    let headers_ok = m.headers.iter().all(|(k, v)| {
+        req.headers
+            .get_all(k)
+            .iter()
+            .any(|h| h.as_bytes() == v.as_bytes())
+    });
+    let query_ok = m.query.iter().all(|(k, v)| {
+        req.query.is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv.split_once('=').unwrap_or((kv, "")) == (k.as_str(), v.as_str()))
+        })
+    });
+    (headers_ok && query_ok).then_some(Matched {
+        rule: &e.rule,
+        prefix,
+    })
+}
+
+/// Route names: what the API's paths and `ctl` take.
+const MAX_NAME: usize = 253;
+
+/// One route's entries; the error starts with the field at fault.
+fn compile(r: &RawRoute, known: &Known) -> Result<Vec<Entry>, String> {
+    if r.name.is_empty() || r.name.len() > MAX_NAME || r.name.chars().any(char::is_control) {
+        return Err(format!(
+            "name: 1 to {MAX_NAME} characters, no control characters"
+        ));
+    }
+    let parent = match (&r.service, &r.gateway) {
+        (Some(s), None) if (known.service)(s) => Parent::Service(s.clone()),
+        (Some(s), None) => {
+            return Err(format!("service: `{s}` is not a proxy-mode service"));
+        }
+        (None, Some(g)) if (known.gateway)(g) => Parent::Gateway(g.clone()),
+        (None, Some(g)) => return Err(format!("gateway: `{g}` is not a gateway")),
+        _ => return Err("gateway: a route needs exactly one of service or gateway".into()),
+    };
+    let mut hosts = Vec::new();
+    for (hi, h) in r.hostnames.iter().enumerate() {
+        hosts.push(host(h).map_err(|e| format!("hostnames[{hi}]: {e}"))?);
+    }
+    if hosts.is_empty() {
+        hosts.push(Host::Any);
+    }
+    if r.rules.is_empty() {
+        return Err("rule: a route needs at least one rule".into());
+    }
+    let mut entries = Vec::new();
+    for (ui, u) in r.rules.iter().enumerate() {
+        let at = format!("rule[{ui}]");
+        let rule = Arc::new(rule(&r.name, u, known.service).map_err(|e| format!("{at}.{e}"))?);
+        let matches: Vec<RawMatch> = if u.matches.is_empty() {
+            vec![RawMatch::default()]
+        } else {
+            u.matches.clone()
+        };
+        for (mi, m) in matches.iter().enumerate() {
+            let matcher = matcher(m).map_err(|e| format!("{at}.matches[{mi}].{e}"))?;
+            for h in &hosts {
+                entries.push(Entry {
+                    parent: parent.clone(),
+                    host: host_copy(h),
+                    matcher: Match {
+                        path: path_copy(&matcher.path),
+                        method: matcher.method.clone(),
+                        headers: matcher.headers.clone(),
+                        query: matcher.query.clone(),
+                    },
+                    rule: rule.clone(),
+                });
+            }
+        }
+    }
+    Ok(entries)
 }
 
 /// Gateway API's prefix: whole path segments (`/api` matches `/api` and `/api/x`, not
@@ -555,6 +669,26 @@ fn rule(route: &str, u: &RawRule, known: &dyn Fn(&str) -> bool) -> Result<Rule, 
     if let Some(p) = &u.rewrite_prefix {
         abs_path(p).map_err(|e| format!("rewrite_prefix: {e}"))?;
     }
+    let positive = |field: &str, t: &Option<String>| -> Result<Option<Duration>, String> {
+        let Some(t) = t else { return Ok(None) };
+        let d = crate::catalog::duration::parse(t).map_err(|e| format!("{field}: {e}"))?;
+        if d.is_zero() {
+            return Err(format!("{field}: must be positive"));
+        }
+        Ok(Some(d))
+    };
+    let request_timeout = positive("request_timeout", &u.request_timeout)?;
+    let try_timeout = positive("try_timeout", &u.try_timeout)?;
+    if let (Some(t), Some(r)) = (try_timeout, request_timeout)
+        && t > r
+    {
+        return Err("try_timeout: at most request_timeout".into());
+    }
+    if let Some(n) = u.retries
+        && n > MAX_RETRIES
+    {
+        return Err(format!("retries: {n} is above {MAX_RETRIES}"));
+    }
     Ok(Rule {
         route: route.to_owned(),
         destinations,
@@ -562,6 +696,9 @@ fn rule(route: &str, u: &RawRule, known: &dyn Fn(&str) -> bool) -> Result<Rule, 
         response_headers: edit(&u.response_headers, "response_headers")?,
         rewrite_prefix: u.rewrite_prefix.clone(),
         redirect,
+        request_timeout,
+        try_timeout,
+        retries: u.retries,
     })
 }
 
@@ -701,7 +838,9 @@ backends = [{ service = "web" }]
              backends = [{ service = \"a\", weight = 90 }, { service = \"b\", weight = 10 }]\n",
         )
         .unwrap();
-        let rule = r.entries[0].rule.clone();
+        let rule = r.by_parent[&Parent::Gateway("gw".into())].any[0]
+            .rule
+            .clone();
         let b = (0..10_000).filter(|_| rule.pick() == Some("b")).count();
         assert!((800..1200).contains(&b), "{b} of 10000 to the 10 % side");
     }

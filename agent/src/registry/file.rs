@@ -1,4 +1,5 @@
-//! The file source: the `[[service]]` tables of the agent's config file, watched.
+//! The file source: the `[[service]]` and `[[route]]` tables of the agent's config file,
+//! watched.
 //!
 //! The file is taken whole or not at all, at start (the agent refuses to start) and on every
 //! edit (the edit is reported and nothing changes). Editors replace files by rename, so the
@@ -22,6 +23,13 @@ pub fn entries(catalog: &Catalog) -> BTreeMap<String, crate::catalog::Service> {
         .collect()
 }
 
+/// The file's routes by name (the file's check made the names unique).
+pub fn routes(
+    raw: &[crate::http::route::RawRoute],
+) -> BTreeMap<String, crate::http::route::RawRoute> {
+    raw.iter().map(|r| (r.name.clone(), r.clone())).collect()
+}
+
 /// Watches `path` until the task is dropped. `initial` is the text already applied. The rest
 /// of each valid edit (without its services) goes to `settings`, for `reload` to act on.
 pub async fn watch(
@@ -43,8 +51,9 @@ pub async fn watch(
         }
         match AgentConfig::parse(&path, &text) {
             Ok(mut config) => {
-                info!(path = %path.display(), services = config.catalog.services.len(), "config file changed: applying its services");
+                info!(path = %path.display(), services = config.catalog.services.len(), routes = config.routes.len(), "config file changed: applying its services and routes");
                 registry.replace(Source::File, entries(&config.catalog), &[]);
+                registry.replace_routes(Source::File, routes(&config.routes));
                 config.catalog = Catalog::default();
                 settings.send_replace(std::sync::Arc::new(config));
             }

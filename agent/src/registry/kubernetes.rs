@@ -26,6 +26,8 @@
 //! - with `node_name` known: `internalTrafficPolicy: Local` keeps only this node's endpoints;
 //!   `prefer_local` keeps only this node's while one of them is ready.
 //!
+//! HTTPRoutes and GRPCRoutes are followed beside them ([`super::kubernetes_routes`]).
+//!
 //! An object that does not make a valid entry (an unknown setting, an SCTP port, a bad value)
 //! is rejected alone with its reason; its entries keep their last good state.
 
@@ -89,6 +91,8 @@ pub async fn run(registry: Registry, config: KubernetesConfig, listen: Vec<Socke
             }
         }
     };
+    // HTTPRoutes and GRPCRoutes beside, in the same task (aborted with it).
+    let routes = super::kubernetes_routes::follow(registry.clone(), client.clone());
     let mut follower = Follower {
         registry,
         config,
@@ -103,7 +107,7 @@ pub async fn run(registry: Registry, config: KubernetesConfig, listen: Vec<Socke
         last_error: None,
         slices_read: 0,
     };
-    follower.follow(client).await;
+    tokio::join!(follower.follow(client), routes);
 }
 
 async fn client(config: &KubernetesConfig) -> Result<Client, KubeError> {
@@ -129,7 +133,11 @@ async fn client(config: &KubernetesConfig) -> Result<Client, KubeError> {
 }
 
 /// Our reconnect backoff, in the shape kube's stream backoff takes.
-struct Retry(Backoff);
+pub(super) struct Retry(Backoff);
+
+pub(super) fn retry_backoff() -> Retry {
+    Retry(Backoff::default())
+}
 
 impl Iterator for Retry {
     type Item = Duration;

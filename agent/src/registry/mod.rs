@@ -17,9 +17,11 @@ pub mod dns;
 pub mod etcd;
 pub mod file;
 pub mod kubernetes;
+mod kubernetes_routes;
 pub mod last_known_good;
 mod merge;
 mod retry;
+pub mod routes;
 mod settings;
 
 use std::{
@@ -69,6 +71,9 @@ pub struct Layer {
     /// Entries by the source's own key. Shared with the catalog: an entry is never copied on
     /// its way through the registry.
     pub entries: BTreeMap<String, Arc<Service>>,
+    /// HTTP routes by name ([`routes`]); left out of the saved file when there are none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, Arc<crate::http::route::RawRoute>>,
     /// When the source last delivered a full, current view.
     pub last_sync: Option<SystemTime>,
     /// Entries rejected since start.
@@ -114,6 +119,8 @@ struct State {
     layers: BTreeMap<Source, Layer>,
     merge: merge::Merge,
     published: Arc<Catalog>,
+    /// The merged routes, published apart from the catalog.
+    routes: Arc<routes::RouteTable>,
     last_known_good: Option<last_known_good::Saver>,
     /// Catalog versions published since start.
     version: u64,
@@ -153,6 +160,7 @@ impl State {
 pub struct Registry {
     state: Arc<Mutex<State>>,
     tx: Arc<watch::Sender<Arc<Catalog>>>,
+    routes_tx: Arc<watch::Sender<Arc<routes::RouteTable>>>,
 }
 
 impl Registry {
@@ -179,12 +187,14 @@ impl Registry {
             layers: BTreeMap::new(),
             merge: merge::Merge::default(),
             published: Arc::new(Catalog::default()),
+            routes: Arc::default(),
             last_known_good: last_known_good
                 .as_ref()
                 .map(|_| last_known_good::Saver::new()),
             version: 0,
         };
-        for (source, layer) in saved {
+        for (source, mut layer) in saved {
+            routes::restore(source, &mut layer);
             let entries = layer.entries.clone();
             state.layers.insert(
                 source,
@@ -205,11 +215,14 @@ impl Registry {
         }
         state.merge.take_changed();
         state.published = Arc::new(catalog_of(&state.merge));
+        state.merge_routes();
         let (tx, rx) = watch::channel(state.published.clone());
+        let (routes_tx, _) = watch::channel(state.routes.clone());
         let saver = state.last_known_good.clone();
         let registry = Registry {
             state: Arc::new(Mutex::new(state)),
             tx: Arc::new(tx),
+            routes_tx: Arc::new(routes_tx),
         };
         if let (Some(store), Some(saver)) = (last_known_good, saver) {
             let state = registry.state.clone();
@@ -311,6 +324,7 @@ impl Registry {
         }
         state.layers.remove(&source);
         self.publish(&mut state);
+        self.publish_routes(&mut state);
     }
 
     /// Counts and logs one rejected entry without changing anything.
@@ -404,6 +418,16 @@ impl Registry {
 
     pub fn catalog(&self) -> Arc<Catalog> {
         self.lock().published.clone()
+    }
+
+    /// Whether `source` is connected and current now.
+    pub fn is_live(&self, source: Source) -> bool {
+        self.lock().layers.get(&source).is_some_and(|l| l.live)
+    }
+
+    /// Every catalog published from now on (sources that resolve names against the catalog).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.tx.subscribe()
     }
 
     /// Catalog versions published since start, and entries merged since start (each

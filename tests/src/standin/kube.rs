@@ -1,8 +1,9 @@
 //! A **stand-in** for the Kubernetes API server, built from its documented wire format (the
 //! API concepts page: list, watch, resource versions, `410 Gone`, bookmarks): it is not the real
 //! kube-apiserver and runs none of its code. It serves what the agent's Kubernetes source asks
-//! for, cluster-wide, as JSON: Services (`/api/v1/services`) and EndpointSlices
-//! (`/apis/discovery.k8s.io/v1/endpointslices`).
+//! for, cluster-wide, as JSON: Services (`/api/v1/services`), EndpointSlices
+//! (`/apis/discovery.k8s.io/v1/endpointslices`), and Gateway API's HTTPRoutes and GRPCRoutes
+//! (`/apis/gateway.networking.k8s.io/v1/httproutes`, `…/grpcroutes`).
 //!
 //! - Every change takes the next resource version (one counter for all kinds, as etcd's
 //!   revision is), and is kept in a history.
@@ -38,13 +39,24 @@ use crate::Netns;
 pub enum Kind {
     Service,
     EndpointSlice,
+    HttpRoute,
+    GrpcRoute,
 }
+
+const ALL_KINDS: [Kind; 4] = [
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::HttpRoute,
+    Kind::GrpcRoute,
+];
 
 impl Kind {
     fn path(self) -> &'static str {
         match self {
             Kind::Service => "/api/v1/services",
             Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
+            Kind::HttpRoute => "/apis/gateway.networking.k8s.io/v1/httproutes",
+            Kind::GrpcRoute => "/apis/gateway.networking.k8s.io/v1/grpcroutes",
         }
     }
 
@@ -52,6 +64,8 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 
@@ -59,13 +73,12 @@ impl Kind {
         match self {
             Kind::Service => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::HttpRoute | Kind::GrpcRoute => "gateway.networking.k8s.io/v1",
         }
     }
 
     fn of_path(path: &str) -> Option<Kind> {
-        [Kind::Service, Kind::EndpointSlice]
-            .into_iter()
-            .find(|k| k.path() == path)
+        ALL_KINDS.into_iter().find(|k| k.path() == path)
     }
 }
 
@@ -503,4 +516,13 @@ pub fn endpoint_slice(
         "endpoints": endpoints,
         "ports": [p],
     })
+}
+
+/// An HTTPRoute (or, with `kind` [`Kind::GrpcRoute`], a GRPCRoute) with `spec` as given
+/// (`parentRefs`, `hostnames`, `rules`).
+pub fn route(kind: Kind, ns: &str, name: &str, spec: Value) -> (Kind, Value) {
+    (
+        kind,
+        json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}),
+    )
 }
