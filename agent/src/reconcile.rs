@@ -654,10 +654,7 @@ fn without_down<'a>(
             continue;
         };
         let admitted = s.usable().count();
-        let held = s
-            .usable()
-            .filter(|b| held_down.contains(&b.addr))
-            .count();
+        let held = s.usable().filter(|b| held_down.contains(&b.addr)).count();
         if held == 0 {
             continue;
         }

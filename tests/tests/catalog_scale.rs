@@ -59,9 +59,17 @@ fn ten_thousand_services_apply_and_one_change_compares_one() -> anyhow::Result<(
         topo.backend(1, false)
     );
     let sock = topo.api_socket();
-    let answer = control::request(&sock, "PUT", "/v1/services/probe", Some(&body))?;
+    let answer =
+        control::request(&sock, "PUT", "/v1/services/probe", Some(&body)).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; the agent said:\n{}",
+                agent.process.output().join("\n")
+            )
+        })?;
     assert!(answer.status < 300, "{answer:?}");
-    agent.process.wait_for("updated=1", Duration::from_secs(20))?;
+    agent
+        .process
+        .wait_for("updated=1", Duration::from_secs(20))?;
     let updates = agent.said(&["catalog applied", "updated=1", &total]);
     assert_eq!(updates.len(), 1, "{updates:?}");
     assert!(updates[0].contains("compared=1 "), "{}", updates[0]);
@@ -69,7 +77,13 @@ fn ten_thousand_services_apply_and_one_change_compares_one() -> anyhow::Result<(
     assert_eq!(t.get("backend-2"), Some(&3), "{t:?}");
 
     // The file's entry back: again one service compared.
-    let answer = control::request(&sock, "DELETE", "/v1/services/probe/override", None)?;
+    let answer =
+        control::request(&sock, "DELETE", "/v1/services/probe/override", None).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; the agent said:\n{}",
+                agent.process.output().join("\n")
+            )
+        })?;
     assert!(answer.status < 300, "{answer:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while agent.said(&["catalog applied", "updated=1", &total]).len() < 2 {

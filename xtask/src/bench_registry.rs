@@ -32,7 +32,8 @@ const PROBE_VIP: &str = "10.96.9.9:80";
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
     setup::run(setup::Needs::Test)?;
-    let given = std::env::var_os("SWITCHYARD_BIN").is_some() && std::env::var_os("SY_PROBE_BIN").is_some();
+    let given =
+        std::env::var_os("SWITCHYARD_BIN").is_some() && std::env::var_os("SY_PROBE_BIN").is_some();
     if given {
         println!(
             "== measuring {} (SWITCHYARD_BIN; nothing built)",
@@ -252,10 +253,16 @@ fn apply_ms(lines: &[String], services: usize) -> Vec<f64> {
 fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces), from field 3 on.
-    let rest = stat.rsplit_once(')').context("no command in /proc/pid/stat")?.1;
+    let rest = stat
+        .rsplit_once(')')
+        .context("no command in /proc/pid/stat")?
+        .1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields.get(i).context("short /proc/pid/stat")?.parse::<f64>()?)
+        Ok(fields
+            .get(i)
+            .context("short /proc/pid/stat")?
+            .parse::<f64>()?)
     };
     // utime and stime are fields 14 and 15 (the 12th and 13th after the name).
     // SAFETY: sysconf has no preconditions.

@@ -42,30 +42,29 @@ impl Checker {
     pub fn reconcile(&mut self, catalog: &Catalog, board: &Arc<Board>, own_mark: u32) {
         let mut wanted = HashMap::new();
         // The running checks to judge again: all, or those of the services that changed.
-        let judged: Vec<(ServiceAddr, SocketAddr)> =
-            match self.last.replace(catalog.clone()) {
-                None => {
-                    catalog.services.values().for_each(|s| want(&mut wanted, s));
-                    self.tasks.keys().copied().collect()
-                }
-                Some(last) => {
-                    let mut judged = Vec::new();
-                    for item in last.services.diff(&catalog.services) {
-                        let (old, new) = match item {
-                            DiffItem::Add(_, n) => (None, Some(n)),
-                            DiffItem::Remove(_, o) => (Some(o), None),
-                            DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
-                        };
-                        if let Some(o) = old.filter(|o| o.policy.health.is_some()) {
-                            judged.extend(o.backends.iter().map(|b| (o.addr, b.addr)));
-                        }
-                        if let Some(n) = new {
-                            want(&mut wanted, n);
-                        }
+        let judged: Vec<(ServiceAddr, SocketAddr)> = match self.last.replace(catalog.clone()) {
+            None => {
+                catalog.services.values().for_each(|s| want(&mut wanted, s));
+                self.tasks.keys().copied().collect()
+            }
+            Some(last) => {
+                let mut judged = Vec::new();
+                for item in last.services.diff(&catalog.services) {
+                    let (old, new) = match item {
+                        DiffItem::Add(_, n) => (None, Some(n)),
+                        DiffItem::Remove(_, o) => (Some(o), None),
+                        DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+                    };
+                    if let Some(o) = old.filter(|o| o.policy.health.is_some()) {
+                        judged.extend(o.backends.iter().map(|b| (o.addr, b.addr)));
                     }
-                    judged
+                    if let Some(n) = new {
+                        want(&mut wanted, n);
+                    }
                 }
-            };
+                judged
+            }
+        };
         for k in judged {
             let Some(running) = self.tasks.get(&k) else {
                 continue;
