@@ -6,7 +6,7 @@
 //! every catalog the registry publishes, and again when a health verdict changes.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     sync::Arc,
 };
@@ -125,6 +125,17 @@ pub struct Reconciler {
     settled: bool,
     /// Services whose kernel view is in panic mode (too few healthy backends).
     panicking: HashSet<ServiceAddr>,
+    /// What the last `apply` made the kernel and the forwarder hold, completely: the next one
+    /// compares against it, so that it costs what changed (persistent maps diff by skipping
+    /// what they share). `None` (at start, or after an `apply` failed part-way): compare
+    /// everything.
+    last: Option<Last>,
+}
+
+/// The catalog and its kernel view as last applied.
+struct Last {
+    catalog: Catalog,
+    view: Catalog,
 }
 
 impl Reconciler {
@@ -147,6 +158,7 @@ impl Reconciler {
             inherited_members: Vec::new(),
             settled: false,
             panicking: HashSet::new(),
+            last: None,
         }
     }
 
@@ -247,10 +259,19 @@ impl Reconciler {
     /// Makes the kernel and the forwarder match `catalog`. Backends that active health checks
     /// hold down are left out of the kernel's choices (the forwarder sees their health itself).
     pub fn apply(&mut self, catalog: &Catalog) -> Result<Changes, ReconcileError> {
+        let applied = self.apply_changes(catalog);
+        if applied.is_err() {
+            // Part of it may be in the maps: the next apply compares everything again.
+            self.last = None;
+        }
+        applied
+    }
+
+    fn apply_changes(&mut self, catalog: &Catalog) -> Result<Changes, ReconcileError> {
         let started = std::time::Instant::now();
         let mut changes = Changes::default();
         let (kernel_view, panicking) = without_down(catalog, &self.board.down());
-        let kernel_view: &Catalog = &kernel_view;
+        let kernel_view: Catalog = kernel_view.into_owned();
         for s in panicking.difference(&self.panicking) {
             warn!(
                 service = %s,
@@ -262,26 +283,59 @@ impl Reconciler {
             info!(service = %s, "enough healthy backends again: panic mode over");
         }
         self.panicking = panicking;
-        // The forwarder learns of new proxy services before the kernel sends it their clients,
-        // and forgets removed ones only after the kernel stops.
-        let previous = self.table.load();
-        let mut widened = catalog.clone();
-        for (k, a) in &self.applied {
-            if a.service.mode == Mode::Proxy && !catalog.services.contains_key(k) {
-                widened.services.insert(*k, Arc::new(a.service.clone()));
+        // The services to look at: those that differ from the last apply's catalog or kernel
+        // view (a health verdict changes the view alone), or all of them.
+        let keys: BTreeSet<ServiceAddr> = match &self.last {
+            Some(last) => last
+                .catalog
+                .services
+                .diff(&catalog.services)
+                .chain(last.view.services.diff(&kernel_view.services))
+                .map(diff_key)
+                .collect(),
+            None => self
+                .applied
+                .keys()
+                .chain(kernel_view.services.keys())
+                .copied()
+                .collect(),
+        };
+        // The forwarder's table is rebuilt only when a change can alter it: a proxy-mode service
+        // came, went or changed, or a backend the health board knows left.
+        let rebuild = match &self.last {
+            None => true,
+            Some(last) => keys.iter().any(|k| {
+                touches_table(
+                    last.catalog.services.get(k).map(|s| &**s),
+                    catalog.services.get(k).map(|s| &**s),
+                    &self.board,
+                )
+            }),
+        };
+        if rebuild {
+            // The forwarder learns of new proxy services before the kernel sends it their
+            // clients, and forgets removed ones only after the kernel stops.
+            let previous = self.table.load();
+            let mut widened = catalog.clone();
+            for k in &keys {
+                if let Some(a) = self.applied.get(k)
+                    && a.service.mode == Mode::Proxy
+                    && !catalog.services.contains_key(k)
+                {
+                    widened.services.insert(*k, Arc::new(a.service.clone()));
+                }
             }
+            self.table.store(Table::build(
+                &widened,
+                &previous,
+                &self.board,
+                self.forwarding,
+            ));
         }
-        self.table.store(Table::build(
-            &widened,
-            &previous,
-            &self.board,
-            self.forwarding,
-        ));
 
-        let gone: Vec<ServiceAddr> = self
-            .applied
-            .keys()
-            .filter(|k| !catalog.services.contains_key(k))
+        let gone: Vec<ServiceAddr> = keys
+            .iter()
+            .filter(|k| self.applied.contains_key(k) && !catalog.services.contains_key(*k))
             .copied()
             .collect();
         for key in gone {
@@ -293,7 +347,10 @@ impl Reconciler {
             self.remove(&key)?;
             changes.removed += 1;
         }
-        for (key, service) in &kernel_view.services {
+        for key in &keys {
+            let Some(service) = kernel_view.services.get(key) else {
+                continue;
+            };
             if let Some(a) = self.applied.get(key)
                 && key.protocol == Protocol::Udp
             {
@@ -317,8 +374,10 @@ impl Reconciler {
                 }
             }
         }
-        let table = Table::build(catalog, &self.table.load(), &self.board, self.forwarding);
-        self.table.store(table);
+        if rebuild {
+            let table = Table::build(catalog, &self.table.load(), &self.board, self.forwarding);
+            self.table.store(table);
+        }
         if !self.settled {
             changes.removed += self.drop_inherited()?;
             self.settled = true;
@@ -329,10 +388,16 @@ impl Reconciler {
                 updated = changes.updated,
                 removed = changes.removed,
                 services = self.applied.len(),
+                compared = keys.len(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
+                elapsed_us = started.elapsed().as_micros() as u64,
                 "catalog applied"
             );
         }
+        self.last = Some(Last {
+            catalog: catalog.clone(),
+            view: kernel_view,
+        });
         Ok(changes)
     }
 
@@ -570,7 +635,7 @@ impl Reconciler {
 /// service (`maint`), so no slot points at them and affinity lets go of them. A service with
 /// too few healthy backends is in panic mode, as the forwarder's candidates are: its slots hold
 /// every admitted backend, down or not, rather than refuse every client. Returns the view and
-/// the services in panic mode.
+/// the services in panic mode. Costs what is down: the view shares the rest of the catalog.
 fn without_down<'a>(
     catalog: &'a Catalog,
     down: &HashSet<(ServiceAddr, SocketAddr)>,
@@ -579,13 +644,17 @@ fn without_down<'a>(
     if down.is_empty() {
         return (std::borrow::Cow::Borrowed(catalog), panicking);
     }
+    let mut by_service: HashMap<ServiceAddr, HashSet<SocketAddr>> = HashMap::new();
+    for (service, backend) in down {
+        by_service.entry(*service).or_default().insert(*backend);
+    }
     let mut view = catalog.clone();
-    for (addr, s) in view.services.iter_mut() {
+    for (addr, held_down) in &by_service {
+        let Some(s) = catalog.services.get(addr) else {
+            continue;
+        };
         let admitted = s.usable().count();
-        let held = s
-            .usable()
-            .filter(|b| down.contains(&(*addr, b.addr)))
-            .count();
+        let held = s.usable().filter(|b| held_down.contains(&b.addr)).count();
         if held == 0 {
             continue;
         }
@@ -594,13 +663,49 @@ fn without_down<'a>(
             continue;
         }
         // Only the services with a backend down are copied.
-        for b in Arc::make_mut(s).backends.iter_mut() {
-            if down.contains(&(*addr, b.addr)) {
+        let mut copy = (**s).clone();
+        for b in copy.backends.iter_mut() {
+            if held_down.contains(&b.addr) {
                 b.state = BackendState::Maint;
             }
         }
+        view.services.insert(*addr, Arc::new(copy));
     }
     (std::borrow::Cow::Owned(view), panicking)
+}
+
+/// The address a difference between two catalogs is about.
+fn diff_key(item: imbl::ordmap::DiffItem<'_, '_, ServiceAddr, Arc<Service>>) -> ServiceAddr {
+    match item {
+        imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => *k,
+        imbl::ordmap::DiffItem::Update { new: (k, _), .. } => *k,
+    }
+}
+
+/// Whether a service going from `old` to `new` can change what [`Table::build`] makes: the
+/// table holds the proxy-mode services, and forgets the board's entries for backends that
+/// leave the catalog (a kernel-mode service's health-checked backends among them).
+fn touches_table(old: Option<&Service>, new: Option<&Service>, board: &Board) -> bool {
+    if old.into_iter().chain(new).any(|s| s.mode == Mode::Proxy) {
+        return true;
+    }
+    let Some(old) = old else {
+        return false;
+    };
+    let known: Vec<SocketAddr> = old
+        .backends
+        .iter()
+        .filter(|b| board.find(old.addr, b.addr).is_some())
+        .map(|b| b.addr)
+        .collect();
+    if known.is_empty() {
+        return false;
+    }
+    let kept: HashSet<SocketAddr> = new
+        .filter(|n| n.addr == old.addr)
+        .map(|n| n.backends.iter().map(|b| b.addr).collect())
+        .unwrap_or_default();
+    known.iter().any(|b| !kept.contains(b))
 }
 
 fn service_key(addr: &ServiceAddr) -> ServiceKey {

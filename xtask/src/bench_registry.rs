@@ -7,6 +7,12 @@
 //! - Propagation: a service's backend is switched through etcd's HTTP gateway, from the node
 //!   namespace; a probe in a pod connects again and again and notes the monotonic time at which
 //!   its answer changes. Median and p99 of many switches.
+//! - What one change costs the agent at that size: its CPU time (user + system, from
+//!   `/proc/<pid>/stat`) over the switches, per switch, and the reconciler's own time per switch
+//!   (the `catalog applied` lines). On a shared machine the CPU time is the steadier figure.
+//!
+//! `SWITCHYARD_BIN` and `SY_PROBE_BIN` both set: those binaries are measured (another branch,
+//! an older build) and nothing is built.
 
 use std::{
     io::{Read, Write},
@@ -26,11 +32,20 @@ const PROBE_VIP: &str = "10.96.9.9:80";
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
     setup::run(setup::Needs::Test)?;
-    build::agent(true)?;
-    // SAFETY: set before any thread of ours reads the environment.
-    unsafe {
-        std::env::set_var("SWITCHYARD_BIN", build::binary("switchyard", true));
-        std::env::set_var("SY_PROBE_BIN", build::binary("sy-probe", true));
+    let given =
+        std::env::var_os("SWITCHYARD_BIN").is_some() && std::env::var_os("SY_PROBE_BIN").is_some();
+    if given {
+        println!(
+            "== measuring {} (SWITCHYARD_BIN; nothing built)",
+            std::env::var("SWITCHYARD_BIN").unwrap_or_default()
+        );
+    } else {
+        build::agent(true)?;
+        // SAFETY: set before any thread of ours reads the environment.
+        unsafe {
+            std::env::set_var("SWITCHYARD_BIN", build::binary("switchyard", true));
+            std::env::set_var("SY_PROBE_BIN", build::binary("sy-probe", true));
+        }
     }
     let switches = if quick { 20 } else { 200 };
     let topo = Topology::new(1, 2)?;
@@ -70,6 +85,11 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         &["flip", "--to", PROBE_VIP, "--times", &switches.to_string()],
     )?;
     std::thread::sleep(Duration::from_millis(300));
+    // Past the load: the last-known-good save of the whole catalog is done, so that the CPU
+    // time below is the switches'.
+    std::thread::sleep(Duration::from_millis(1500));
+    let applied_before = agent.process.output().len();
+    let cpu_before = cpu_ms(agent.process.pid())?;
     let mut delays = Vec::new();
     for k in 0..switches {
         let backend = topo.backend((k + 1) % 2, false);
@@ -84,11 +104,22 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         delays.push((flip.saturating_sub(sent)) as f64 / 1e6);
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The last switch's save, coalesced with the others (at most one a second), is part of
+    // what the switches cost.
+    std::thread::sleep(Duration::from_millis(1500));
+    let cpu_per_switch = (cpu_ms(agent.process.pid())? - cpu_before) / switches as f64;
     delays.sort_by(f64::total_cmp);
     let median = delays[delays.len() / 2];
     let p99 = delays[(delays.len() * 99 / 100).min(delays.len() - 1)];
     println!(
         "propagation etcd put → first new connection using it, {switches} switches: median {median:.2} ms, p99 {p99:.2} ms"
+    );
+    let mut applies = apply_ms(&agent.process.output()[applied_before..], SERVICES + 1);
+    applies.sort_by(f64::total_cmp);
+    let apply_median = applies.get(applies.len() / 2).copied().unwrap_or(f64::NAN);
+    println!(
+        "one switch at {SERVICES} services: agent CPU {cpu_per_switch:.2} ms per switch (user + system, last-known-good saves included); reconciler apply median {apply_median:.3} ms over {} applies",
+        applies.len()
     );
 
     println!("\ngoals (reported, not asserted):");
@@ -115,7 +146,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         format!("{rss:.1} MiB"),
     );
     let json = format!(
-        "{{\"services\":{SERVICES},\"backends_per_service\":{BACKENDS},\"file_apply_ms\":{file_ms},\"file_rss_mib\":{file_rss:.1},\"etcd_apply_ms\":{etcd_ms},\"etcd_rss_mib\":{etcd_rss:.1},\"propagation_ms\":{{\"switches\":{switches},\"median\":{median:.3},\"p99\":{p99:.3}}}}}\n"
+        "{{\"services\":{SERVICES},\"backends_per_service\":{BACKENDS},\"file_apply_ms\":{file_ms},\"file_rss_mib\":{file_rss:.1},\"etcd_apply_ms\":{etcd_ms},\"etcd_rss_mib\":{etcd_rss:.1},\"propagation_ms\":{{\"switches\":{switches},\"median\":{median:.3},\"p99\":{p99:.3}}},\"cpu_ms_per_switch\":{cpu_per_switch:.3},\"apply_ms_median\":{apply_median:.3}}}\n"
     );
     let out = build::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
@@ -196,6 +227,47 @@ fn applied_ms(agent: &Agent, services: usize) -> anyhow::Result<u64> {
         "the agent never applied {services} services:\n{}",
         agent.process.output().join("\n")
     )
+}
+
+/// The reconciler's time for each one-service update in `lines` at `services` services:
+/// `elapsed_us` where the agent logs it, else `elapsed_ms` (older agents).
+fn apply_ms(lines: &[String], services: usize) -> Vec<f64> {
+    let needle = format!("services={services}");
+    lines
+        .iter()
+        .filter(|l| l.contains("catalog applied") && l.contains("updated=1") && l.contains(&needle))
+        .filter_map(|l| {
+            let field = |name: &str| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(name))
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            field("elapsed_us=")
+                .map(|us| us / 1000.0)
+                .or_else(|| field("elapsed_ms="))
+        })
+        .collect()
+}
+
+/// User + system CPU time of a process so far, in milliseconds.
+fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat
+        .rsplit_once(')')
+        .context("no command in /proc/pid/stat")?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/pid/stat")?
+            .parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15 (the 12th and 13th after the name).
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) * 1000.0 / hz)
 }
 
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {

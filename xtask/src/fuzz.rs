@@ -105,6 +105,17 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
             crashed.push(format!("{name} (see {})", artifacts.display()));
         }
     }
+    // The instrumented build is several GB of its own: say where, so it can go when done.
+    let build = fuzz_dir().join("build");
+    if let Ok(out) = Command::new("du").arg("-sh").arg(&build).output() {
+        let size = String::from_utf8_lossy(&out.stdout);
+        let size = size.split_whitespace().next().unwrap_or("?");
+        println!(
+            "fuzz: the instrumented build is {} ({size}); `rm -rf` it when done, the next run \
+             builds it again",
+            build.display()
+        );
+    }
     if !crashed.is_empty() {
         bail!("fuzz targets failed: {}", crashed.join(", "));
     }

@@ -232,10 +232,11 @@ impl Api {
 
     /// The served service named `name`, with its view.
     fn served(&self, name: &str, note: Option<String>) -> Option<ServiceView> {
-        let catalog = self.live.registry.catalog();
-        let s = catalog.services.values().find(|s| s.name == name)?;
-        let owner = self.live.owners(&catalog).get(name).copied();
-        Some(self.view(s, owner, note))
+        // Look-ups in the registry's indexes: an answer about one service costs the same
+        // whatever the catalog's size.
+        let s = self.live.registry.served_named(name)?;
+        let owner = self.live.registry.owner(&s);
+        Some(self.view(&s, owner, note))
     }
 
     fn list(&self) -> Reply {
@@ -279,7 +280,7 @@ impl Api {
     fn state(&self, name: &str) -> Answer {
         let snap = self.live.snapshot();
         let s = snap.service(name).ok_or_else(|| no_service(name))?;
-        let owner = self.live.owners(&snap.catalog).get(name).map(|o| o.source);
+        let owner = self.live.registry.owner(s).map(|o| o.source);
         Ok(Reply::json(StatusCode::OK, &state::state(&snap, s, owner)))
     }
 
@@ -376,8 +377,7 @@ impl Api {
     fn create(&self, body: &[u8]) -> Answer {
         let s = self.parse_entry(body, None)?;
         let _edit = self.lock();
-        let catalog = self.live.registry.catalog();
-        let exists = catalog.services.values().any(|o| o.name == s.name)
+        let exists = self.live.registry.served_named(&s.name).is_some()
             || self
                 .live
                 .registry
@@ -405,13 +405,7 @@ impl Api {
     fn replace(&self, name: &str, body: &[u8]) -> Answer {
         let s = self.parse_entry(body, Some(name))?;
         let _edit = self.lock();
-        let existed = self
-            .live
-            .registry
-            .catalog()
-            .services
-            .values()
-            .any(|o| o.name == s.name)
+        let existed = self.live.registry.served_named(&s.name).is_some()
             || self.live.registry.entries(Source::Api).contains_key(name);
         self.check_place(&s)?;
         let lower = self.lower_source(&s);
@@ -443,8 +437,8 @@ impl Api {
         let _edit = self.lock();
         let api = self.live.registry.entries(Source::Api);
         let Some(own) = api.get(name) else {
-            let catalog = self.live.registry.catalog();
-            return match self.live.owners(&catalog).get(name) {
+            let served = self.live.registry.served_named(name);
+            return match served.and_then(|s| self.live.registry.owner(&s)) {
                 Some(o) => Err(conflict(
                     "name",
                     format!(
@@ -510,17 +504,16 @@ impl Api {
     ) -> Answer {
         let _edit = self.lock();
         let api = self.live.registry.entries(Source::Api);
-        let catalog = self.live.registry.catalog();
         let (base, copied) = match api.get(name) {
             Some(s) => (s.clone(), None),
             None => {
-                let s = catalog
-                    .services
-                    .values()
-                    .find(|s| s.name == name)
+                let s = self
+                    .live
+                    .registry
+                    .served_named(name)
                     .ok_or_else(|| no_service(name))?;
-                let from = self.live.owners(&catalog).get(name).map(|o| o.source);
-                ((**s).clone(), from)
+                let from = self.live.registry.owner(&s).map(|o| o.source);
+                ((*s).clone(), from)
             }
         };
         let mut s = base;

@@ -5,7 +5,7 @@
 pub mod duration;
 pub mod entry;
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -257,11 +257,18 @@ impl Service {
     }
 }
 
+/// The services of a catalog by address: a persistent map, so that a new catalog version
+/// shares every untouched part of the previous one (a change copies the few tree nodes on its
+/// path, not the map), and two versions are compared in proportion to what differs
+/// ([`imbl::OrdMap::diff`] skips shared nodes).
+pub type Services = imbl::OrdMap<ServiceAddr, Arc<Service>>;
+
 /// All services, keyed by the address clients connect to. Each service is shared with the
-/// registry's layers, so a new catalog version copies pointers, not services.
+/// registry's layers, and the map with the previous version: a new catalog version costs what
+/// changed, not the catalog's size.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
-    pub services: BTreeMap<ServiceAddr, Arc<Service>>,
+    pub services: Services,
 }
 
 /// Why an entry is not acceptable. Each message names the field.

@@ -92,14 +92,22 @@ pub fn ewma_seconds(k: &BackendStats, now_ns: u64) -> f64 {
     k.ewma_ns as f64 * (-elapsed / decay).exp() / 1e9
 }
 
-/// Logs the programs' ejections and returns, once a second, while the agent runs.
+/// Logs the programs' ejections and returns, once a second, while the agent runs. The maps
+/// are read on a blocking thread: at 10,000 services that is 100,000 look-ups, which on the
+/// runtime's one worker would hold up the API and every catalog change behind them.
 pub async fn watch(learned: KernelLearned) {
+    let learned = std::sync::Arc::new(learned);
     let mut seen: HashMap<(SocketAddr, SocketAddr), (u64, bool)> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let reader = learned.clone();
+        let Ok(read) = tokio::task::spawn_blocking(move || reader.read()).await else {
+            continue;
+        };
         let now = kernel_now_ns();
-        for l in learned.read() {
+        for l in read {
             let key = (l.service, l.backend);
             let out = l.stats.ejected_until_ns > now;
             let (ejections, was_out) = seen.get(&key).copied().unwrap_or((l.stats.ejections, out));

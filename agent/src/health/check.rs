@@ -10,9 +10,11 @@ use std::{
 use tokio::{task::JoinHandle, time::timeout};
 use tracing::{info, warn};
 
+use imbl::ordmap::DiffItem;
+
 use super::{BackendHealth, Board, Verdict};
 use crate::{
-    catalog::{Catalog, HealthCheck, Probe, ServiceAddr},
+    catalog::{Catalog, HealthCheck, Probe, Service, ServiceAddr},
     socket::connect_marked,
 };
 
@@ -20,6 +22,8 @@ use crate::{
 #[derive(Default)]
 pub struct Checker {
     tasks: HashMap<(ServiceAddr, SocketAddr), Running>,
+    /// The catalog last reconciled (a persistent map: kept whole at no cost).
+    last: Option<Catalog>,
 }
 
 /// One backend's check task. `stopped` is set (under its lock) before the task is aborted: a
@@ -32,25 +36,48 @@ struct Running {
 }
 
 impl Checker {
-    /// Starts checks for new (or changed) backends and stops the others.
+    /// Starts checks for new (or changed) backends and stops the others. Looks at the services
+    /// that differ from the last catalog reconciled (all of them the first time): a change to
+    /// one service costs that service, whatever the catalog's size.
     pub fn reconcile(&mut self, catalog: &Catalog, board: &Arc<Board>, own_mark: u32) {
         let mut wanted = HashMap::new();
-        for (addr, s) in &catalog.services {
-            if let Some(check) = &s.policy.health {
-                for b in &s.backends {
-                    wanted.insert((*addr, b.addr), check.clone());
+        // The running checks to judge again: all, or those of the services that changed.
+        let judged: Vec<(ServiceAddr, SocketAddr)> = match self.last.replace(catalog.clone()) {
+            None => {
+                catalog.services.values().for_each(|s| want(&mut wanted, s));
+                self.tasks.keys().copied().collect()
+            }
+            Some(last) => {
+                let mut judged = Vec::new();
+                for item in last.services.diff(&catalog.services) {
+                    let (old, new) = match item {
+                        DiffItem::Add(_, n) => (None, Some(n)),
+                        DiffItem::Remove(_, o) => (Some(o), None),
+                        DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+                    };
+                    if let Some(o) = old.filter(|o| o.policy.health.is_some()) {
+                        judged.extend(o.backends.iter().map(|b| (o.addr, b.addr)));
+                    }
+                    if let Some(n) = new {
+                        want(&mut wanted, n);
+                    }
                 }
+                judged
             }
-        }
-        self.tasks.retain(|k, running| {
-            let keep = wanted.get(k) == Some(&running.check);
-            if !keep {
-                *running.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
-                running.task.abort();
+        };
+        for k in judged {
+            let Some(running) = self.tasks.get(&k) else {
+                continue;
+            };
+            if wanted.get(&k) == Some(&running.check) {
+                continue;
             }
+            *running.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            running.task.abort();
+            self.tasks.remove(&k);
             // A check that goes takes its verdict with it: the backend is judged by the other
             // signals alone (a changed check's new task judges on from the old verdict).
-            if !wanted.contains_key(k)
+            if !wanted.contains_key(&k)
                 && let Some(h) = board.find(k.0, k.1)
             {
                 let was = h.verdict();
@@ -59,8 +86,7 @@ impl Checker {
                     info!(service = %k.0, backend = %k.1, "health check removed: no longer held down");
                 }
             }
-            keep
-        });
+        }
         for (k, check) in wanted {
             if self.tasks.contains_key(&k) {
                 continue;
@@ -79,6 +105,15 @@ impl Checker {
                     stopped,
                 },
             );
+        }
+    }
+}
+
+/// The checks one service asks for, by (service, backend).
+fn want(wanted: &mut HashMap<(ServiceAddr, SocketAddr), HealthCheck>, s: &Service) {
+    if let Some(check) = &s.policy.health {
+        for b in &s.backends {
+            wanted.insert((s.addr, b.addr), check.clone());
         }
     }
 }

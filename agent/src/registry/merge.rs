@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::{Rejected, Source};
-use crate::catalog::{Service, ServiceAddr};
+use crate::catalog::{Service, ServiceAddr, Services};
 
 /// One entry: its source and the source's key for it. The order is precedence.
 pub type Node = (Source, String);
@@ -25,8 +25,11 @@ pub struct Merge {
     by_addr: HashMap<ServiceAddr, BTreeSet<Node>>,
     by_name: HashMap<String, BTreeSet<Node>>,
     applied: HashSet<Node>,
-    /// Applied entries by address: the catalog, and who owns each place in it.
+    /// Applied entries by address: who owns each place in the catalog.
     catalog: BTreeMap<ServiceAddr, (Node, Arc<Service>)>,
+    /// The same services as a persistent map, kept in step with `catalog`: what the registry
+    /// publishes, sharing everything a change leaves alone with the version before.
+    published: Services,
     /// Whether the catalog changed since [`Merge::take_changed`].
     changed: bool,
     /// Entries judged since start (for the tests' bounds).
@@ -37,6 +40,20 @@ impl Merge {
     /// The applied entries, by address.
     pub fn services(&self) -> impl Iterator<Item = (&ServiceAddr, &Arc<Service>)> {
         self.catalog.iter().map(|(a, (_, s))| (a, s))
+    }
+
+    /// The applied entries as the catalog's map: a clone shares it whole.
+    pub fn published(&self) -> &Services {
+        &self.published
+    }
+
+    /// The applied entry named `name` (at most one is): a look-up in the name index.
+    pub fn applied_named(&self, name: &str) -> Option<&Node> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .find(|n| self.applied.contains(*n))
     }
 
     pub fn owner(&self, addr: &ServiceAddr) -> Option<Source> {
@@ -124,6 +141,7 @@ impl Merge {
                     if place.is_none_or(|(_, s)| !Arc::ptr_eq(s, &service)) {
                         self.catalog
                             .insert(service.addr, (node.clone(), service.clone()));
+                        self.published.insert(service.addr, service.clone());
                         self.changed = true;
                     }
                 }
@@ -174,6 +192,7 @@ impl Merge {
     fn vacate(&mut self, addr: &ServiceAddr, node: &Node) {
         if self.catalog.get(addr).is_some_and(|(n, _)| n == node) {
             self.catalog.remove(addr);
+            self.published.remove(addr);
             self.changed = true;
         }
     }

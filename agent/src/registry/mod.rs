@@ -69,8 +69,9 @@ impl Source {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Layer {
     /// Entries by the source's own key. Shared with the catalog: an entry is never copied on
-    /// its way through the registry.
-    pub entries: BTreeMap<String, Arc<Service>>,
+    /// its way through the registry. A persistent map, so that the last-known-good saver's
+    /// snapshot of every layer shares them instead of copying them under the registry's lock.
+    pub entries: imbl::OrdMap<String, Arc<Service>>,
     /// HTTP routes by name ([`routes`]); left out of the saved file when there are none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub routes: BTreeMap<String, Arc<crate::http::route::RawRoute>>,
@@ -199,7 +200,7 @@ impl Registry {
             state.layers.insert(
                 source,
                 Layer {
-                    entries: BTreeMap::new(),
+                    entries: Default::default(),
                     ..layer
                 },
             );
@@ -401,14 +402,21 @@ impl Registry {
         state
             .merge
             .services()
-            .filter_map(|(addr, s)| {
-                let source = state.merge.owner(addr)?;
-                let overrides = (source == Source::Api)
-                    .then(|| state.merge.first_other(Source::Api, addr, &s.name))
-                    .flatten();
-                Some((*addr, Ownership { source, overrides }))
-            })
+            .filter_map(|(addr, s)| Some((*addr, ownership(&state.merge, addr, &s.name)?)))
             .collect()
+    }
+
+    /// Who serves one service: look-ups in the merge's indexes (what answering for one service
+    /// costs, whatever the catalog's size).
+    pub fn owner(&self, service: &Service) -> Option<Ownership> {
+        ownership(&self.lock().merge, &service.addr, &service.name)
+    }
+
+    /// The served service named `name`, if any: a look-up in the merge's name index.
+    pub fn served_named(&self, name: &str) -> Option<Arc<Service>> {
+        let state = self.lock();
+        let (source, key) = state.merge.applied_named(name)?;
+        state.layers.get(source)?.entries.get(key).cloned()
     }
 
     /// The first source other than the API that names this address or name.
@@ -477,11 +485,20 @@ impl Registry {
     }
 }
 
-/// The published catalog: the merge's applied entries, shared, not copied (a map of pointers).
+/// The published catalog: the merge's persistent map, shared whole (a change made the new
+/// version by copying the few nodes on its path; nothing here grows with the catalog).
 fn catalog_of(merge: &merge::Merge) -> Catalog {
     Catalog {
-        services: merge.services().map(|(a, s)| (*a, s.clone())).collect(),
+        services: merge.published().clone(),
     }
+}
+
+fn ownership(merge: &merge::Merge, addr: &ServiceAddr, name: &str) -> Option<Ownership> {
+    let source = merge.owner(addr)?;
+    let overrides = (source == Source::Api)
+        .then(|| merge.first_other(Source::Api, addr, name))
+        .flatten();
+    Some(Ownership { source, overrides })
 }
 
 /// Addresses and names already taken within one batch of a source's entries (a full list being
@@ -691,6 +708,48 @@ mod scale {
         drop((before, after));
         let now = rx.borrow().clone();
         assert!(now.services.values().all(|s| Arc::strong_count(s) == 3));
+    }
+
+    /// Catalog versions share their map: with 50 versions alive, each one put apart, every
+    /// service but the few in the changed service's tree leaf is held by one node that all 50
+    /// share (a map copied per version, as before, held each service 50 more times). The
+    /// registry answers for one service by look-ups, without walking the catalog.
+    #[test]
+    fn catalog_versions_share_all_but_the_changed_path() {
+        let (r, rx) = Registry::open(None);
+        r.replace(Source::Etcd, ten_thousand(), &[]);
+        let versions: Vec<Arc<Catalog>> = (0..50)
+            .map(|k| {
+                r.put(Source::Etcd, "s5", Some(service(5, 2 + (k % 2) as u8)));
+                rx.borrow().clone()
+            })
+            .collect();
+        let (_, judged) = r.work();
+        assert_eq!(judged, 10_000 + 50);
+        let now = versions.last().unwrap();
+        assert_eq!(now.services.len(), 10_000);
+        // Held by its layer, the merge's index and one shared tree node.
+        let once = now
+            .services
+            .values()
+            .filter(|s| Arc::strong_count(s) == 3)
+            .count();
+        // imbl's B-tree leaves hold at most 16 entries: only s5's leaf is copied per version.
+        assert!(once >= 10_000 - 16, "{once} of 10,000 held once");
+        for pair in versions.windows(2) {
+            let changed: Vec<_> = pair[0].services.diff(&pair[1].services).collect();
+            assert_eq!(changed.len(), 1);
+        }
+        let s77 = r.served_named("s77").unwrap();
+        assert!(Arc::ptr_eq(&s77, &now.services[&s77.addr]));
+        assert_eq!(r.served_named("nobody"), None);
+        assert_eq!(
+            r.owner(&s77),
+            Some(Ownership {
+                source: Source::Etcd,
+                overrides: None
+            })
+        );
     }
 
     /// The sources' own clash checks look up, they do not copy or walk the layer.
