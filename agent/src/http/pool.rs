@@ -4,6 +4,7 @@
 //! "a connection to this one", and the bounds are the agent's.
 
 use std::{
+    collections::VecDeque,
     io,
     net::SocketAddr,
     sync::{Mutex, MutexGuard},
@@ -25,7 +26,8 @@ pub enum Conn {
 
 #[derive(Default)]
 struct Slot {
-    idle: Vec<(http1::SendRequest<Body>, Instant)>,
+    /// Oldest at the front, most recently used at the back (taken first: warmest).
+    idle: VecDeque<(http1::SendRequest<Body>, Instant)>,
     h2: Option<http2::SendRequest<Body>>,
 }
 
@@ -61,7 +63,7 @@ impl Pool {
                 .map(Conn::H2);
         }
         loop {
-            let (mut c, since) = self.slot(i)?.idle.pop()?;
+            let (mut c, since) = self.slot(i)?.idle.pop_back()?;
             if since.elapsed() > self.idle_timeout || c.is_closed() {
                 continue;
             }
@@ -73,20 +75,24 @@ impl Pool {
         }
     }
 
-    /// Back into the pool after a response was read whole (HTTP/1.1). Expired and closed
-    /// connections are dropped on the way; beyond the bound, the oldest goes.
+    /// Back into the pool after a response was read whole (HTTP/1.1). Expired connections
+    /// are dropped from the old end (one clock read per put, not one per idle connection;
+    /// closed ones go when [`Pool::reuse`] meets them); beyond the bound, the oldest goes.
     pub fn put(&self, i: usize, c: http1::SendRequest<Body>) {
         if c.is_closed() {
             return;
         }
         let Some(mut s) = self.slot(i) else { return };
-        let timeout = self.idle_timeout;
-        s.idle
-            .retain(|(c, since)| !c.is_closed() && since.elapsed() <= timeout);
-        if s.idle.len() >= self.max_idle {
-            s.idle.remove(0);
+        let now = Instant::now();
+        while s.idle.front().is_some_and(|(c, since)| {
+            c.is_closed() || now.duration_since(*since) > self.idle_timeout
+        }) {
+            s.idle.pop_front();
         }
-        s.idle.push((c, Instant::now()));
+        if s.idle.len() >= self.max_idle {
+            s.idle.pop_front();
+        }
+        s.idle.push_back((c, now));
     }
 
     /// Opens a connection to backend `i` at `addr` (HTTP/2 ones are kept for every request).
@@ -132,7 +138,10 @@ impl Pool {
     pub fn idle(&self) -> usize {
         (0..self.slots.len())
             .filter_map(|i| self.slot(i))
-            .map(|s| s.idle.len() + usize::from(s.h2.as_ref().is_some_and(|c| !c.is_closed())))
+            .map(|s| {
+                s.idle.iter().filter(|(c, _)| !c.is_closed()).count()
+                    + usize::from(s.h2.as_ref().is_some_and(|c| !c.is_closed()))
+            })
             .sum()
     }
 }
