@@ -227,7 +227,9 @@ async fn pump(
             full_reads += 1;
             if splice && full_reads >= BULK_READS {
                 drop(buf);
-                return splice_pump(from, to, dir, last, start).await;
+                // Boxed: a bulk direction is rare, and its pipe state held inline would be
+                // part of every connection's task, copied on each spawn.
+                return Box::pin(splice_pump(from, to, dir, last, start)).await;
             }
         }
     }
@@ -330,6 +332,17 @@ pub async fn read_first(from: &TcpStream, max: usize) -> io::Result<Buffer> {
     let mut buf = Buffer::new(max.min(FIRST_BUFFER));
     read_draining(from, &mut buf).await?;
     Ok(buf)
+}
+
+/// The client's first bytes if they are already there (`None`: not yet), read without
+/// waiting, from a socket not yet in the event loop. An end of stream is a first read too.
+pub fn read_now(from: &std::net::TcpStream, max: usize) -> io::Result<Option<Buffer>> {
+    let mut buf = Buffer::new(max.min(FIRST_BUFFER));
+    match buf.recv(from.as_raw_fd()) {
+        Ok(_) => Ok(Some(buf)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads what the socket holds. A read shorter than the buffer has emptied the receive

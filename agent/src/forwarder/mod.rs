@@ -19,8 +19,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+
+use socket2::SockRef;
 use switchyard_common::hash::mix64;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::TcpStream,
+};
 use tracing::{debug, info, warn};
 
 use copy::Buffer;
@@ -54,16 +60,27 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// Accepts until the forwarder stops accepting (see [`exit`]); then takes what the
-    /// listener's queue already holds and closes this descriptor of it.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// listener's queue already holds and closes this descriptor of it. Accepted sockets are
+    /// not registered with the event loop yet: see [`Forwarder::handle`].
+    pub async fn serve(self: Arc<Self>, listener: std::net::TcpListener) {
         let local = listener.local_addr().ok();
+        // SAFETY: the listener owns its descriptor, and keeps it open and the same while the
+        // AsyncFd holds it.
+        let listener =
+            match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
+                Ok(l) => l,
+                Err(e) => return warn!(listen = ?local, "forwarder listener: {e}"),
+            };
         info!(listen = ?local, "forwarder listening");
         let mut failures = AcceptFailures::default();
+        // Made once: a watch subscription per accepted connection showed in the profile.
+        let stopped = self.exit.stopped();
+        tokio::pin!(stopped);
         loop {
             let accepted = tokio::select! {
                 biased;
-                _ = self.exit.stopped() => break,
-                accepted = listener.accept() => accepted,
+                _ = &mut stopped => break,
+                accepted = accept(&listener) => accepted,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -79,24 +96,17 @@ impl Forwarder {
         }
         // Connections queued before accepting stopped passed the hook while this listener was
         // in its sight: they are served, not reset by the close.
-        let Ok(listener) = listener.into_std() else {
-            return;
-        };
-        while let Ok((stream, peer)) = listener.accept() {
-            if stream.set_nonblocking(true).is_err() {
-                continue;
-            }
-            if let Ok(stream) = TcpStream::from_std(stream) {
-                self.clone().spawn(stream, peer);
-            }
+        let listener = listener.into_inner();
+        while let Ok((stream, peer)) = accept4(&listener) {
+            self.clone().spawn(stream, peer);
         }
         debug!(listen = ?local, "forwarder stopped accepting");
     }
 
     /// Serves one accepted connection on this thread, counted for the drain.
-    fn spawn(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    fn spawn(self: Arc<Self>, stream: std::net::TcpStream, peer: SocketAddr) {
         tokio::spawn(async move {
-            let fd = exit::raw(&stream);
+            let fd = stream.as_raw_fd();
             let me = self.clone();
             self.exit
                 .guard(fd, async move {
@@ -110,13 +120,29 @@ impl Forwarder {
     }
 
     /// One redirected connection: admit it, connect until the backend shows a sign of life,
-    /// relay.
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+    /// relay. A client that speaks first (most do) has usually sent its first bytes by the
+    /// time it is accepted: they are read at once, before the socket joins the event loop,
+    /// as HAProxy does. The connection then starts without a wait for readiness, and the
+    /// event loop never hears of bytes already taken.
+    async fn handle(&self, client: std::net::TcpStream, peer: SocketAddr) {
         let accepted = Instant::now();
         let Some((service, _admitted)) = self.admit(&client, peer) else {
             return;
         };
-        if !service.app_protocol().is_tcp() {
+        let tcp = service.app_protocol().is_tcp();
+        let first = if tcp {
+            match copy::read_now(&client, defaults::COPY_BUFFER) {
+                Ok(first) => first,
+                // Reset by the client before it was served: nothing to pass on.
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        let Ok(mut client) = TcpStream::from_std(client) else {
+            return;
+        };
+        if !tcp {
             // Boxed: HTTP's connection state is large, and held inline it would be part of
             // every TCP connection's task too, copied on each spawn.
             match Box::pin(http_dispatch::dispatch(&self.http, &service, client, peer)).await {
@@ -124,7 +150,8 @@ impl Forwarder {
                 None => return,
             }
         }
-        let Some((upstream, occupied, first)) = self.connect(&service, &client, peer).await else {
+        let Some((upstream, occupied, first)) = self.connect(&service, &client, peer, first).await
+        else {
             return;
         };
         relay(&service, client, upstream, occupied, first, accepted, peer).await;
@@ -134,7 +161,7 @@ impl Forwarder {
     /// A refused client is reset.
     fn admit(
         &self,
-        client: &TcpStream,
+        client: &std::net::TcpStream,
         peer: SocketAddr,
     ) -> Option<(Arc<ProxyService>, Admission)> {
         let Some(vip) = self.orig.recover(client, peer) else {
@@ -160,13 +187,16 @@ impl Forwarder {
     /// Connects to a backend and waits for the first sign of life: a backend that closes
     /// before either side spoke has served nothing, so another one is tried, as after a
     /// refused connect. `None`: the client was refused (reset), or reset its connection.
-    /// With the connection, the client's first read if it spoke first.
+    /// With the connection, the client's first read if it spoke first (`first`: it had
+    /// spoken by the time it was accepted, so the backend is not watched for a first sign).
     async fn connect<'s>(
         &self,
         service: &'s ProxyService,
         client: &TcpStream,
         peer: SocketAddr,
+        spoken: Option<Buffer>,
     ) -> Option<(Connected, Occupancy<'s>, Option<Buffer>)> {
+        let mut spoken = spoken;
         let hash = client_hash(peer, service.hash_key);
         let mut attempts = upstream::Attempts::new(service);
         // A sticky client tries its backend first, if that is still one of the service's.
@@ -191,12 +221,16 @@ impl Forwarder {
             let b = &service.backends[u.backend];
             // The connection occupies its backend from now on; dropped, it lets go.
             let occupied = Occupancy::take(&b.health, &service.shared);
-            let sign = tokio::select! {
-                sign = upstream::first_sign(client, &u.stream, defaults::COPY_BUFFER) => sign,
+            let sign = if let Some(bytes) = spoken.take() {
+                FirstSign::Client(bytes)
+            } else {
+                tokio::select! {
+                    sign = upstream::first_sign(client, &u.stream, defaults::COPY_BUFFER) => sign,
                 // Nobody has spoken: the copy closes an idle connection, or one whose
                 // backend's drain deadline has passed, at once.
-                _ = after(service.idle_timeout) => FirstSign::Quiet,
-                _ = b.health.drain_deadline() => FirstSign::Quiet,
+                    _ = after(service.idle_timeout) => FirstSign::Quiet,
+                    _ = b.health.drain_deadline() => FirstSign::Quiet,
+                }
             };
             let mut first = None;
             match sign {
@@ -302,8 +336,44 @@ async fn after(t: Option<Duration>) {
 
 /// Makes the close a reset, so the client learns at once that nothing will answer (the stream
 /// closes when its owner drops it, at once).
-fn refuse(client: &TcpStream) {
-    let _ = client.set_zero_linger();
+fn refuse(client: &impl AsFd) {
+    let _ = SockRef::from(client).set_linger(Some(Duration::ZERO));
+}
+
+/// The next connection of `listener`, its socket non-blocking and not yet in the event loop.
+async fn accept(
+    listener: &AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|l| accept4(l.get_ref())) {
+            return accepted;
+        }
+    }
+}
+
+/// `accept4` with the flags the forwarder wants, in the one system call.
+fn accept4(listener: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    // SAFETY: sockaddr_storage is plain data; the kernel writes at most `len` bytes.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the pointers are valid for the call; the descriptor is the listener's.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let peer = origdst::sockaddr_to_std(&storage, len)
+        .ok_or_else(|| std::io::Error::other("accepted a socket of an unknown family"))?;
+    Ok((stream, peer))
 }
 
 fn client_hash(peer: SocketAddr, key: HashKey) -> u64 {

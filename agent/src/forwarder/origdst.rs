@@ -11,8 +11,8 @@ use std::{
     sync::Mutex,
 };
 
+use std::net::TcpStream;
 use switchyard_common::maps::SockTuple;
-use tokio::net::TcpStream;
 
 use crate::datapath::{OrigDstTable, addr};
 
@@ -66,7 +66,10 @@ fn getsockopt_original_dst(stream: &TcpStream, v4: bool) -> Option<SocketAddr> {
     sockaddr_to_std(&storage, len)
 }
 
-fn sockaddr_to_std(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+pub(super) fn sockaddr_to_std(
+    storage: &libc::sockaddr_storage,
+    len: libc::socklen_t,
+) -> Option<SocketAddr> {
     match storage.ss_family as libc::c_int {
         libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
             // SAFETY: family and length checked.

@@ -124,12 +124,7 @@ fn run(listeners: Vec<std::net::TcpListener>, forwarder: Arc<Forwarder>) {
     runtime.block_on(async move {
         tokio::spawn(metronome());
         for l in listeners {
-            match tokio::net::TcpListener::from_std(l) {
-                Ok(l) => {
-                    tokio::spawn(forwarder.clone().serve(l));
-                }
-                Err(e) => error!("forwarder listener: {e}"),
-            }
+            tokio::spawn(forwarder.clone().serve(l));
         }
         std::future::pending::<()>().await
     });

@@ -40,9 +40,13 @@ struct Record {
     complete: bool,
 }
 
-/// The copy of a request body, shared by the attempts of one request.
+/// The copy of a request body, shared by the attempts of one request. A request without a
+/// body (most GETs) records nothing: no shared record, no wrapper.
 #[derive(Clone)]
-pub struct Replay {
+pub struct Replay(Option<Recording>);
+
+#[derive(Clone)]
+struct Recording {
     record: Arc<Mutex<Record>>,
     max: usize,
 }
@@ -50,28 +54,26 @@ pub struct Replay {
 impl Replay {
     /// Wraps the client's body for the first attempt. An empty body is whole from the start.
     pub fn first(body: Incoming, max: usize) -> (Replay, Body) {
-        let record = Record {
-            complete: body.is_end_stream(),
-            ..Record::default()
-        };
-        let replay = Replay {
-            record: Arc::new(Mutex::new(record)),
+        if body.is_end_stream() {
+            return (Replay(None), empty());
+        }
+        let replay = Recording {
+            record: Arc::new(Mutex::new(Record::default())),
             max,
         };
         let tee = Tee {
             inner: body,
             replay: replay.clone(),
         };
-        (replay, tee.boxed_unsync())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
-        self.record.lock().unwrap_or_else(|e| e.into_inner())
+        (Replay(Some(replay)), tee.boxed_unsync())
     }
 
     /// The body again for another attempt, if all of it went by and was kept.
     pub fn again(&self) -> Option<Body> {
-        let r = self.lock();
+        let Some(recording) = &self.0 else {
+            return Some(empty());
+        };
+        let r = recording.lock();
         if r.overflow || !r.complete {
             return None;
         }
@@ -88,15 +90,23 @@ impl Replay {
     /// Whether any of the body has been sent (an attempt that failed after this may not be
     /// replayed unless [`Replay::again`] has it whole).
     pub fn started(&self) -> bool {
-        let r = self.lock();
-        r.size > 0 || r.overflow || r.trailers.is_some()
+        self.0.as_ref().is_some_and(|recording| {
+            let r = recording.lock();
+            r.size > 0 || r.overflow || r.trailers.is_some()
+        })
+    }
+}
+
+impl Recording {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// The client's body, recorded as it goes by.
 struct Tee {
     inner: Incoming,
-    replay: Replay,
+    replay: Recording,
 }
 
 impl hyper::body::Body for Tee {

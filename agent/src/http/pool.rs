@@ -122,6 +122,7 @@ impl Pool {
             Ok(Conn::H2(send))
         } else {
             let (send, conn) = http1::Builder::new()
+                .writev(false)
                 .handshake(io)
                 .await
                 .map_err(ConnectError::Handshake)?;

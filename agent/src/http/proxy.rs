@@ -28,7 +28,7 @@ use super::{
     body::{self, Body, Guard, Held, Replay},
     pool::{Conn, Pool},
     retry,
-    route::{Parent, Redirect, Request as RouteRequest, Rule},
+    route::{ParentRef, Redirect, Request as RouteRequest, Rule},
     stats::{self, Done, Tally},
 };
 use crate::{
@@ -172,12 +172,16 @@ type Refused = (Response<Body>, Option<String>);
 /// changes made. `Err`: the proxy's own answer (no route, a redirect, a destination gone).
 #[allow(clippy::result_large_err)]
 fn resolve(ctx: &Context, front: &Front, req: &mut Request<Incoming>) -> Result<Routed, Refused> {
+    let view;
     let parent = match front {
-        Front::Service(t) => Parent::Service(t.view().name.to_owned()),
-        Front::Gateway(g) => Parent::Gateway(g.to_string()),
+        Front::Service(t) => {
+            view = t.view();
+            ParentRef::Service(view.name)
+        }
+        Front::Gateway(g) => ParentRef::Gateway(g),
     };
     let routes = ctx.routes.load();
-    if !routes.has(&parent) {
+    if !routes.has(parent) {
         return match front {
             Front::Service(t) => Ok((t.clone(), None)),
             Front::Gateway(g) => Err((not_found(&format!("gateway {g} has no routes")), None)),
@@ -185,7 +189,7 @@ fn resolve(ctx: &Context, front: &Front, req: &mut Request<Incoming>) -> Result<
     }
     let host = host_of(req).to_owned();
     let found = routes.find(
-        &parent,
+        parent,
         &RouteRequest {
             host: &host,
             path: req.uri().path(),
@@ -293,7 +297,34 @@ struct Head {
 
 impl Head {
     /// The request for one backend: HTTP/2 takes the authority in the URI, HTTP/1.1 in `Host`.
+    /// A URI already in the form the backend's version wants is kept as it is (the common
+    /// case: HTTP/1.1 in, HTTP/1.1 out), with nothing parsed or allocated again.
     fn request(&self, body: Body, h2: bool) -> Request<Body> {
+        let mut headers = self.headers.clone();
+        let has_authority = self.uri.authority().is_some();
+        let uri = if h2 && has_authority && self.uri.scheme().is_some() {
+            headers.remove(header::HOST);
+            self.uri.clone()
+        } else if !h2 && !has_authority {
+            self.uri.clone()
+        } else {
+            self.reformed(&mut headers, h2)
+        };
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = uri;
+        *r.version_mut() = if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *r.headers_mut() = headers;
+        r
+    }
+
+    /// The URI for the other form: absolute with the authority (HTTP/2), or origin-form with
+    /// the authority moved to `Host` (HTTP/1.1).
+    fn reformed(&self, headers: &mut HeaderMap, h2: bool) -> Uri {
         let authority = self
             .uri
             .authority()
@@ -304,29 +335,17 @@ impl Head {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             });
-        let path = self
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let mut headers = self.headers.clone();
-        let (uri, version) = if h2 {
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        if h2 {
             headers.remove(header::HOST);
             let a = authority.unwrap_or_else(|| "localhost".into());
-            let uri = format!("http://{a}{path}").parse().unwrap_or_default();
-            (uri, Version::HTTP_2)
+            format!("http://{a}{path}").parse().unwrap_or_default()
         } else {
             if let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
                 headers.insert(header::HOST, a);
             }
-            (path.parse().unwrap_or_default(), Version::HTTP_11)
-        };
-        let mut r = Request::new(body);
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = uri;
-        *r.version_mut() = version;
-        *r.headers_mut() = headers;
-        r
+            path.parse().unwrap_or_default()
+        }
     }
 }
 
@@ -349,7 +368,12 @@ enum TryError {
 }
 
 /// The attempts of one request, the first on the balancer's choice, each further one on a
-/// backend this request has not tried.
+/// backend this request has not tried. The retry budget bounds the retries that add load to
+/// backends in trouble: after a timeout or a retriable status. A retry after a connection
+/// that broke (refused, reset or closed before any answer) is bounded only by `retries`:
+/// the backend that broke it does no more work for the request, and when a backend dies every
+/// request in flight on it breaks at once; the budget's floor of 3 in flight failed the
+/// rest (measured: a backend killed under keep-alive load).
 async fn attempts(
     v: &View<'_>,
     req: Request<Incoming>,
@@ -374,25 +398,39 @@ async fn attempts(
     let h2 = head.version == Version::HTTP_2;
     let (replay, first) = Replay::first(incoming, defaults::REPLAY_BODY_MAX);
     let mut first = Some(first);
-    let mut tried = vec![false; v.backends.len()];
+    // On the stack for the usual few backends: one allocation fewer per request.
+    let mut inline;
+    let mut spilled;
+    let tried: &mut [bool] = if v.backends.len() <= TRIED_INLINE {
+        inline = [false; TRIED_INLINE];
+        &mut inline[..v.backends.len()]
+    } else {
+        spilled = vec![false; v.backends.len()];
+        &mut spilled
+    };
     let mut made = 0u32;
     let mut previous: Option<SocketAddr> = None;
+    // The last attempt failed on its connection (refused, reset or closed before an answer):
+    // the retry is outside the budget, see `attempts`' doc.
+    let mut broken = false;
     let mut last = (
         StatusCode::SERVICE_UNAVAILABLE,
         "no usable backend".to_owned(),
     );
     loop {
-        let choices = candidates::candidates(v.backends, &tried);
+        let choices = candidates::candidates(v.backends, tried);
         let Some(i) = v.balancer.pick(&choices, hash) else {
             break;
         };
         drop(choices);
         tried[i] = true;
         let _retry = if made > 0 {
-            if !candidates::retry_allowed(
-                v.active.load(Ordering::Relaxed),
-                v.retries_in_flight.load(Ordering::Relaxed),
-            ) {
+            if !broken
+                && !candidates::retry_allowed(
+                    v.active.load(Ordering::Relaxed),
+                    v.retries_in_flight.load(Ordering::Relaxed),
+                )
+            {
                 debug!(service = v.name, "retry budget spent");
                 break;
             }
@@ -405,6 +443,7 @@ async fn attempts(
             None
         };
         made += 1;
+        broken = false;
         let more = made <= v.retries;
         let b = &v.backends[i];
         previous = Some(b.addr);
@@ -430,6 +469,7 @@ async fn attempts(
                             .connect_failures
                             .fetch_add(1, Ordering::Relaxed);
                         fail();
+                        broken = true;
                         debug!(service = v.name, backend = %b.addr, "connect failed: {e}");
                         last = (
                             StatusCode::BAD_GATEWAY,
@@ -477,7 +517,7 @@ async fn attempts(
                     && (idempotent || grpc)
                     && more
                     && replay.again().is_some()
-                    && candidates::candidates(v.backends, &tried)
+                    && candidates::candidates(v.backends, tried)
                         .iter()
                         .any(|c| c.usable());
                 if status.is_server_error() || retry::grpc_status(response.headers()) == Some(14) {
@@ -507,6 +547,7 @@ async fn attempts(
                         format!("{} did not answer within the try timeout of {t:?}", b.addr),
                     ),
                     TryError::Http(e) => {
+                        broken = true;
                         b.health.counters.resets.fetch_add(1, Ordering::Relaxed);
                         (StatusCode::BAD_GATEWAY, format!("{}: {e}", b.addr))
                     }
@@ -528,6 +569,9 @@ async fn attempts(
         &format!("service {}: {}", v.name, last.1),
     ))
 }
+
+/// Backends a request's attempts track on the stack; a larger service takes a `Vec`.
+const TRIED_INLINE: usize = 32;
 
 /// Tells the backend what is left of the request's deadline, in `grpc-timeout` (gRPC's
 /// deadline propagation): a retry gets less than the first try did.

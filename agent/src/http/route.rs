@@ -28,6 +28,13 @@ pub enum Parent {
     Gateway(String),
 }
 
+/// A parent named by a borrowed name, to look routes up by.
+#[derive(Clone, Copy, Debug)]
+pub enum ParentRef<'a> {
+    Service(&'a str),
+    Gateway(&'a str),
+}
+
 /// `[[route]]` as written.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -258,7 +265,10 @@ struct ParentEntries {
 /// Every route, indexed by parent and host, each list sorted once in the order above.
 #[derive(Debug, Default)]
 pub struct Routes {
-    by_parent: HashMap<Parent, ParentEntries>,
+    /// By service name, then by gateway name: a request looks its parent up by a borrowed
+    /// name, with nothing allocated per request.
+    services: HashMap<String, ParentEntries>,
+    gateways: HashMap<String, ParentEntries>,
     raw: Vec<RawRoute>,
 }
 
@@ -329,16 +339,31 @@ impl Routes {
     fn index(mut entries: Vec<Entry>, raw: Vec<RawRoute>) -> Routes {
         // A stable sort keeps the written order among equals.
         entries.sort_by_key(precedence);
-        let mut by_parent: HashMap<Parent, ParentEntries> = HashMap::new();
+        let mut services: HashMap<String, ParentEntries> = HashMap::new();
+        let mut gateways: HashMap<String, ParentEntries> = HashMap::new();
         for e in entries {
-            let p = by_parent.entry(e.parent.clone()).or_default();
+            let p = match &e.parent {
+                Parent::Service(n) => services.entry(n.clone()).or_default(),
+                Parent::Gateway(n) => gateways.entry(n.clone()).or_default(),
+            };
             match &e.host {
                 Host::Exact(h) => p.exact.entry(h.clone()).or_default().push(e),
                 Host::Suffix(_) => p.suffix.push(e),
                 Host::Any => p.any.push(e),
             }
         }
-        Routes { by_parent, raw }
+        Routes {
+            services,
+            gateways,
+            raw,
+        }
+    }
+
+    fn entries(&self, parent: ParentRef<'_>) -> Option<&ParentEntries> {
+        match parent {
+            ParentRef::Service(n) => self.services.get(n),
+            ParentRef::Gateway(n) => self.gateways.get(n),
+        }
     }
 
     /// The routes as written (for the API and `ctl state`).
@@ -347,13 +372,13 @@ impl Routes {
     }
 
     /// Whether any route is attached to `parent`.
-    pub fn has(&self, parent: &Parent) -> bool {
-        self.by_parent.contains_key(parent)
+    pub fn has(&self, parent: ParentRef<'_>) -> bool {
+        self.entries(parent).is_some()
     }
 
     /// The first rule of `parent` that matches `req`.
-    pub fn find<'a>(&'a self, parent: &Parent, req: &Request) -> Option<Matched<'a>> {
-        let p = self.by_parent.get(parent)?;
+    pub fn find<'a>(&'a self, parent: ParentRef<'_>, req: &Request) -> Option<Matched<'a>> {
+        let p = self.entries(parent)?;
         let host = req.host.rsplit_once(':').map_or(req.host, |(h, port)| {
             if port.bytes().all(|b| b.is_ascii_digit()) {
                 h
@@ -758,7 +783,7 @@ mod tests {
             method: &method,
             headers: &headers,
         };
-        r.find(&Parent::Gateway("gw".into()), &req)
+        r.find(ParentRef::Gateway("gw"), &req)
             .map(|m| m.rule.destinations[0].0.as_str())
     }
 
@@ -838,9 +863,7 @@ backends = [{ service = "web" }]
              backends = [{ service = \"a\", weight = 90 }, { service = \"b\", weight = 10 }]\n",
         )
         .unwrap();
-        let rule = r.by_parent[&Parent::Gateway("gw".into())].any[0]
-            .rule
-            .clone();
+        let rule = r.gateways["gw"].any[0].rule.clone();
         let b = (0..10_000).filter(|_| rule.pick() == Some("b")).count();
         assert!((800..1200).contains(&b), "{b} of 10000 to the 10 % side");
     }
