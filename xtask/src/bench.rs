@@ -185,6 +185,8 @@ pub struct Plan {
     pub redis_requests: u32,
     /// gRPC calls per case: the shares are counted, so a count rather than a time.
     pub grpc_requests: u32,
+    /// Seconds of wrk in the backend-kill case, which runs once per path and run.
+    pub kill_secs: u32,
     /// How long in all the run may wait for other work on the machine to finish, or spend
     /// repeating cases that other work disturbed.
     #[serde(skip)]
@@ -202,6 +204,7 @@ impl Plan {
                 secs: 1,
                 redis_requests: 20_000,
                 grpc_requests: 6_000,
+                kill_secs: 5,
                 patience: Duration::from_secs(15),
             }
         } else {
@@ -213,6 +216,7 @@ impl Plan {
                 secs: 5,
                 redis_requests: 100_000,
                 grpc_requests: 20_000,
+                kill_secs: 10,
                 patience: Duration::from_secs(90),
             }
         }
@@ -289,6 +293,8 @@ struct ResultFile<'a> {
     summary: &'a report::Summary,
     goals: &'a [report::Goal],
     runs: &'a [Run],
+    /// The backend-kill case (HTTP part), once per path: counts, not medians.
+    backend_kill: &'a [cases::BackendKill],
 }
 
 const NOISE_LEGEND: &str = "\n(lo–hi): the smallest and largest of the runs (for ratios: the \
@@ -353,7 +359,7 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
     let workloads = plan.workloads();
     let cases: usize = workloads.iter().map(|(_, p)| p.len()).sum::<usize>() * plan.repetitions;
     println!(
-        "\n== Switchyard benchmark ({}{}: {} × {} s per case{}, {cases} cases)",
+        "\n== Switchyard benchmark ({}{}: {} × {} s per case{}, {cases} cases{})",
         if quick { "quick" } else { "full" },
         match part {
             Part::All => "",
@@ -367,6 +373,11 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
         } else {
             ""
         },
+        if part.http() {
+            ", then a backend killed under load, once"
+        } else {
+            ""
+        },
     );
     println!(
         "{}, {} cores, Linux {}",
@@ -375,9 +386,10 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
     println!("pinning: {PINNING}");
     println!(
         "starting: namespaces, backends (nginx HTTP/1.1 and h2c, 3× nginx gRPC, iperf3, 3× \
-         redis), agent, HAProxy (tcp, http), nginx (stream, http)"
+         redis, 3× nginx for the backend-kill case), agent, HAProxy (tcp, http), nginx (stream, \
+         http)"
     );
-    let world = World::start()?;
+    let mut world = World::start()?;
     for line in pinning::check(&world)? {
         println!("{line}");
     }
@@ -475,6 +487,35 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
         }
         round(repetition, &again, &mut runs)?;
     }
+    // Once, after every round: it kills a backend, and a count of failures needs no median.
+    let mut kills = Vec::new();
+    if part.http() {
+        println!(
+            "  once: wrk keep-alive for {} s over a service of 3 backends, one killed a third of \
+             the way in",
+            plan.kill_secs
+        );
+        for path in cases::KILL_PATHS {
+            quiet(&mut patience)?;
+            let k = cases::backend_kill(&mut world, plan.kill_secs, path);
+            check_interrupt()?;
+            println!(
+                "  [once] {:<22} {:<12} {}",
+                "backend killed",
+                path.label(),
+                match &k.error {
+                    Some(e) => format!("FAILED: {}", e.lines().next().unwrap_or_default()),
+                    None => format!(
+                        "{} requests, {} failed: {}",
+                        k.requests,
+                        k.failed,
+                        if k.pass { "PASS" } else { "MISS" }
+                    ),
+                }
+            );
+            kills.push(k);
+        }
+    }
     for line in pinning::check(&world)? {
         println!("  still {line}");
     }
@@ -498,6 +539,7 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
     }
     if part.http() {
         goals.extend(report::http_goals(&summary));
+        goals.push(report::kill_goal(&kills));
         tables.push((
             "HTTP",
             report::values(&summary, &Path::HTTP, &Metric::HTTP),
@@ -517,6 +559,7 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
     println!("{NOISE_LEGEND}");
     if part.http() {
         print!("{}", report::grpc_text(&runs));
+        print!("{}", report::kill_text(&kills));
     }
     println!("\ngoals:\n");
     print!("{}", report::goals_text(&goals, false));
@@ -559,6 +602,7 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
         summary: &summary,
         goals: &goals,
         runs: &runs,
+        backend_kill: &kills,
     };
     // A smoke run, or a part, must not overwrite the last full run's figures.
     let suffix = format!(
@@ -773,6 +817,7 @@ fn readme_section(result: &ResultFile, tables: &Tables, caveat: &str) -> String 
         ));
     }
     out.push_str(&report::grpc_text(result.runs));
+    out.push_str(&report::kill_text(result.backend_kill));
     out.push_str(&format!(
         "\nGoals:\n\n{}",
         report::goals_text(result.goals, true)

@@ -398,13 +398,111 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
-/// wrk, one thread (one core), `CONNECTIONS` connections; returns the outcome and the request count.
-pub fn wrk(
-    world: &World,
-    secs: u32,
-    to: SocketAddr,
-    close: bool,
-) -> anyhow::Result<(Outcome, f64)> {
+/// The backend-kill case's paths: HTTP mode, and HAProxy `mode http` with its retries beside it.
+pub const KILL_PATHS: [Path; 2] = [Path::Http, Path::HaproxyHttp];
+
+/// The backend the case kills: the second of three (under round robin any would do).
+const KILLED: usize = 1;
+
+/// The backend-kill case, once per path: a count of failed requests, judged on its own.
+#[derive(Serialize)]
+pub struct BackendKill {
+    pub path: Path,
+    /// How long wrk ran, and when after its start the backend was killed, in seconds.
+    pub seconds: u32,
+    pub killed_at: f64,
+    /// The backend killed, and the PID (the world's own child) the signal went to.
+    pub backend: String,
+    pub pid: Option<u32>,
+    /// Its address refused a connection right after the kill: the socket went too.
+    pub refused: bool,
+    /// Requests wrk completed, whatever their answer.
+    pub requests: u64,
+    pub errors: WrkErrors,
+    /// `errors.total()`, the figure the verdict is on.
+    pub failed: u64,
+    pub pass: bool,
+    /// Share of the machine's CPU that other work took meanwhile.
+    pub elsewhere: f64,
+    /// Why the case could not run, or could not be read.
+    pub error: Option<String>,
+}
+
+/// wrk keep-alive over `path` to the backend-kill service for `secs`, one of its three
+/// backends killed a third of the way in, then started again whatever happened, so that the
+/// next path, and any case after, finds all three. Never an `Err`: a case that could not run
+/// says why in its record, and the run goes on.
+pub fn backend_kill(world: &mut World, secs: u32, path: Path) -> BackendKill {
+    let mut k = BackendKill {
+        path,
+        seconds: secs,
+        killed_at: 0.0,
+        backend: world.failover_backend(KILLED).to_string(),
+        pid: None,
+        refused: false,
+        requests: 0,
+        errors: WrkErrors::default(),
+        failed: 0,
+        pass: false,
+        elsewhere: 0.0,
+        error: None,
+    };
+    let elsewhere = procstat::Elsewhere::start();
+    let ran = kill_under_load(world, &mut k);
+    k.elsewhere = elsewhere.share();
+    let restored = world
+        .restore_failover()
+        .context("starting the killed backend again");
+    if let Err(e) = ran.and(restored) {
+        k.error = Some(format!("{e:#}"));
+    }
+    k.pass = k.error.is_none() && k.requests > 0 && k.failed == 0;
+    k
+}
+
+fn kill_under_load(world: &mut World, k: &mut BackendKill) -> anyhow::Result<()> {
+    let to = *world
+        .targets(k.path, Service::Failover)
+        .first()
+        .context("no address to connect to")?;
+    let mut wrk = world.client("wrk", "wrk", &wrk_args(k.seconds, to, false))?;
+    let started = Instant::now();
+    if let Some(note) = pinning::client_note(wrk.pid(), "wrk") {
+        bail!("{note}");
+    }
+    // A third of the way in: the pools are warm by then, and two thirds of the run are left
+    // to show what the kill cost.
+    let at = Duration::from_secs_f64(f64::from(k.seconds) / 3.0);
+    std::thread::sleep(at.saturating_sub(started.elapsed()));
+    if let Ok(status) = wrk.wait_exit(Duration::ZERO) {
+        bail!(
+            "wrk exited ({status}) before the kill: {}",
+            tail(&wrk.output().join("\n"))
+        );
+    }
+    k.pid = Some(world.kill_failover_backend(KILLED)?);
+    k.killed_at = started.elapsed().as_secs_f64();
+    k.refused = world.failover_refuses(KILLED);
+    let status = wrk.wait_exit(Duration::from_secs(u64::from(k.seconds) + 30))?;
+    let text = wrk.output().join("\n");
+    if !status.success() {
+        bail!("wrk failed ({status}): {}", tail(&text));
+    }
+    let w = parse_wrk(&text)?;
+    k.requests = w.requests as u64;
+    k.errors = w.errors;
+    k.failed = w.errors.total();
+    if !k.refused {
+        bail!(
+            "{} still accepted connections after its process was killed",
+            k.backend
+        );
+    }
+    Ok(())
+}
+
+/// wrk's arguments: one thread (one core), `CONNECTIONS` connections, for `secs`.
+fn wrk_args(secs: u32, to: SocketAddr, close: bool) -> Vec<String> {
     let mut args: Vec<String> = ["-t1", "--latency", "--timeout", "5s"]
         .map(String::from)
         .to_vec();
@@ -414,6 +512,17 @@ pub fn wrk(
         args.extend(["-H".into(), "Connection: close".into()]);
     }
     args.push(format!("http://{to}/index.html"));
+    args
+}
+
+/// wrk, one thread (one core), `CONNECTIONS` connections; returns the outcome and the request count.
+pub fn wrk(
+    world: &World,
+    secs: u32,
+    to: SocketAddr,
+    close: bool,
+) -> anyhow::Result<(Outcome, f64)> {
+    let args = wrk_args(secs, to, close);
     let text = client(world, "wrk", &args, Duration::from_secs(secs as u64 + 30))?;
     let w = parse_wrk(&text)?;
     let mut out = Outcome::default();
@@ -431,8 +540,8 @@ pub fn wrk(
         out.metrics.insert(p50, w.p50_ms);
     }
     out.metrics.insert(p99, w.p99_ms);
-    if w.errors > 0 {
-        out.notes.push(format!("wrk: {} errors", w.errors));
+    if w.errors.total() > 0 {
+        out.notes.push(format!("wrk: {} errors", w.errors.total()));
     }
     Ok((out, w.requests))
 }
@@ -443,15 +552,58 @@ pub struct Wrk {
     pub requests: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
-    /// Socket errors plus non-2xx/3xx answers.
-    pub errors: u64,
+    pub errors: WrkErrors,
+}
+
+/// What wrk counts as gone wrong. It prints each line only when its counts are not all zero.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WrkErrors {
+    /// `Socket errors: connect N, read N, write N, timeout N`.
+    pub connect: u64,
+    pub read: u64,
+    pub write: u64,
+    pub timeout: u64,
+    /// `Non-2xx or 3xx responses: N`.
+    pub non_2xx: u64,
+}
+
+impl WrkErrors {
+    /// Requests that did not get a 2xx or 3xx answer in time: the socket errors (a connect
+    /// error leaves a request unsent, a read or write error breaks the one in flight, a
+    /// timeout is one unanswered within `--timeout`) and the other answers.
+    pub fn total(&self) -> u64 {
+        self.connect + self.read + self.write + self.timeout + self.non_2xx
+    }
+
+    /// `connect 0, read 2, write 0, timeout 1`, read by name: a field this does not know, or
+    /// a count that is not one, is an error rather than a zero, since a failure figure read
+    /// as zero would pass.
+    pub fn read_socket_errors(&mut self, fields: &str) -> anyhow::Result<()> {
+        for field in fields.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            let (name, n) = field
+                .split_once(' ')
+                .with_context(|| format!("wrk's socket errors: {field:?} is not \"name count\""))?;
+            let n: u64 = n
+                .trim()
+                .parse()
+                .with_context(|| format!("wrk's socket errors: {field:?}"))?;
+            match name {
+                "connect" => self.connect = n,
+                "read" => self.read = n,
+                "write" => self.write = n,
+                "timeout" => self.timeout = n,
+                other => bail!("wrk's socket errors: unknown field {other:?}"),
+            }
+        }
+        Ok(())
+    }
 }
 
 pub fn parse_wrk(text: &str) -> anyhow::Result<Wrk> {
     let mut rps = None;
     let mut requests = None;
     let (mut p50, mut p99) = (None, None);
-    let mut errors = 0;
+    let mut errors = WrkErrors::default();
     for line in text.lines().map(str::trim) {
         if let Some(v) = line.strip_prefix("Requests/sec:") {
             rps = v.trim().parse().ok();
@@ -462,13 +614,12 @@ pub fn parse_wrk(text: &str) -> anyhow::Result<Wrk> {
         } else if let Some(v) = line.strip_prefix("99%") {
             p99 = parse_duration_ms(v.trim());
         } else if let Some(v) = line.strip_prefix("Socket errors:") {
-            // "connect 0, read 0, write 0, timeout 0"
-            errors += v
-                .split(',')
-                .filter_map(|f| f.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
+            errors.read_socket_errors(v)?;
         } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
-            errors += v.trim().parse::<u64>().unwrap_or(0);
+            errors.non_2xx = v
+                .trim()
+                .parse()
+                .with_context(|| format!("wrk's non-2xx count: {:?}", v.trim()))?;
         }
     }
     Ok(Wrk {
@@ -802,7 +953,44 @@ Transfer/sec:     16.00MB";
         assert_eq!(w.requests, 333000.0);
         assert!((w.p50_ms - 0.46).abs() < 1e-9);
         assert!((w.p99_ms - 1.81).abs() < 1e-9);
-        assert_eq!(w.errors, 7);
+        assert_eq!(
+            w.errors,
+            WrkErrors {
+                connect: 0,
+                read: 2,
+                write: 0,
+                timeout: 1,
+                non_2xx: 4
+            }
+        );
+        assert_eq!(w.errors.total(), 7);
+    }
+
+    #[test]
+    fn reads_wrk_socket_errors_by_name_and_refuses_what_it_cannot_read() {
+        let mut e = WrkErrors::default();
+        e.read_socket_errors(" connect 3, read 12, write 1, timeout 40")
+            .expect("parses");
+        assert_eq!((e.connect, e.read, e.write, e.timeout), (3, 12, 1, 40));
+        // By name, whatever the order.
+        let mut e = WrkErrors::default();
+        e.read_socket_errors("timeout 2, connect 1")
+            .expect("parses");
+        assert_eq!((e.connect, e.timeout, e.total()), (1, 2, 3));
+        for bad in ["connect x, read 0", "connect, read 0", "reset 1", "read -1"] {
+            assert!(
+                WrkErrors::default().read_socket_errors(bad).is_err(),
+                "{bad:?}"
+            );
+        }
+        // No error lines at all: wrk saw none.
+        let clean = "  1000 requests in 1.00s, 1.00MB read
+     50%  460.00us
+     99%    1.81ms
+Requests/sec:   1000.00";
+        assert_eq!(parse_wrk(clean).expect("parses").errors.total(), 0);
+        let garbled = format!("{clean}\n  Non-2xx or 3xx responses: many");
+        assert!(parse_wrk(&garbled).is_err());
     }
 
     #[test]

@@ -5,7 +5,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
-use super::{Path, Run, cases::Metric};
+use super::{
+    Path, Run,
+    cases::{BackendKill, ELSEWHERE_NOTE, Metric},
+    world::HAPROXY_RETRIES,
+};
 
 /// Medians per path and metric (the largest value for `RssMib`), the spread of the runs, and
 /// each run's value by round, for ratios paired within a round.
@@ -516,6 +520,77 @@ pub fn grpc_text(runs: &[Run]) -> String {
     out
 }
 
+/// The backend-kill case's goal, on HTTP mode's count of failed requests (HAProxy's beside
+/// it). A count, not a ratio: one failed request is a miss however many succeeded.
+pub fn kill_goal(kills: &[BackendKill]) -> Goal {
+    let figure: Vec<String> = kills
+        .iter()
+        .map(|k| {
+            let what = match &k.error {
+                Some(e) => format!("did not run: {}", e.lines().next().unwrap_or_default()),
+                None => format!("{} requests, {} failed", k.requests, k.failed),
+            };
+            format!("{} {what}", k.path.short())
+        })
+        .collect();
+    Goal {
+        goal: "HTTP mode: a backend killed under load costs no failed idempotent request".into(),
+        pass: kills.iter().any(|k| k.path == Path::Http && k.pass),
+        figure: if figure.is_empty() {
+            "no figure".into()
+        } else {
+            figure.join("; ")
+        },
+        inside_noise: false,
+    }
+}
+
+/// The backend-kill case, a line per path with wrk's counts and the verdict.
+pub fn kill_text(kills: &[BackendKill]) -> String {
+    let Some(first) = kills.first() else {
+        return String::new();
+    };
+    let mut out = format!(
+        "\nA backend killed under wrk keep-alive load (once per run, {} s; backend {} of 3 \
+         killed by its PID; HAProxy http with {}):\n\n",
+        first.seconds,
+        first.backend,
+        HAPROXY_RETRIES.join(", ")
+    );
+    for k in kills {
+        let verdict = if k.pass { "PASS" } else { "MISS" };
+        let busy = if k.elsewhere > ELSEWHERE_NOTE {
+            format!(" [{:.0}% of the CPU elsewhere]", k.elsewhere * 100.0)
+        } else {
+            String::new()
+        };
+        let e = &k.errors;
+        let counts = format!(
+            "{} requests, {} failed (socket errors: connect {}, read {}, write {}, timeout {}; \
+             non-2xx or 3xx {})",
+            k.requests, k.failed, e.connect, e.read, e.write, e.timeout, e.non_2xx
+        );
+        let killed = match k.pid {
+            Some(pid) => format!(
+                ", killed at {:.1} s (pid {pid}{})",
+                k.killed_at,
+                if k.refused { ", then refused" } else { "" }
+            ),
+            None => String::new(),
+        };
+        let error = match &k.error {
+            Some(e) => format!(", did not run: {}", e.lines().next().unwrap_or_default()),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "- {}: {counts}{killed}{error}: {verdict}{busy}",
+            k.path.label()
+        );
+    }
+    out
+}
+
 pub fn goals_text(goals: &[Goal], markdown: bool) -> String {
     let mut out = String::new();
     // The figures in one column, unless a goal's words are very long.
@@ -709,6 +784,7 @@ pub fn splice_readme(readme: &str, section: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cases::WrkErrors;
     use super::*;
 
     #[test]
@@ -818,6 +894,88 @@ mod tests {
         assert!(g[0].pass);
         assert!(!g[2].pass);
         assert!(svg(&s, &Path::L4, &Metric::L4, "x").contains("0.99"));
+    }
+
+    fn kill(path: Path, requests: u64, errors: WrkErrors, error: Option<&str>) -> BackendKill {
+        let failed = errors.total();
+        BackendKill {
+            path,
+            seconds: 10,
+            killed_at: 3.34,
+            backend: "10.77.0.12:82".into(),
+            pid: Some(4242),
+            refused: true,
+            requests,
+            errors,
+            failed,
+            pass: error.is_none() && failed == 0,
+            elsewhere: 0.0,
+            error: error.map(String::from),
+        }
+    }
+
+    #[test]
+    fn a_backend_kill_is_judged_on_http_modes_count_alone() {
+        let haproxy = kill(
+            Path::HaproxyHttp,
+            380_000,
+            WrkErrors {
+                read: 3,
+                non_2xx: 2,
+                ..WrkErrors::default()
+            },
+            None,
+        );
+        let clean = [
+            kill(Path::Http, 410_000, WrkErrors::default(), None),
+            haproxy,
+        ];
+        let g = kill_goal(&clean);
+        assert!(g.pass && !g.inside_noise);
+        assert_eq!(
+            g.figure,
+            "HTTP 410000 requests, 0 failed; HAProxy http 380000 requests, 5 failed"
+        );
+        let text = kill_text(&clean);
+        assert!(text.contains("retries 3, option redispatch"), "{text}");
+        assert!(
+            text.contains(
+                "- HTTP mode: 410000 requests, 0 failed (socket errors: connect 0, read 0, \
+                 write 0, timeout 0; non-2xx or 3xx 0), killed at 3.3 s (pid 4242, then \
+                 refused): PASS"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("5 failed (socket errors: connect 0, read 3"),
+            "{text}"
+        );
+        assert!(text.contains("non-2xx or 3xx 2), killed"), "{text}");
+        // One failed request is a miss, and so is a case that did not run.
+        let one = [kill(
+            Path::Http,
+            410_000,
+            WrkErrors {
+                timeout: 1,
+                ..WrkErrors::default()
+            },
+            None,
+        )];
+        assert!(!kill_goal(&one).pass);
+        let broken = [kill(
+            Path::Http,
+            0,
+            WrkErrors::default(),
+            Some("wrk failed\nmore"),
+        )];
+        let g = kill_goal(&broken);
+        assert!(
+            !g.pass && g.figure == "HTTP did not run: wrk failed",
+            "{}",
+            g.figure
+        );
+        assert!(!kill_goal(&[]).pass);
+        assert!(kill_text(&[]).is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!     │  proxy-mode VIP 10.96.0.2x ──► agent 10.77.0.1:15001 ─►   iperf3 -s :5201 (backend 1)
 //!     │  HTTP-mode VIP 10.96.0.6x ───► (the same forwarder) ──►   redis-server :6379 (all three)
 //!     │  HAProxy tcp, http 10.77.0.1:180xx ───────────────────►   nginx gRPC h2c :50051 (all three)
-//!     └  nginx stream, http 10.77.0.1:180xx ──────────────────►
+//!     └  nginx stream, http 10.77.0.1:180xx ──────────────────►   nginx :82 (all three, killed once)
 //!                        node ns (proxies on core 1)      (backends on core 1 too)
 //! ```
 //!
@@ -51,17 +51,21 @@ pub enum Service {
     H2,
     /// gRPC-shaped calls over HTTP/2 (three nginx, one per backend, counting what they serve).
     Grpc,
+    /// HTTP/1.1 to three nginx of its own, one of which the backend-kill case kills: no other
+    /// case's backend is ever touched.
+    Failover,
 }
 
 impl Service {
     /// The services of the L4 cases: TCP-mode peers and every agent path serve them.
     pub const L4: [Service; 3] = [Service::Http, Service::Iperf, Service::Redis];
-    pub const ALL: [Service; 5] = [
+    pub const ALL: [Service; 6] = [
         Service::Http,
         Service::Iperf,
         Service::Redis,
         Service::H2,
         Service::Grpc,
+        Service::Failover,
     ];
 
     fn name(self) -> &'static str {
@@ -71,6 +75,7 @@ impl Service {
             Service::Redis => "redis",
             Service::H2 => "h2",
             Service::Grpc => "grpc",
+            Service::Failover => "failover",
         }
     }
 
@@ -81,17 +86,19 @@ impl Service {
             Service::Redis => 6379,
             Service::H2 => 81,
             Service::Grpc => 50051,
+            Service::Failover => 82,
         }
     }
 
     /// iperf3 serves one test at a time and a test's control and data connections must all
     /// reach the same server, so it gets one backend; HTTP (both versions) gets one so that
     /// the direct case talks to exactly the server the proxies do; redis shows balancing over
-    /// three, gRPC the share of one connection's calls each of three got.
+    /// three, gRPC the share of one connection's calls each of three got; the backend-kill case
+    /// needs two left standing when one dies.
     fn backends(self) -> usize {
         match self {
             Service::Http | Service::Iperf | Service::H2 => 1,
-            Service::Redis | Service::Grpc => 3,
+            Service::Redis | Service::Grpc | Service::Failover => 3,
         }
     }
 
@@ -102,6 +109,7 @@ impl Service {
             Service::Redis => 2,
             Service::H2 => 3,
             Service::Grpc => 4,
+            Service::Failover => 5,
         }
     }
 
@@ -125,6 +133,7 @@ impl Service {
                 Path::ProxyCopy,
             ],
             Service::H2 | Service::Grpc => &[Path::Proxy, Path::Http],
+            Service::Failover => &[Path::Http],
         }
     }
 
@@ -149,13 +158,15 @@ impl Service {
             (Service::Redis, Path::Nginx) => 18380,
             (Service::Http, Path::HaproxyHttp) => 18090,
             (Service::H2, Path::HaproxyHttp) => 18091,
+            (Service::Failover, Path::HaproxyHttp) => 18092,
             (Service::Http, Path::NginxHttp) => 18093,
             (Service::H2, Path::NginxHttp) => 18094,
             (Service::Http, _) => 18080,
             (Service::Iperf, _) => 18201,
             (Service::Redis, _) => 18379,
-            // No peer serves these (the gRPC case runs over the agent only): nothing listens.
-            (Service::H2 | Service::Grpc, _) => 18099,
+            // No peer serves these (the gRPC case runs over the agent only, the backend-kill case
+            // over the agent and HAProxy http): nothing listens.
+            (Service::H2 | Service::Grpc | Service::Failover, _) => 18099,
         };
         SocketAddr::from(([10, 77, 0, 1], port))
     }
@@ -194,6 +205,8 @@ pub struct World {
     pub agent: Agent,
     /// Backends, held for their guards.
     _servers: Vec<Process>,
+    /// The backend-kill case's backends; `None` while one is killed.
+    failover: Vec<Option<Process>>,
     /// Each gRPC backend's log, one line per call served.
     grpc_logs: Vec<PathBuf>,
     /// The body of every gRPC call: one length-prefixed message.
@@ -222,6 +235,10 @@ impl World {
             servers.push(p);
             grpc_logs.push(log);
         }
+        let mut failover = Vec::new();
+        for i in 0..Service::Failover.backends() {
+            failover.push(Some(failover_backend(&topo, &dir, i)?));
+        }
         // Field 1 (bytes) of 14 bytes, behind gRPC's prefix: not compressed, 16 bytes long.
         let mut message = vec![0u8, 0, 0, 0, 16, 0x0a, 14];
         message.extend_from_slice(b"switchyard-rpc");
@@ -240,6 +257,7 @@ impl World {
             nginx_http,
             agent,
             _servers: servers,
+            failover,
             grpc_logs,
             grpc_message,
             topo,
@@ -266,6 +284,43 @@ impl World {
                 Ok(text.iter().filter(|b| **b == b'\n').count() as u64)
             })
             .collect()
+    }
+
+    /// Backend `i` of the backend-kill case's service.
+    pub fn failover_backend(&self, i: usize) -> SocketAddr {
+        backend(&self.topo, i, Service::Failover)
+    }
+
+    /// Kills backend `i` of the backend-kill case with SIGKILL, by the PID this world started
+    /// it under (and reaps it), so its listening socket goes with it; returns that PID.
+    pub fn kill_failover_backend(&mut self, i: usize) -> anyhow::Result<u32> {
+        let mut p = self
+            .failover
+            .get_mut(i)
+            .and_then(Option::take)
+            .with_context(|| format!("backend-kill case: no running backend {}", i + 1))?;
+        let pid = p.pid();
+        p.kill();
+        Ok(pid)
+    }
+
+    /// Whether backend `i`'s address refuses a connection now (from its own namespace): the
+    /// kill took the listening socket, not only the process.
+    pub fn failover_refuses(&self, i: usize) -> bool {
+        let addr = self.failover_backend(i);
+        self.topo.backend_ns[i]
+            .enter(move || TcpStream::connect_timeout(&addr, Duration::from_millis(500)))
+            .is_ok_and(|r| r.is_err())
+    }
+
+    /// Starts again every backend-kill backend that was killed, and waits until it listens.
+    pub fn restore_failover(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.failover.len() {
+            if self.failover[i].is_none() {
+                self.failover[i] = Some(failover_backend(&self.topo, &self.dir, i)?);
+            }
+        }
+        Ok(())
     }
 
     /// Where a client on `path` connects for `service`: one address, but every backend's for
@@ -434,6 +489,32 @@ fn temp_paths(dir: &TempDir, name: &str) -> String {
          \x20 fastcgi_temp_path {d}-fastcgi;\n  uwsgi_temp_path {d}-uwsgi;\n\
          \x20 scgi_temp_path {d}-scgi;\n"
     )
+}
+
+/// Backend `i` of the backend-kill case: nginx serving the HTTP backend's file on a port of
+/// its own (the HTTP backend's `www`, made first), one process so that its PID is the one to
+/// kill and its listening socket dies with it.
+fn failover_backend(topo: &Topology, dir: &TempDir, i: usize) -> anyhow::Result<Process> {
+    let addr = backend(topo, i, Service::Failover);
+    let name = format!("nginx-failover-{}", i + 1);
+    let root = dir.0.join("www");
+    let d = dir.0.display();
+    let conf = dir.write(
+        &format!("{name}.conf"),
+        &format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n\
+             pid {d}/{name}.pid;\nerror_log {d}/{name}.log warn;\n\
+             events {{ worker_connections {MAX_CONNECTIONS}; }}\n\
+             http {{\n  access_log off;\n  default_type text/plain;\n\
+             \x20 keepalive_requests 1000000000;\n  keepalive_timeout 120s;\n{}\
+             \x20 server {{ listen {addr} backlog=4096; root {}; }}\n}}\n",
+            temp_paths(dir, &name),
+            root.display()
+        ),
+    )?;
+    let mut p = nginx(&conf, dir, &name, Some(PROXY_CPU), &topo.backend_ns[i])?;
+    wait_listening(&topo.backend_ns[i], addr, &mut p).with_context(|| name.clone())?;
+    Ok(p)
 }
 
 /// gRPC backend `i`: nginx on a cleartext HTTP/2 listener answering every call with `200`,
@@ -651,19 +732,32 @@ fn haproxy(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
 /// request on a connection of its own, so with one request per client connection it would
 /// reuse nothing). HTTP/2 from the client (`proto h2`: prior knowledge) goes to the backend's
 /// HTTP/2 listener as HTTP/2 (`proto h2` on the server).
+///
+/// The backend-kill case has a `listen` of its own with HAProxy's retries (`retries 3`,
+/// `option redispatch`, `retry-on all-retryable-errors`): there, and not on the `http` and
+/// `h2` listeners, so the other cases measure HAProxy as they did before it had one.
 fn haproxy_http(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
     let b1 = backend(topo, 0, Service::Http);
     let b1_h2 = backend(topo, 0, Service::H2);
-    let conf = format!(
+    let mut conf = format!(
         "global\n    nbthread 1\n    maxconn {MAX_CONNECTIONS}\n    pidfile {}/haproxy-http.pid\n\n\
          defaults\n    mode http\n    maxconn {MAX_CONNECTIONS}\n    timeout connect 1s\n\
          \x20   timeout client 2m\n    timeout server 2m\n    http-reuse always\n\n\
          listen http\n    bind {}\n    balance roundrobin\n    server b1 {b1}\n\n\
-         listen h2\n    bind {} proto h2\n    balance roundrobin\n    server b1 {b1_h2} proto h2\n",
+         listen h2\n    bind {} proto h2\n    balance roundrobin\n    server b1 {b1_h2} proto h2\n\n\
+         listen {}\n    bind {}\n    balance roundrobin\n",
         dir.0.display(),
         Service::Http.peer(Path::HaproxyHttp),
         Service::H2.peer(Path::HaproxyHttp),
+        Service::Failover.name(),
+        Service::Failover.peer(Path::HaproxyHttp),
     );
+    for directive in HAPROXY_RETRIES {
+        let _ = writeln!(conf, "    {directive}");
+    }
+    for (i, b) in backends(topo, Service::Failover).iter().enumerate() {
+        let _ = writeln!(conf, "    server b{} {b}", i + 1);
+    }
     start_haproxy(
         topo,
         dir,
@@ -672,6 +766,13 @@ fn haproxy_http(topo: &Topology, dir: &TempDir) -> anyhow::Result<Process> {
         Service::Http.peer(Path::HaproxyHttp),
     )
 }
+
+/// HAProxy's retries on the backend-kill case's `listen` (named in the case's output too).
+pub const HAPROXY_RETRIES: [&str; 3] = [
+    "retries 3",
+    "option redispatch",
+    "retry-on all-retryable-errors",
+];
 
 /// Checks `conf` with `haproxy -c`, then runs it in the foreground on the proxy core.
 fn start_haproxy(
