@@ -3,7 +3,7 @@
 //! deadline, then closes what is left with a reset and counts it.
 
 use std::{
-    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    os::fd::{BorrowedFd, RawFd},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -114,11 +114,6 @@ impl Exit {
     }
 }
 
-/// The descriptor `guard` resets at the deadline.
-pub fn raw(stream: &tokio::net::TcpStream) -> RawFd {
-    stream.as_raw_fd()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,7 +127,7 @@ mod tests {
         let (accepted, _) = listener.accept().unwrap();
         accepted.set_nonblocking(true).unwrap();
         let accepted = tokio::net::TcpStream::from_std(accepted).unwrap();
-        let fd = raw(&accepted);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&accepted);
         let e = exit.clone();
         let task = tokio::spawn(async move {
             e.guard(fd, async move {
