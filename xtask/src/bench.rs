@@ -5,7 +5,8 @@
 //! to reach them: direct, kernel mode, proxy mode, HAProxy `mode tcp`, nginx `stream` (the L4
 //! cases), and for HTTP also the agent's HTTP mode, HAProxy `mode http` and nginx `proxy_pass`
 //! (the HTTP cases). Each case runs for a fixed time, the paths of one workload back to back so
-//! that they share the machine's mood, the whole round repeated and the median kept. Goals are
+//! that they share the machine's mood, the whole round repeated (each round starting one path
+//! further on) and the median of the round-by-round ratios kept. Goals are
 //! judged, never asserted: a benchmark reports; tests assert. How to read the output:
 //! docs/benchmarks.md.
 
@@ -211,10 +212,10 @@ impl Plan {
             Plan {
                 quick,
                 part,
-                repetitions: 3,
-                max_repetitions: 5,
-                secs: 5,
-                redis_requests: 100_000,
+                repetitions: 5,
+                max_repetitions: 7,
+                secs: 3,
+                redis_requests: 60_000,
                 grpc_requests: 20_000,
                 kill_secs: 10,
                 patience: Duration::from_secs(90),
@@ -297,9 +298,10 @@ struct ResultFile<'a> {
     backend_kill: &'a [cases::BackendKill],
 }
 
-const NOISE_LEGEND: &str = "\n(lo–hi): the smallest and largest of the runs (for ratios: the \
-                            ratio within each round); ≈: the rounds fell on both sides of 1.00×, \
-                            a tie inside the noise";
+const NOISE_LEGEND: &str = "\nratios are the median of the ratios within each round; (lo–hi): \
+                            the smallest and largest of the runs (for ratios: of the ratios \
+                            within each round); ≈: the rounds fell on both sides of 1.00×, a \
+                            tie inside the noise";
 
 const PINNING: &str = "clients on core 0; HAProxy, nginx (both modes each), the agent and the \
                        backends on core 1";
@@ -369,7 +371,7 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
         plan.repetitions,
         plan.secs,
         if plan.repetitions > 1 {
-            ", median kept"
+            ", each round in a rotated order, median kept"
         } else {
             ""
         },
@@ -420,13 +422,14 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
         |repetition: usize, workloads: &[(Workload, Vec<Path>)], runs: &mut Vec<Run>| {
             for (workload, paths) in workloads {
                 let workload = *workload;
-                // Not measured: so the first path of a workload (direct) does not pay for a cold
-                // backend and the others not.
-                if let Some(first) = paths.first() {
+                // Not measured: so the round's first path does not pay for a cold backend and
+                // the others not.
+                let order = rotated(paths, repetition);
+                if let Some(first) = order.first() {
                     let _ = cases::run(&world, &warm_each, *first, workload);
                 }
                 check_interrupt()?;
-                for &path in paths {
+                for path in order {
                     n += 1;
                     let run = loop {
                         quiet(&mut patience)?;
@@ -671,6 +674,19 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
     Ok(())
 }
 
+/// `paths` in the order round `repetition` runs them: each round starts one path further on,
+/// so no path always runs first, or always right after the same other path, and a drift of
+/// the machine within a round (or what the previous case left behind) does not fall on the
+/// same paths every round.
+fn rotated(paths: &[Path], repetition: usize) -> Vec<Path> {
+    let mut order = paths.to_vec();
+    if !order.is_empty() {
+        let by = repetition.saturating_sub(1) % order.len();
+        order.rotate_left(by);
+    }
+    order
+}
+
 /// Runs one case once and records it, failed or not.
 fn measure(world: &World, plan: &Plan, repetition: usize, path: Path, workload: Workload) -> Run {
     let t = Instant::now();
@@ -787,8 +803,9 @@ fn readme_section(result: &ResultFile, tables: &Tables, caveat: &str) -> String 
     let (plan, machine) = (&result.plan, result.machine);
     let mut out = format!(
         "Made with `{}` on {} (commit {}): {}, {} cores, Linux {}; {} of {} s per case \
-         (redis-benchmark: {} requests per test; gRPC: {} calls), median shown with the runs' \
-         range (lo–hi; for ratios, the ratio within each round; ≈ marks a ratio whose rounds \
+         (redis-benchmark: {} requests per test; gRPC: {} calls), each round in a rotated order, \
+         median shown with the runs' range (lo–hi; a ratio is the median of the ratios within \
+         each round, its range theirs; ≈ marks a ratio whose rounds \
          fell on both sides of 1.00×, a tie), more rounds where a ratio spread beyond {:.0} %; \
          {PINNING}, checked. What each case is and how to read the ratios: \
          [docs/benchmarks.md](docs/benchmarks.md).{caveat}\n\n",
@@ -950,6 +967,18 @@ fn today() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_round_starts_one_path_further_on() {
+        let paths = [Path::Direct, Path::Proxy, Path::Haproxy];
+        assert_eq!(rotated(&paths, 1), paths);
+        assert_eq!(
+            rotated(&paths, 2),
+            [Path::Proxy, Path::Haproxy, Path::Direct]
+        );
+        assert_eq!(rotated(&paths, 4), paths);
+        assert!(rotated(&[], 3).is_empty());
+    }
 
     #[test]
     fn today_is_a_date() {
