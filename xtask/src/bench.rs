@@ -6,7 +6,8 @@
 //! cases), and for HTTP also the agent's HTTP mode, HAProxy `mode http` and nginx `proxy_pass`
 //! (the HTTP cases). Each case runs for a fixed time, the paths of one workload back to back so
 //! that they share the machine's mood, the whole round repeated (each round starting one path
-//! further on) and the median of the round-by-round ratios kept. Goals are
+//! further on, every other one backwards) and the median of the round-by-round ratios kept.
+//! Goals are
 //! judged, never asserted: a benchmark reports; tests assert. How to read the output:
 //! docs/benchmarks.md.
 
@@ -213,7 +214,7 @@ impl Plan {
                 quick,
                 part,
                 repetitions: 5,
-                max_repetitions: 7,
+                max_repetitions: 6,
                 secs: 3,
                 redis_requests: 60_000,
                 grpc_requests: 20_000,
@@ -371,7 +372,7 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
         plan.repetitions,
         plan.secs,
         if plan.repetitions > 1 {
-            ", each round in a rotated order, median kept"
+            ", each round in another order, median kept"
         } else {
             ""
         },
@@ -675,14 +676,17 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
 }
 
 /// `paths` in the order round `repetition` runs them: each round starts one path further on,
-/// so no path always runs first, or always right after the same other path, and a drift of
-/// the machine within a round (or what the previous case left behind) does not fall on the
-/// same paths every round.
+/// and every other round goes backwards, so no path always runs first, or always right after
+/// the same other path. A drift of the machine within a round, or what the previous case left
+/// behind, does not fall on the same paths every round.
 fn rotated(paths: &[Path], repetition: usize) -> Vec<Path> {
     let mut order = paths.to_vec();
     if !order.is_empty() {
         let by = repetition.saturating_sub(1) % order.len();
         order.rotate_left(by);
+        if repetition.is_multiple_of(2) {
+            order.reverse();
+        }
     }
     order
 }
@@ -803,7 +807,7 @@ fn readme_section(result: &ResultFile, tables: &Tables, caveat: &str) -> String 
     let (plan, machine) = (&result.plan, result.machine);
     let mut out = format!(
         "Made with `{}` on {} (commit {}): {}, {} cores, Linux {}; {} of {} s per case \
-         (redis-benchmark: {} requests per test; gRPC: {} calls), each round in a rotated order, \
+         (redis-benchmark: {} requests per test; gRPC: {} calls), each round in another order, \
          median shown with the runs' range (lo–hi; a ratio is the median of the ratios within \
          each round, its range theirs; ≈ marks a ratio whose rounds \
          fell on both sides of 1.00×, a tie), more rounds where a ratio spread beyond {:.0} %; \
@@ -970,13 +974,18 @@ mod tests {
 
     #[test]
     fn each_round_starts_one_path_further_on() {
-        let paths = [Path::Direct, Path::Proxy, Path::Haproxy];
+        let paths = [Path::Direct, Path::Proxy, Path::Haproxy, Path::Nginx];
         assert_eq!(rotated(&paths, 1), paths);
+        // Rotated by one and reversed: HAProxy runs before the agent, after nginx.
         assert_eq!(
             rotated(&paths, 2),
-            [Path::Proxy, Path::Haproxy, Path::Direct]
+            [Path::Direct, Path::Nginx, Path::Haproxy, Path::Proxy]
         );
-        assert_eq!(rotated(&paths, 4), paths);
+        assert_eq!(
+            rotated(&paths, 3),
+            [Path::Haproxy, Path::Nginx, Path::Direct, Path::Proxy]
+        );
+        assert_eq!(rotated(&paths, 5), paths);
         assert!(rotated(&[], 3).is_empty());
     }
 
