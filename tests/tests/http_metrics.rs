@@ -1,10 +1,14 @@
 //! HTTP mode's observability and request hashing: a known workload through a VIP (curl) and
 //! the exact counts in `/metrics` and `ctl state` (by status class, route and backend, the
-//! proxy's own answers, a retry); the access log only where a service turns it on; Maglev and
+//! proxy's own answers, a retry); a route rule's own retry codes and backoff, counted; the
+//! access log only where a service turns it on; Maglev and
 //! ring hash on a request header or a cookie, the client's address where a request lacks it.
 //! Real clients (curl) and real servers (sy-http).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use switchyard_testkit::{
     Agent, Topology,
@@ -169,6 +173,69 @@ backends = [{ service = "weather-backend" }]
         "{}",
         state.stdout
     );
+    Ok(())
+}
+
+/// GEP-1731's `retry.codes` and `retry.backoff` from the config file: a rule's codes replace
+/// the default 502/503/504, and each retry waits the rule's backoff first.
+#[test]
+fn a_rules_retry_codes_replace_the_default_set_and_its_retries_wait_the_backoff()
+-> anyhow::Result<()> {
+    if !require_root("a_rules_retry_codes_replace_the_default_set_and_its_retries_wait_the_backoff")
+    {
+        return Ok(());
+    }
+    let topo = Topology::new(1, 2)?;
+    let _http = HttpBackends::start(&topo)?;
+    let route = r#"
+[[route]]
+name = "codes"
+service = "weather-backend"
+[[route.rule]]
+matches = [{ path_exact = "/status/500" }]
+backends = [{ service = "weather-backend" }]
+retry_codes = [500]
+retry_backoff = "300ms"
+retries = 1
+[[route.rule]]
+matches = [{ path_exact = "/status/503" }]
+backends = [{ service = "weather-backend" }]
+retry_codes = [500]
+[[route.rule]]
+matches = [{ path_prefix = "/status" }]
+backends = [{ service = "weather-backend" }]
+"#;
+    let config = topo
+        .agent_config(&(service(&topo, "weather-backend", VIP, &[0, 1], "retries = 2") + route));
+    let _agent = Agent::start(&topo, &config)?;
+    let get = |p: &str| -> anyhow::Result<(String, Duration)> {
+        let started = Instant::now();
+        let url = format!("http://{VIP}{p}");
+        let out = curl(&topo, &["-o", "/dev/null", "-w", "%{http_code}", &url])?;
+        Ok((out.join(""), started.elapsed()))
+    };
+    let retries = || -> anyhow::Result<f64> {
+        let expo = control::get_in(&topo.node, topo.metrics(), "/metrics", None)?.body;
+        Ok(sum(
+            &expo,
+            "switchyard_http_retries_total",
+            &[r#"service="weather-backend""#, r#"route="codes""#],
+        ))
+    };
+    // Listed: tried again on the other backend (which answers 500 too, and goes back), after
+    // the backoff.
+    let (code, took) = get("/status/500")?;
+    assert_eq!(code, "500");
+    assert_eq!(retries()?, 1.0);
+    assert!(took >= Duration::from_millis(300), "no backoff: {took:?}");
+    // The rule's codes replace the default set: its 503 goes back untried.
+    assert_eq!(get("/status/503")?.0, "503");
+    assert_eq!(retries()?, 1.0, "503 is not in the rule's codes");
+    // A rule without codes keeps the default: 500 goes back, 502 is tried again.
+    assert_eq!(get("/status/501")?.0, "501");
+    assert_eq!(retries()?, 1.0, "501 is not in the default set");
+    assert_eq!(get("/status/502")?.0, "502");
+    assert_eq!(retries()?, 2.0, "502 is in the default set");
     Ok(())
 }
 

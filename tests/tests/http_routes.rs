@@ -219,6 +219,14 @@ fn bad_routes_are_refused_with_the_field_named() -> anyhow::Result<()> {
             "[[route]]\nname = \"r\"\ngateway = \"elsewhere\"\n[[route.rule]]\nbackends = [{ service = \"weather-backend\" }]\n",
             "route[0] \"r\": gateway: `elsewhere` is not a gateway",
         ),
+        (
+            "[[route]]\nname = \"r\"\ngateway = \"gw\"\n[[route.rule]]\nretry_codes = [500, 700]\nbackends = [{ service = \"weather-backend\" }]\n",
+            "route[0] \"r\": rule[0].retry_codes: 700 is not a status from 400 to 599",
+        ),
+        (
+            "[[route]]\nname = \"r\"\ngateway = \"gw\"\n[[route.rule]]\nretry_backoff = \"20s\"\nbackends = [{ service = \"weather-backend\" }]\n",
+            "route[0] \"r\": rule[0].retry_backoff: 20s is above 10s",
+        ),
     ];
     let dir = std::env::temp_dir().join(switchyard_testkit::unique("sy-routes-"));
     std::fs::create_dir_all(&dir)?;

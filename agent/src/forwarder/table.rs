@@ -197,6 +197,8 @@ impl crate::http::Target for ProxyService {
             policy: &self.spec.policy,
             connect_timeout: self.connect_timeout,
             retries: self.retries,
+            retry_codes: None,
+            retry_backoff: None,
             outlier_failures: self.outlier_failures,
             outlier_ejection: self.outlier_ejection,
             active: &self.shared.active,

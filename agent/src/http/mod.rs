@@ -52,6 +52,11 @@ pub struct View<'a> {
     pub connect_timeout: Duration,
     /// Extra attempts on other backends after a failed one.
     pub retries: u32,
+    /// The statuses that send a request to another backend, where a route rule lists its own
+    /// (`None`: 502, 503, 504; see [`retry::retriable`]).
+    pub retry_codes: Option<&'a [u16]>,
+    /// The wait before each retry (a route rule's `retry_backoff`); none by default.
+    pub retry_backoff: Option<Duration>,
     pub outlier_failures: u32,
     pub outlier_ejection: Duration,
     /// Client connections open (the retry budget's base).

@@ -81,6 +81,12 @@ pub async fn handle(
         if let Some(n) = r.retries {
             v.retries = n;
         }
+        if let Some(codes) = &r.retry_codes {
+            v.retry_codes = Some(codes);
+        }
+        if r.retry_backoff.is_some() {
+            v.retry_backoff = r.retry_backoff;
+        }
     }
     // The tightest of the service's and the rule's request timeouts and the client's own gRPC
     // deadline.
@@ -438,7 +444,12 @@ async fn attempts(
             if let Some(p) = previous {
                 tally.retry(p);
             }
-            Some(RetryInFlight::start(v.retries_in_flight))
+            let counted = RetryInFlight::start(v.retries_in_flight);
+            // The whole-request timeout bounds the wait too: it runs around all attempts.
+            if let Some(b) = v.retry_backoff {
+                tokio::time::sleep(b).await;
+            }
+            Some(counted)
         } else {
             None
         };
@@ -513,7 +524,7 @@ async fn attempts(
                 let waited = sent.elapsed();
                 let status = response.status();
                 // With no other backend left to try, the backend's own answer goes back.
-                let again = retry::retriable(status, response.headers())
+                let again = retry::retriable(status, response.headers(), v.retry_codes)
                     && (idempotent || grpc)
                     && more
                     && replay.again().is_some()

@@ -14,10 +14,16 @@ pub fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// Responses that ask for another backend (Envoy's `retriable-status-codes` default set, the
-/// ones GEP-1731 requires), and gRPC's `UNAVAILABLE` in a trailers-only response.
-pub fn retriable(status: StatusCode, headers: &HeaderMap) -> bool {
-    matches!(status.as_u16(), 502..=504) || grpc_status(headers) == Some(14)
+/// Responses that ask for another backend: a route rule's own `codes` (GEP-1731
+/// `retry.codes`) where it has them, else 502, 503 and 504 (Envoy's `retriable-status-codes`
+/// default set, the ones GEP-1731 requires); and either way gRPC's `UNAVAILABLE` in a
+/// trailers-only response, which is not an HTTP status a rule could list.
+pub fn retriable(status: StatusCode, headers: &HeaderMap, codes: Option<&[u16]>) -> bool {
+    let listed = match codes {
+        Some(codes) => codes.contains(&status.as_u16()),
+        None => matches!(status.as_u16(), 502..=504),
+    };
+    listed || grpc_status(headers) == Some(14)
 }
 
 /// `grpc-status` in a header block (a trailers-only response carries it in the headers).
@@ -70,11 +76,33 @@ mod tests {
     #[test]
     fn retriable_statuses() {
         let none = HeaderMap::new();
-        assert!(retriable(StatusCode::BAD_GATEWAY, &none));
-        assert!(retriable(StatusCode::GATEWAY_TIMEOUT, &none));
-        assert!(!retriable(StatusCode::INTERNAL_SERVER_ERROR, &none));
-        assert!(retriable(StatusCode::OK, &headers("grpc-status", "14")));
-        assert!(!retriable(StatusCode::OK, &headers("grpc-status", "0")));
+        assert!(retriable(StatusCode::BAD_GATEWAY, &none, None));
+        assert!(retriable(StatusCode::GATEWAY_TIMEOUT, &none, None));
+        assert!(!retriable(StatusCode::INTERNAL_SERVER_ERROR, &none, None));
+        assert!(retriable(
+            StatusCode::OK,
+            &headers("grpc-status", "14"),
+            None
+        ));
+        assert!(!retriable(
+            StatusCode::OK,
+            &headers("grpc-status", "0"),
+            None
+        ));
+        // A rule's codes replace the default set.
+        let codes: &[u16] = &[500, 429];
+        assert!(retriable(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &none,
+            Some(codes)
+        ));
+        assert!(retriable(StatusCode::TOO_MANY_REQUESTS, &none, Some(codes)));
+        assert!(!retriable(StatusCode::BAD_GATEWAY, &none, Some(codes)));
+        assert!(retriable(
+            StatusCode::OK,
+            &headers("grpc-status", "14"),
+            Some(codes)
+        ));
         assert!(idempotent(&Method::PUT) && !idempotent(&Method::POST));
     }
 }

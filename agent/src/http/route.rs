@@ -81,6 +81,13 @@ pub struct RawRule {
     /// `retries` when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    /// The statuses, 400 to 599, that send a request to another backend (GEP-1731
+    /// `retry.codes`), instead of 502, 503 and 504.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_codes: Vec<u16>,
+    /// The wait before each retry (GEP-1731 `retry.backoff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -143,6 +150,10 @@ const MAX_WEIGHT: u32 = 1_000_000;
 /// Extra attempts a rule may ask for: more only lengthen a failing request (the service's
 /// retry budget bounds them too).
 const MAX_RETRIES: u32 = 10;
+/// Statuses a rule may list in `retry_codes`.
+const MAX_RETRY_CODES: usize = 32;
+/// The longest wait a rule may put before each retry: a request waits it once per retry.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 enum Path {
@@ -201,6 +212,9 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     pub try_timeout: Option<Duration>,
     pub retries: Option<u32>,
+    /// Sorted, without repeats; `None`: the default set.
+    pub retry_codes: Option<Vec<u16>>,
+    pub retry_backoff: Option<Duration>,
 }
 
 impl Rule {
@@ -714,6 +728,15 @@ fn rule(route: &str, u: &RawRule, known: &dyn Fn(&str) -> bool) -> Result<Rule, 
     {
         return Err(format!("retries: {n} is above {MAX_RETRIES}"));
     }
+    let retry_codes = retry_codes(&u.retry_codes)?;
+    let retry_backoff = positive("retry_backoff", &u.retry_backoff)?;
+    if let Some(b) = retry_backoff
+        && b > MAX_RETRY_BACKOFF
+    {
+        return Err(format!(
+            "retry_backoff: {b:?} is above {MAX_RETRY_BACKOFF:?}"
+        ));
+    }
     Ok(Rule {
         route: route.to_owned(),
         destinations,
@@ -724,7 +747,30 @@ fn rule(route: &str, u: &RawRule, known: &dyn Fn(&str) -> bool) -> Result<Rule, 
         request_timeout,
         try_timeout,
         retries: u.retries,
+        retry_codes,
+        retry_backoff,
     })
+}
+
+/// A rule's `retry_codes`: statuses from 400 to 599 (the range GEP-1731 allows), a bounded
+/// number of them.
+fn retry_codes(codes: &[u16]) -> Result<Option<Vec<u16>>, String> {
+    if codes.is_empty() {
+        return Ok(None);
+    }
+    if codes.len() > MAX_RETRY_CODES {
+        return Err(format!(
+            "retry_codes: {} codes, at most {MAX_RETRY_CODES}",
+            codes.len()
+        ));
+    }
+    if let Some(c) = codes.iter().find(|c| !(400..=599).contains(*c)) {
+        return Err(format!("retry_codes: {c} is not a status from 400 to 599"));
+    }
+    let mut codes = codes.to_vec();
+    codes.sort_unstable();
+    codes.dedup();
+    Ok(Some(codes))
 }
 
 /// The routes every HTTP connection reads, replaced whole (file load, API change).

@@ -14,7 +14,8 @@
 //!   query parameters, method (GRPCRoute: Exact service and method); filters
 //!   RequestHeaderModifier, ResponseHeaderModifier, URLRewrite with ReplacePrefixMatch,
 //!   RequestRedirect (scheme, hostname, ReplaceFullPath, 301/302); weighted backendRefs;
-//!   `timeouts.request` and `timeouts.backendRequest`; `retry.attempts` (GEP-1731).
+//!   `timeouts.request` and `timeouts.backendRequest`; `retry.attempts`, `retry.codes` and
+//!   `retry.backoff` (GEP-1731).
 //! - Anything else (a mirror, CORS, a regex header match, a redirect port, a per-backendRef
 //!   filter) makes the object not applied, logged once with the object and the field: never
 //!   half of an object.
@@ -438,11 +439,20 @@ fn http_routes(s: &h::HttpRouteSpec, ns: &str) -> Result<Parsed, String> {
             rule.try_timeout =
                 duration(&format!("{at}.timeouts.backendRequest"), &t.backend_request)?;
         }
-        if let Some(retry) = &r.retry
-            && let Some(n) = retry.attempts
-        {
-            // Gateway API counts attempts after the first as retries too.
-            rule.retries = Some(u32::try_from(n).map_err(|_| format!("{at}.retry.attempts: {n}"))?);
+        if let Some(retry) = &r.retry {
+            if let Some(n) = retry.attempts {
+                // Gateway API counts attempts after the first as retries too.
+                rule.retries =
+                    Some(u32::try_from(n).map_err(|_| format!("{at}.retry.attempts: {n}"))?);
+            }
+            // Out-of-range codes are refused by the rule's own check, with the field named.
+            rule.retry_codes = retry
+                .codes
+                .iter()
+                .flatten()
+                .map(|c| u16::try_from(*c).map_err(|_| format!("{at}.retry.codes: {c}")))
+                .collect::<Result<_, _>>()?;
+            rule.retry_backoff = duration(&format!("{at}.retry.backoff"), &retry.backoff)?;
         }
         rules.push(rule);
     }
@@ -772,7 +782,7 @@ mod tests {
                 ],
                 "backendRefs": [{"name": "web", "port": 80, "weight": 9}, {"name": "canary", "port": 80}],
                 "timeouts": {"request": "1m30s", "backendRequest": "500ms"},
-                "retry": {"attempts": 2}
+                "retry": {"attempts": 2, "codes": [500, 503], "backoff": "100ms"}
             }]
         }))
         .unwrap();
@@ -786,6 +796,8 @@ mod tests {
         assert_eq!(r.request_timeout.as_deref(), Some("90000ms"));
         assert_eq!(r.try_timeout.as_deref(), Some("500ms"));
         assert_eq!(r.retries, Some(2));
+        assert_eq!(r.retry_codes, [500, 503]);
+        assert_eq!(r.retry_backoff.as_deref(), Some("100ms"));
         assert_eq!(p.parents[0].kind, "Gateway");
 
         let e = spec(serde_json::json!({
