@@ -320,17 +320,32 @@ fn check_interrupt() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Result<()> {
-    let part = Part::parse(only)?;
-    let profile = profile
-        .map(|w| match w {
+/// What a run makes instead of the tables, if anything: `--profile` or `--pairs`.
+pub enum Instead {
+    Tables,
+    Profile(Workload),
+    Pairs(Workload),
+}
+
+impl Instead {
+    pub fn of(profile: Option<&str>, pairs: Option<&str>) -> anyhow::Result<Instead> {
+        let workload = |flag: &str, w: &str| match w {
             "new-connections" => Ok(Workload::Close),
             "keep-alive" => Ok(Workload::KeepAlive),
             other => Err(anyhow::anyhow!(
-                "--profile {other}: new-connections or keep-alive"
+                "--{flag} {other}: new-connections or keep-alive"
             )),
+        };
+        Ok(match (profile, pairs) {
+            (Some(w), _) => Instead::Profile(workload("profile", w)?),
+            (None, Some(w)) => Instead::Pairs(workload("pairs", w)?),
+            (None, None) => Instead::Tables,
         })
-        .transpose()?;
+    }
+}
+
+pub fn run(quick: bool, instead: Instead, only: Option<&str>) -> anyhow::Result<()> {
+    let part = Part::parse(only)?;
     setup::run(setup::Needs::Bench)?;
     // Both set: measure those binaries (another build, an older release) as they are.
     let given = given_binaries();
@@ -353,8 +368,10 @@ pub fn run(quick: bool, profile: Option<&str>, only: Option<&str>) -> anyhow::Re
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    if let Some(workload) = profile {
-        return profile::run(workload, part == Part::Http);
+    match instead {
+        Instead::Profile(workload) => return profile::run(workload, part == Part::Http),
+        Instead::Pairs(workload) => return profile::pairs(workload, part == Part::Http),
+        Instead::Tables => {}
     }
     let plan = Plan::new(quick, part);
     let machine = machine(given);

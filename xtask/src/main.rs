@@ -82,6 +82,14 @@ enum Task {
         /// HAProxy `mode http`.
         #[arg(long, value_name = "WORKLOAD")]
         profile: Option<String>,
+        /// Instead of the tables: one workload (`new-connections` or `keep-alive`), the agent
+        /// and HAProxy in 2 s turns, 16 pairs in alternating order; per pair the ratio of
+        /// throughput and of CPU (user and system) per connection or request, then their
+        /// medians. The tightest side-by-side the machine allows, for before/after of a change
+        /// (`SWITCHYARD_BIN` and `SY_PROBE_BIN` set: those binaries). With `--only http`,
+        /// HTTP mode and HAProxy `mode http`.
+        #[arg(long, value_name = "WORKLOAD", conflicts_with = "profile")]
+        pairs: Option<String>,
     },
 }
 
@@ -110,7 +118,12 @@ fn task(task: Task) -> anyhow::Result<()> {
             quick,
             only,
             profile,
-        } => bench::run(quick, profile.as_deref(), only.as_deref()),
+            pairs,
+        } => bench::run(
+            quick,
+            bench::Instead::of(profile.as_deref(), pairs.as_deref())?,
+            only.as_deref(),
+        ),
         Task::BenchRegistry { quick } => bench_registry::run(quick),
     }
 }

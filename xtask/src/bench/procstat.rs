@@ -50,19 +50,28 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 /// User plus system CPU seconds of the tree so far (exited threads included, reaped children
 /// not: a proxy's workers stay up for the whole run).
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let mut ticks = 0u64;
+    let (user, system) = cpu_split(pid)?;
+    Ok(user + system)
+}
+
+/// [`cpu_seconds`] as user and system time: where a proxy's cost is, in its own code and
+/// libraries or in the kernel's work for it (its system calls, and the softirq work that ran
+/// while it was on the core).
+pub fn cpu_split(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let mut ticks = [0u64; 2];
     for p in tree(pid) {
         let Some(f) = stat_fields(p) else {
             continue; // exited meanwhile
         };
-        for i in [11, 12] {
-            ticks += f
+        for (n, i) in [11, 12].into_iter().enumerate() {
+            ticks[n] += f
                 .get(i)
                 .and_then(|s| s.parse::<u64>().ok())
                 .with_context(|| format!("/proc/{p}/stat: no field {}", i + 3))?;
         }
     }
-    Ok(ticks as f64 / ticks_per_second())
+    let hz = ticks_per_second();
+    Ok((ticks[0] as f64 / hz, ticks[1] as f64 / hz))
 }
 
 /// CPU seconds the whole machine spent on tasks (user, nice, system, steal) so far. Interrupt

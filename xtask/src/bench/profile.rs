@@ -11,6 +11,7 @@ use switchyard_testkit::{Process, process::Place};
 use super::{
     Path, cases,
     cases::Workload,
+    procstat,
     world::{Service, World},
 };
 use crate::build;
@@ -23,6 +24,100 @@ const HTTP_PATHS: [Path; 2] = [Path::Http, Path::HaproxyHttp];
 /// Seconds of load per profiler and path: the counts are per connection, so a short run is as
 /// good as a long one once it has made some thousands.
 const SECS: u32 = 4;
+
+/// Turns per path in `--pairs`, and seconds per turn: enough pairs for a steady median, turns
+/// short enough that both paths of a pair share the machine's state.
+const PAIRS: usize = 16;
+const TURN_SECS: u32 = 2;
+
+/// `cargo xtask bench --pairs WORKLOAD`: the agent and HAProxy in turns, the order alternating
+/// from pair to pair, each turn's CPU split into user and system time. The full run's rounds
+/// put seconds between the two paths of a ratio, and the machine's speed moves within them;
+/// here a pair is 4 s. What it prints: docs/benchmarks.md ("Pairs").
+pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
+    let [ours, theirs] = if http { HTTP_PATHS } else { PATHS };
+    let close = match workload {
+        Workload::Close => true,
+        Workload::KeepAlive => false,
+        _ => bail!("--pairs takes new-connections or keep-alive"),
+    };
+    let what = if close { "conn" } else { "req" };
+    println!("starting the benchmark's world (see docs/benchmarks.md)");
+    let world = World::start()?;
+    super::pinning::check(&world)?
+        .iter()
+        .for_each(|l| println!("{l}"));
+    for path in [ours, theirs] {
+        wrk(&world, path, 1, close)?;
+    }
+    println!(
+        "{PAIRS} pairs of {TURN_SECS} s turns, {} and {}, the order alternating:",
+        ours.label(),
+        theirs.label()
+    );
+    let mut rate = Vec::new();
+    let mut cpu = Vec::new();
+    let mut user = Vec::new();
+    let mut system = Vec::new();
+    for i in 0..PAIRS {
+        let order = if i % 2 == 0 {
+            [ours, theirs]
+        } else {
+            [theirs, ours]
+        };
+        let mut turn = BTreeMap::new();
+        for path in order {
+            super::check_interrupt()?;
+            let pid = world.proxy_pid(path).context("no proxy process")?;
+            let (u0, s0) = procstat::cpu_split(pid)?;
+            let n = wrk(&world, path, TURN_SECS, close)?;
+            let (u1, s1) = procstat::cpu_split(pid)?;
+            if n <= 0.0 {
+                bail!("{}: no {what}s in {TURN_SECS} s", path.label());
+            }
+            let (u, s) = ((u1 - u0) * 1e6 / n, (s1 - s0) * 1e6 / n);
+            println!(
+                "  {i:>2} {:<12} {:>7.0} {what}/s  CPU {:>6.1} µs/{what} (user {u:.1}, system {s:.1})",
+                path.label(),
+                n / f64::from(TURN_SECS),
+                u + s
+            );
+            turn.insert(path, (n, u, s));
+        }
+        let (a, b) = (turn[&ours], turn[&theirs]);
+        rate.push(a.0 / b.0);
+        cpu.push((a.1 + a.2) / (b.1 + b.2));
+        user.push(a.1 - b.1);
+        system.push(a.2 - b.2);
+    }
+    let line = |name: &str, v: &mut Vec<f64>, unit: &str| {
+        v.sort_by(f64::total_cmp);
+        let m = super::report::median(v);
+        println!(
+            "  {name:<34} {m:>7.2}{unit} ({:.2}–{:.2})",
+            v[0],
+            v[v.len() - 1]
+        );
+    };
+    println!(
+        "\n{} against {}, median of the {PAIRS} pairs (range):",
+        ours.label(),
+        theirs.label()
+    );
+    line(&format!("{what}/s"), &mut rate, "×");
+    line(&format!("CPU per {what}"), &mut cpu, "×");
+    line(
+        &format!("user CPU per {what}, difference"),
+        &mut user,
+        " µs",
+    );
+    line(
+        &format!("system CPU per {what}, difference"),
+        &mut system,
+        " µs",
+    );
+    Ok(())
+}
 
 /// One path's system calls: per name, calls and errors.
 #[derive(Default)]

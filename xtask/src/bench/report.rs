@@ -126,7 +126,7 @@ pub fn inside_noise(range: Option<[f64; 2]>, threshold: f64) -> bool {
 }
 
 /// Of sorted, non-empty values.
-fn median(sorted: &[f64]) -> f64 {
+pub fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     if n % 2 == 1 {
         sorted[n / 2]
