@@ -36,17 +36,9 @@ const TURN_SECS: u32 = 2;
 /// here a pair is 4 s. What it prints: docs/benchmarks.md ("Pairs").
 pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
     let [ours, theirs] = if http { HTTP_PATHS } else { PATHS };
-    let close = match workload {
-        Workload::Close => true,
-        Workload::KeepAlive => false,
-        _ => bail!("--pairs takes new-connections or keep-alive"),
-    };
+    let close = closes(workload, "--pairs")?;
     let what = if close { "conn" } else { "req" };
-    println!("starting the benchmark's world (see docs/benchmarks.md)");
-    let world = World::start()?;
-    super::pinning::check(&world)?
-        .iter()
-        .for_each(|l| println!("{l}"));
+    let world = world()?;
     for path in [ours, theirs] {
         wrk(&world, path, 1, close)?;
     }
@@ -119,6 +111,25 @@ pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `workload` opens a connection per request; `flag` names the option in the error.
+fn closes(workload: Workload, flag: &str) -> anyhow::Result<bool> {
+    match workload {
+        Workload::Close => Ok(true),
+        Workload::KeepAlive => Ok(false),
+        _ => bail!("{flag} takes new-connections or keep-alive"),
+    }
+}
+
+/// The benchmark's world, started and its pinning checked.
+fn world() -> anyhow::Result<World> {
+    println!("starting the benchmark's world (see docs/benchmarks.md)");
+    let world = World::start()?;
+    super::pinning::check(&world)?
+        .iter()
+        .for_each(|l| println!("{l}"));
+    Ok(world)
+}
+
 /// One path's system calls: per name, calls and errors.
 #[derive(Default)]
 struct Calls {
@@ -134,17 +145,9 @@ pub fn run(workload: Workload, http: bool) -> anyhow::Result<()> {
             bail!("{tool} is missing: apt-get install strace linux-perf");
         }
     }
-    let close = match workload {
-        Workload::Close => true,
-        Workload::KeepAlive => false,
-        _ => bail!("--profile takes new-connections or keep-alive"),
-    };
+    let close = closes(workload, "--profile")?;
     let what = if close { "connection" } else { "request" };
-    println!("starting the benchmark's world (see docs/benchmarks.md)");
-    let world = World::start()?;
-    super::pinning::check(&world)?
-        .iter()
-        .for_each(|l| println!("{l}"));
+    let world = world()?;
     let out_dir = build::target_dir().join("bench");
     fs::create_dir_all(&out_dir)?;
     // Warm both paths (and the agent's first connections) before counting.
