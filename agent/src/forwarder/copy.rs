@@ -37,6 +37,15 @@ pub struct Moved {
 }
 
 impl Moved {
+    /// The client's first bytes, `n` of them, went to the backend with the connect (see
+    /// `socket::connect_marked_sending`), before the copy began.
+    pub fn sent_early(&self, n: usize, start: Instant) {
+        if n > 0 && self.to_backend.fetch_add(n as u64, Ordering::Relaxed) == 0 {
+            self.first_to_backend
+                .store(start.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+        }
+    }
+
     /// How long the backend took to answer: from the client's first bytes (or the start, for
     /// protocols where the server speaks first) to the backend's first bytes.
     pub fn response_time(&self) -> Option<Duration> {
@@ -163,12 +172,17 @@ impl Direction<'_> {
     /// and if it comes in that turn both directions skip the `shutdown`, as they do when the
     /// ends arrive together. The flag is set first, so the other direction, ending meanwhile,
     /// skips its own.
-    async fn end(&self, to: &mut WriteHalf<'_>) -> io::Result<()> {
+    ///
+    /// `corked`: the last bytes went with `MSG_MORE` and wait for this FIN, so the other side
+    /// has not seen them and cannot have answered them with its end: no turn to wait.
+    async fn end(&self, to: &mut WriteHalf<'_>, corked: bool) -> io::Result<()> {
         self.ended.store(true, Ordering::Relaxed);
         if self.other_ended.load(Ordering::Relaxed) {
             return Ok(());
         }
-        tokio::task::yield_now().await;
+        if !corked {
+            tokio::task::yield_now().await;
+        }
         if !self.other_ended.load(Ordering::Relaxed) {
             to.shutdown().await?;
         }
@@ -205,18 +219,25 @@ async fn pump(
     let mut pending = first.is_some();
     let mut buf = first.unwrap_or_else(|| Buffer::new(buffer.min(FIRST_BUFFER)));
     let mut full_reads = 0;
+    let mut corked = false;
     loop {
-        let n = if std::mem::take(&mut pending) {
-            buf.filled().len()
+        let (n, last_bytes) = if std::mem::take(&mut pending) {
+            (buf.filled().len(), false)
         } else {
-            read_draining(from.as_ref(), &mut buf).await?
+            let (n, closed) = read_draining_seeing_end(from.as_ref(), &mut buf).await?;
+            (n, closed && n > 0 && n < buf.size)
         };
         if n == 0 {
             // Half-close: pass the FIN on, keep the other direction going.
-            dir.end(to).await?;
+            dir.end(to, corked).await?;
             return Ok(());
         }
-        to.write_all(buf.filled()).await?;
+        corked = last_bytes;
+        if last_bytes {
+            send_all_more(to.as_ref(), buf.filled()).await?;
+        } else {
+            to.write_all(buf.filled()).await?;
+        }
         dir.moved(n, start);
         touch(last, start);
         if n < buf.size {
@@ -252,8 +273,13 @@ impl Buffer {
     }
 
     /// What the last read returned.
-    fn filled(&self) -> &[u8] {
+    pub fn filled(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// Drops the first `n` bytes (already sent some other way).
+    pub fn consume(&mut self, n: usize) {
+        self.bytes.drain(..n.min(self.bytes.len()));
     }
 
     /// Lends a first-size buffer's memory back to the thread's spares while its direction
@@ -351,9 +377,20 @@ pub fn read_now(from: &std::net::TcpStream, max: usize) -> io::Result<Option<Buf
 /// keep-alive request costs the forwarder. Safe against a race: tokio clears the readiness
 /// only if no new event came meanwhile, and data arriving later raises a new one.
 async fn read_draining(from: &TcpStream, buf: &mut Buffer) -> io::Result<usize> {
+    Ok(read_draining_seeing_end(from, buf).await?.0)
+}
+
+/// [`read_draining`], and whether the peer's orderly end of stream (a FIN, not a reset) had
+/// already come when the read was made: the readiness it waited for said so (tokio keeps the
+/// closed bit when a short read clears the rest). If the read emptied the queue, the next
+/// one returns 0.
+async fn read_draining_seeing_end(from: &TcpStream, buf: &mut Buffer) -> io::Result<(usize, bool)> {
     buf.lend();
     loop {
-        from.readable().await?;
+        // With the error bit: a reset also reports the read side closed, and bytes held for
+        // a FIN that will not come would be lost in the abort that passes the reset on.
+        let ready = from.ready(Interest::READABLE | Interest::ERROR).await?;
+        let closed = ready.is_read_closed() && !ready.is_error();
         let mut got = None;
         let r = from.try_io(Interest::READABLE, || {
             let n = buf.recv(from.as_raw_fd())?;
@@ -365,12 +402,44 @@ async fn read_draining(from: &TcpStream, buf: &mut Buffer) -> io::Result<usize> 
             }
         });
         match (r, got) {
-            (Ok(n), _) => return Ok(n),
-            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
+            (Ok(n), _) => return Ok((n, closed)),
+            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => return Ok((n, closed)),
             (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
             (Err(e), _) => return Err(e),
         }
     }
+}
+
+/// Writes a direction's last bytes with `MSG_MORE`: the kernel holds them for the FIN that
+/// [`Direction::end`] or the close sends right after, and both go in one segment. Sent
+/// apart, the bytes and the FIN are two segments, and the client acknowledges each: two of
+/// the ten packets a short connection costs on its client side.
+async fn send_all_more(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        let r = to.try_io(Interest::WRITABLE, || {
+            // SAFETY: the pointer is valid for `bytes.len()` bytes; the descriptor is held.
+            let n = unsafe {
+                libc::send(
+                    to.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(n as usize)
+        });
+        match r {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// First buffer of a direction; it doubles, up to the configured size, while reads fill it.
@@ -451,7 +520,7 @@ async fn splice_pump(
             }
         };
         if n == 0 {
-            dir.end(to).await?;
+            dir.end(to, false).await?;
             return Ok(());
         }
         // Pipe → socket, all of it, before reading more.

@@ -3,7 +3,6 @@
 //! deadline, then closes what is left with a reset and counts it.
 
 use std::{
-    os::fd::{BorrowedFd, RawFd},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -74,22 +73,15 @@ impl Exit {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Runs `connection` until it ends or the drain deadline passes; then the client socket
-    /// `client` is reset (a cut-off stream must not look complete) and the cut is counted.
-    pub async fn guard<F: Future<Output = ()>>(&self, client: RawFd, connection: F) {
-        let _open = self.open();
-        let mut cut = self.cut.subscribe();
-        // Pinned here, not in the select: it must still own the socket when the cut is seen.
-        let mut connection = std::pin::pin!(connection);
-        tokio::select! {
-            _ = connection.as_mut() => {}
-            _ = cut.wait_for(|c| *c) => {
-                // SAFETY: `client` is owned by `connection`, which is still alive here.
-                let fd = unsafe { BorrowedFd::borrow_raw(client) };
-                let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
-                self.cut_count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+    /// The cut, for each thread's sweep (see [`super::conns`]): `true` once the drain
+    /// deadline has passed.
+    pub fn cut_signal(&self) -> watch::Receiver<bool> {
+        self.cut.subscribe()
+    }
+
+    /// `n` connections were closed with a reset at the cut.
+    pub fn count_cut(&self, n: u64) {
+        self.cut_count.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Waits until every connection has ended or `deadline` has passed, then cuts the rest.
@@ -111,51 +103,5 @@ impl Exit {
             open_at_start,
             cut: self.cut_count.load(Ordering::Relaxed),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn drain_waits_for_connections_then_cuts_the_rest() {
-        let exit = std::sync::Arc::new(Exit::default());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        accepted.set_nonblocking(true).unwrap();
-        let accepted = tokio::net::TcpStream::from_std(accepted).unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&accepted);
-        let e = exit.clone();
-        let task = tokio::spawn(async move {
-            e.guard(fd, async move {
-                let _keep = accepted;
-                std::future::pending::<()>().await
-            })
-            .await
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(exit.open_now(), 1);
-        let drained = exit.drain(Duration::from_millis(100)).await;
-        task.await.unwrap();
-        assert_eq!(
-            drained,
-            Drained {
-                open_at_start: 1,
-                cut: 1
-            }
-        );
-        // Reset, not a clean end of stream.
-        use std::io::Read as _;
-        let mut c = client;
-        let mut buf = [0u8; 8];
-        let got = c.read(&mut buf);
-        assert!(
-            got.as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
-            "{got:?}"
-        );
     }
 }

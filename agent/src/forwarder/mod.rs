@@ -3,6 +3,7 @@
 //! until both sides are done, the connection idles out, or its backend's drain deadline passes.
 
 pub mod affinity;
+pub mod conns;
 mod copy;
 pub mod exit;
 mod http_dispatch;
@@ -103,20 +104,20 @@ impl Forwarder {
         debug!(listen = ?local, "forwarder stopped accepting");
     }
 
-    /// Serves one accepted connection on this thread, counted for the drain.
+    /// Serves one accepted connection on this thread, counted for the drain and listed for
+    /// the cut and drain deadlines (see [`conns`]).
     fn spawn(self: Arc<Self>, stream: std::net::TcpStream, peer: SocketAddr) {
-        tokio::spawn(async move {
-            let fd = stream.as_raw_fd();
-            let me = self.clone();
-            self.exit
-                .guard(fd, async move {
-                    let Some(_held) = me.descriptors.take() else {
-                        return refuse(&stream);
-                    };
-                    me.handle(stream, peer).await
-                })
-                .await
+        let listed = conns::Listed::new(stream.as_raw_fd());
+        let key = listed.key();
+        let task = tokio::spawn(async move {
+            let _listed = listed;
+            let _open = self.exit.open();
+            let Some(_held) = self.descriptors.take() else {
+                return refuse(&stream);
+            };
+            self.handle(stream, peer, key).await
         });
+        conns::set_abort(key, task.abort_handle());
     }
 
     /// One redirected connection: admit it, connect until the backend shows a sign of life,
@@ -124,7 +125,7 @@ impl Forwarder {
     /// time it is accepted: they are read at once, before the socket joins the event loop,
     /// as HAProxy does. The connection then starts without a wait for readiness, and the
     /// event loop never hears of bytes already taken.
-    async fn handle(&self, client: std::net::TcpStream, peer: SocketAddr) {
+    async fn handle(&self, client: std::net::TcpStream, peer: SocketAddr, listed: usize) {
         let accepted = Instant::now();
         let Some((service, _admitted)) = self.admit(&client, peer) else {
             return;
@@ -154,7 +155,9 @@ impl Forwarder {
         else {
             return;
         };
-        relay(&service, client, upstream, occupied, first, accepted, peer).await;
+        let backend = &service.backends[upstream.backend];
+        conns::copying_to(listed, &backend.health, peer);
+        relay(&service, client, upstream, occupied, first, accepted).await;
     }
 
     /// The proxy-mode service the client was sent here for, if it takes one more connection.
@@ -206,22 +209,25 @@ impl Forwarder {
             attempts.preferred = service.backends.iter().position(|b| b.addr == addr);
         }
         loop {
-            let u = match upstream::connect(service, hash, self.own_mark, &mut attempts).await {
-                Ok(u) => u,
-                Err(e) => {
-                    service
-                        .shared
-                        .refused_no_backend
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(service = %service.name, %peer, "refused: {e}");
-                    refuse(client);
-                    return None;
-                }
-            };
+            let early = spoken.as_ref().map_or(&[][..], |b| b.filled());
+            let u =
+                match upstream::connect(service, hash, self.own_mark, &mut attempts, early).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        service
+                            .shared
+                            .refused_no_backend
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(service = %service.name, %peer, "refused: {e}");
+                        refuse(client);
+                        return None;
+                    }
+                };
             let b = &service.backends[u.backend];
             // The connection occupies its backend from now on; dropped, it lets go.
             let occupied = Occupancy::take(&b.health, &service.shared);
-            let sign = if let Some(bytes) = spoken.take() {
+            let sign = if let Some(mut bytes) = spoken.take() {
+                bytes.consume(u.sent);
                 FirstSign::Client(bytes)
             } else {
                 tokio::select! {
@@ -252,6 +258,9 @@ impl Forwarder {
                     debug!(service = %service.name, backend = %b.addr, "closed before the first byte: trying another");
                     continue;
                 }
+                // Sent whole with the connect: nothing left for the copy to pass on. (An
+                // empty first read that was not sent is the client's end of stream.)
+                FirstSign::Client(bytes) if u.sent > 0 && bytes.filled().is_empty() => {}
                 FirstSign::Client(bytes) => first = Some(bytes),
                 FirstSign::Quiet | FirstSign::Dead => {}
             }
@@ -265,8 +274,8 @@ impl Forwarder {
     }
 }
 
-/// Moves bytes both ways until both sides are done, the connection idles out, or its
-/// backend's drain deadline passes.
+/// Moves bytes both ways until both sides are done or the connection idles out. (Its
+/// backend's drain deadline aborts it from its thread's sweep: see [`conns`].)
 async fn relay(
     service: &ProxyService,
     mut client: TcpStream,
@@ -274,11 +283,11 @@ async fn relay(
     mut occupied: Occupancy<'_>,
     first: Option<Buffer>,
     accepted: Instant,
-    peer: SocketAddr,
 ) {
     let backend = &service.backends[upstream.backend];
     let counters = &backend.health.counters;
     occupied.open();
+    occupied.moved.sent_early(upstream.sent, accepted);
     let mut server = upstream.stream;
     // The backend's response time feeds peak-EWMA balancing as soon as it is known.
     let answered = |m: &Moved| {
@@ -286,26 +295,20 @@ async fn relay(
             backend.health.observe(t);
         }
     };
-    let result = tokio::select! {
-        r = copy::bidirectional(
-            &mut client,
-            &mut server,
-            copy::Settings {
-                path: service.byte_path,
-                buffer: defaults::COPY_BUFFER,
-                idle: service.idle_timeout,
-            },
-            accepted,
-            &occupied.moved,
-            &answered,
-            first,
-        ) => r,
-        _ = backend.health.drain_deadline() => {
-            counters.drained_closed.fetch_add(1, Ordering::Relaxed);
-            info!(service = %service.name, backend = %backend.addr, %peer, "drain deadline: connection closed");
-            Ok(())
-        }
-    };
+    let result = copy::bidirectional(
+        &mut client,
+        &mut server,
+        copy::Settings {
+            path: service.byte_path,
+            buffer: defaults::COPY_BUFFER,
+            idle: service.idle_timeout,
+        },
+        accepted,
+        &occupied.moved,
+        &answered,
+        first,
+    )
+    .await;
     // The end is counted before the sockets close.
     drop(occupied);
     match result {

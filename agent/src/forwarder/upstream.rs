@@ -12,13 +12,15 @@ use super::{
 };
 use crate::{
     balance::{Candidate as _, candidates},
-    socket::connect_marked,
+    socket::connect_marked_sending,
 };
 
 /// A connected upstream and the index of its backend in the service.
 pub struct Connected {
     pub stream: TcpStream,
     pub backend: usize,
+    /// How many of the `early` bytes went with the connect.
+    pub sent: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +63,14 @@ impl Attempts {
 }
 
 /// Tries the balancer's choice, then up to `retries` *other* backends while the retry budget
-/// allows. `client` is the client's hash for consistent-hash services.
+/// allows. `client` is the client's hash for consistent-hash services. `early`: the client's
+/// first bytes, sent as soon as a connection is up (see [`connect_marked_sending`]).
 pub async fn connect(
     service: &ProxyService,
     client: u64,
     own_mark: u32,
     attempts: &mut Attempts,
+    early: &[u8],
 ) -> Result<Connected, ConnectError> {
     let mut last: Option<(SocketAddr, io::Error)> = None;
     loop {
@@ -93,7 +97,7 @@ pub async fn connect(
         let started = Instant::now();
         let result = match timeout(
             service.connect_timeout,
-            connect_marked(upstream.addr, own_mark),
+            connect_marked_sending(upstream.addr, own_mark, early),
         )
         .await
         {
@@ -114,14 +118,18 @@ pub async fn connect(
                 .fetch_sub(1, Ordering::Relaxed);
         }
         match result {
-            Ok(stream) => {
+            Ok((stream, sent)) => {
                 upstream.health.success(started.elapsed());
                 upstream
                     .health
                     .counters
                     .timings
                     .connected(started.elapsed());
-                return Ok(Connected { stream, backend: i });
+                return Ok(Connected {
+                    stream,
+                    backend: i,
+                    sent,
+                });
             }
             Err(e) if is_local(&e) => return Err(ConnectError::Local(e)),
             Err(e) => {

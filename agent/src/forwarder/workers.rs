@@ -123,6 +123,8 @@ fn run(listeners: Vec<std::net::TcpListener>, forwarder: Arc<Forwarder>) {
     };
     runtime.block_on(async move {
         tokio::spawn(metronome());
+        let sweeping = forwarder.clone();
+        tokio::spawn(async move { super::conns::sweep(&sweeping.exit).await });
         for l in listeners {
             tokio::spawn(forwarder.clone().serve(l));
         }

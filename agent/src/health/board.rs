@@ -212,22 +212,32 @@ impl BackendHealth {
 
     /// Starts (or keeps) a drain: open connections close at `now + timeout`.
     pub fn drain(&self, timeout: Duration) {
-        self.drain.send_if_modified(|d| {
+        let started = self.drain.send_if_modified(|d| {
             if d.is_some() {
                 return false;
             }
             *d = Some(Instant::now() + timeout);
             true
         });
+        if started {
+            drains_changed();
+        }
     }
 
     /// Ends a drain (the backend is ready again).
     pub fn undrain(&self) {
-        self.drain.send_if_modified(|d| d.take().is_some());
+        if self.drain.send_if_modified(|d| d.take().is_some()) {
+            drains_changed();
+        }
     }
 
     pub fn draining(&self) -> bool {
         self.drain.borrow().is_some()
+    }
+
+    /// When open connections to this backend close, if it is draining.
+    pub fn drain_at(&self) -> Option<Instant> {
+        *self.drain.borrow()
     }
 
     /// Resolves when this backend's drain deadline passes (never, if it is not draining).
@@ -250,6 +260,22 @@ impl BackendHealth {
             }
         }
     }
+}
+
+/// Bumped whenever any backend's drain deadline is set or lifted: the forwarder's threads then
+/// look at their connections again (one watch for the node, not one per connection).
+static DRAINS: std::sync::LazyLock<watch::Sender<()>> =
+    std::sync::LazyLock::new(|| watch::Sender::new(()));
+
+/// Tells whoever watches [`drains`] that a drain deadline changed, or that a connection began
+/// on a draining backend.
+pub fn drains_changed() {
+    DRAINS.send_replace(());
+}
+
+/// Changes of any backend's drain deadline.
+pub fn drains() -> watch::Receiver<()> {
+    DRAINS.subscribe()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

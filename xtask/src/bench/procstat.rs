@@ -6,7 +6,7 @@
 //! charged to whichever task the CPU was running, so these figures are the proxy's own work
 //! plus some share of the kernel's: good for comparing proxies, not for absolute accounting.
 
-use std::{fs, time::Instant};
+use std::{collections::BTreeMap, fs, time::Instant};
 
 use anyhow::Context as _;
 
@@ -157,6 +157,34 @@ pub fn rss_kib(pid: u32) -> u64 {
         .sum()
 }
 
+/// The network namespace's protocol counters as `pid` sees them (`/proc/PID/net/snmp` and
+/// `netstat`), named `Tcp.OutSegs`, `TcpExt.DelayedACKs` and so on. Read around one proxy's
+/// turn, they say how many segments and which TCP events a connection through it costs: work
+/// the kernel charges as system time to whichever task is on the core.
+pub fn net_counters(pid: u32) -> BTreeMap<String, u64> {
+    let mut all = BTreeMap::new();
+    for file in ["snmp", "netstat"] {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let (Some((proto, names)), Some((_, values))) =
+                (names.split_once(": "), values.split_once(": "))
+            else {
+                continue;
+            };
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+                if let Ok(v) = v.parse::<u64>() {
+                    all.insert(format!("{proto}.{n}"), v);
+                }
+            }
+        }
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +195,7 @@ mod tests {
         assert!(cpu_seconds(me).is_ok());
         assert!(rss_kib(me) > 0);
         assert_eq!(tree(me)[0], me);
+        assert!(net_counters(me).contains_key("Tcp.OutSegs"));
         let e = Elsewhere::start();
         assert!((0.0..=1.0).contains(&e.share()));
     }

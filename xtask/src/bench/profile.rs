@@ -51,6 +51,7 @@ pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
     let mut cpu = Vec::new();
     let mut user = Vec::new();
     let mut system = Vec::new();
+    let mut counters: BTreeMap<Path, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for i in 0..PAIRS {
         let order = if i % 2 == 0 {
             [ours, theirs]
@@ -61,11 +62,20 @@ pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
         for path in order {
             super::check_interrupt()?;
             let pid = world.proxy_pid(path).context("no proxy process")?;
+            let net0 = procstat::net_counters(pid);
             let (u0, s0) = procstat::cpu_split(pid)?;
             let n = wrk(&world, path, TURN_SECS, close)?;
             let (u1, s1) = procstat::cpu_split(pid)?;
+            let net1 = procstat::net_counters(pid);
             if n <= 0.0 {
                 bail!("{}: no {what}s in {TURN_SECS} s", path.label());
+            }
+            let mine = counters.entry(path).or_default();
+            for (name, v1) in &net1 {
+                let v0 = net0.get(name).copied().unwrap_or(0);
+                mine.entry(name.clone())
+                    .or_default()
+                    .push(v1.saturating_sub(v0) as f64 / n);
             }
             let (u, s) = ((u1 - u0) * 1e6 / n, (s1 - s0) * 1e6 / n);
             println!(
@@ -108,7 +118,48 @@ pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
         &mut system,
         " µs",
     );
+    print!("{}", counters_table(&counters, [ours, theirs], what));
     Ok(())
+}
+
+/// The network counters whose per-connection (or per-request) medians differ between the two
+/// paths by a twentieth or more: segments and TCP events one proxy causes and the other not.
+fn counters_table(
+    counters: &BTreeMap<Path, BTreeMap<String, Vec<f64>>>,
+    paths: [Path; 2],
+    what: &str,
+) -> String {
+    let median = |path: Path, name: &str| {
+        let mut v = counters
+            .get(&path)
+            .and_then(|c| c.get(name))
+            .cloned()
+            .unwrap_or_default();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_by(f64::total_cmp);
+        super::report::median(&v)
+    };
+    let names: Vec<&String> = counters.values().flat_map(|c| c.keys()).collect();
+    let mut out = format!(
+        "\nnetwork counters of the proxies' namespace per {what}, median of the turns \
+         (those that differ):\n  {:<34} {:>10} {:>10}\n",
+        "",
+        paths[0].label(),
+        paths[1].label()
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for name in names {
+        if !seen.insert(name) {
+            continue;
+        }
+        let (a, b) = (median(paths[0], name), median(paths[1], name));
+        if (a - b).abs() >= 0.05 {
+            let _ = writeln!(out, "  {name:<34} {a:>10.2} {b:>10.2}");
+        }
+    }
+    out
 }
 
 /// Whether `workload` opens a connection per request; `flag` names the option in the error.
