@@ -224,8 +224,18 @@ async fn pump(
         let (n, last_bytes) = if std::mem::take(&mut pending) {
             (buf.filled().len(), false)
         } else {
-            let (n, closed) = read_draining_seeing_end(from.as_ref(), &mut buf).await?;
-            (n, closed && n > 0 && n < buf.size)
+            match read_draining_seeing_end(from.as_ref(), &mut buf).await {
+                Ok((n, closed)) => (n, closed && n > 0 && n < buf.size),
+                Err(e) => {
+                    if corked {
+                        // The end was a reset: the bytes held for its FIN go now, before
+                        // the abort that passes the reset on (setting `TCP_NODELAY` sends
+                        // what the socket holds).
+                        let _ = socket2::SockRef::from(to.as_ref()).set_tcp_nodelay(true);
+                    }
+                    return Err(e);
+                }
+            }
         };
         if n == 0 {
             // Half-close: pass the FIN on, keep the other direction going.
@@ -380,17 +390,18 @@ async fn read_draining(from: &TcpStream, buf: &mut Buffer) -> io::Result<usize> 
     Ok(read_draining_seeing_end(from, buf).await?.0)
 }
 
-/// [`read_draining`], and whether the peer's orderly end of stream (a FIN, not a reset) had
-/// already come when the read was made: the readiness it waited for said so (tokio keeps the
-/// closed bit when a short read clears the rest). If the read emptied the queue, the next
-/// one returns 0.
+/// [`read_draining`], and whether the peer's end of stream (or a reset) had already come
+/// when the read was made: the readiness it waited for said so (tokio keeps the closed bit
+/// when a short read clears the rest). If the read emptied the queue, the next one returns 0
+/// (or the reset's error).
 async fn read_draining_seeing_end(from: &TcpStream, buf: &mut Buffer) -> io::Result<(usize, bool)> {
     buf.lend();
     loop {
-        // With the error bit: a reset also reports the read side closed, and bytes held for
-        // a FIN that will not come would be lost in the abort that passes the reset on.
-        let ready = from.ready(Interest::READABLE | Interest::ERROR).await?;
-        let closed = ready.is_read_closed() && !ready.is_error();
+        // Readable interest only: with the error bit too, an error left set while the read
+        // side's readiness is cleared would end this wait at once, and `try_io` (which
+        // looks at the readable bits) would refuse the read: a loop without end. A reset
+        // also reports the read side closed: see `pump` for the bytes held then.
+        let closed = from.ready(Interest::READABLE).await?.is_read_closed();
         let mut got = None;
         let r = from.try_io(Interest::READABLE, || {
             let n = buf.recv(from.as_raw_fd())?;
