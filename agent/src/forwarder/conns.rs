@@ -186,7 +186,8 @@ mod tests {
             std::future::pending::<()>().await
         });
         set_abort(key, task.abort_handle());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // One turn of this single-threaded runtime runs the sweep and the task to their waits.
+        tokio::task::yield_now().await;
         assert_eq!(exit.open_now(), 1);
         let drained = exit.drain(Duration::from_millis(100)).await;
         assert!(task.await.unwrap_err().is_cancelled());

@@ -96,7 +96,10 @@ pub async fn bidirectional(
     first: Option<Buffer>,
 ) -> Result<(), CopyError> {
     let Settings { path, buffer, idle } = settings;
-    let last = AtomicU64::new(0);
+    let last_stamp = AtomicU64::new(0);
+    // Stamped only when a watchdog reads it: otherwise each message would read the clock
+    // for nothing.
+    let last = idle.map(|_| &last_stamp);
     let (up_ended, down_ended) = (AtomicBool::new(false), AtomicBool::new(false));
     let (mut cr, mut cw) = client.split();
     let (mut sr, mut sw) = server.split();
@@ -119,8 +122,8 @@ pub async fn bidirectional(
             other_ended: &up_ended,
         };
         tokio::try_join!(
-            pump(&mut cr, &mut sw, buffer, splice, up, &last, start, first),
-            pump(&mut sr, &mut cw, buffer, splice, down, &last, start, None),
+            pump(&mut cr, &mut sw, buffer, splice, up, last, start, first),
+            pump(&mut sr, &mut cw, buffer, splice, down, last, start, None),
         )?;
         Ok::<(), io::Error>(())
     };
@@ -129,7 +132,7 @@ pub async fn bidirectional(
     };
     let watchdog = async {
         loop {
-            let seen = Duration::from_millis(last.load(Ordering::Relaxed));
+            let seen = Duration::from_millis(last_stamp.load(Ordering::Relaxed));
             let quiet = start.elapsed().saturating_sub(seen);
             if quiet >= idle {
                 return;
@@ -143,8 +146,10 @@ pub async fn bidirectional(
     }
 }
 
-fn touch(last: &AtomicU64, start: Instant) {
-    last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+fn touch(last: Option<&AtomicU64>, start: Instant) {
+    if let Some(last) = last {
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Told once, when the backend's first bytes have reached the client.
@@ -211,7 +216,7 @@ async fn pump(
     buffer: usize,
     splice: bool,
     mut dir: Direction<'_>,
-    last: &AtomicU64,
+    last: Option<&AtomicU64>,
     start: Instant,
     first: Option<Buffer>,
 ) -> io::Result<()> {
@@ -513,7 +518,7 @@ async fn splice_pump(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
     mut dir: Direction<'_>,
-    last: &AtomicU64,
+    last: Option<&AtomicU64>,
     start: Instant,
 ) -> io::Result<()> {
     let pipe = Pipe::new()?;

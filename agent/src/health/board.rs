@@ -73,6 +73,9 @@ pub struct BackendHealth {
     returned_at: Mutex<Option<Instant>>,
     /// Set while the backend is draining (or removed): open connections close at this instant.
     drain: watch::Sender<Option<Instant>>,
+    /// Mirrors `drain.is_some()` for the per-connection check, which would otherwise take
+    /// the watch's lock. Written under that lock, before `drains_changed`.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl BackendHealth {
@@ -91,6 +94,7 @@ impl BackendHealth {
             }),
             returned_at: Mutex::new(None),
             drain: watch::channel(None).0,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -217,6 +221,8 @@ impl BackendHealth {
                 return false;
             }
             *d = Some(Instant::now() + timeout);
+            // Under the watch's lock, so that a concurrent undrain cannot reorder the two.
+            self.draining.store(true, Ordering::SeqCst);
             true
         });
         if started {
@@ -226,13 +232,17 @@ impl BackendHealth {
 
     /// Ends a drain (the backend is ready again).
     pub fn undrain(&self) {
-        if self.drain.send_if_modified(|d| d.take().is_some()) {
+        let ended = self.drain.send_if_modified(|d| {
+            self.draining.store(false, Ordering::SeqCst);
+            d.take().is_some()
+        });
+        if ended {
             drains_changed();
         }
     }
 
     pub fn draining(&self) -> bool {
-        self.drain.borrow().is_some()
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// When open connections to this backend close, if it is draining.
