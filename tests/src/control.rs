@@ -116,7 +116,11 @@ fn ctl_command(socket: &Path, args: &[&str]) -> Command {
 }
 
 fn run_ctl(mut cmd: Command) -> anyhow::Result<Ctl> {
-    let out = cmd.output().context("run switchyard ctl")?;
+    run_ctl_once(&mut cmd).context("run switchyard ctl")
+}
+
+fn run_ctl_once(cmd: &mut Command) -> std::io::Result<Ctl> {
+    let out = cmd.output()?;
     Ok(Ctl {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -139,7 +143,19 @@ pub fn ctl_as(dir: &Path, socket: &Path, uid: u32, gid: u32, args: &[&str]) -> a
     cmd.arg("ctl").arg("--socket").arg(socket).args(args);
     // std drops root's supplementary groups when it changes the uid.
     cmd.uid(uid).gid(gid);
-    run_ctl(cmd)
+    // Just after the copy, a child another test thread forked may still hold the copy's
+    // write descriptor until its own exec closes it, and exec then fails with ETXTBSY:
+    // wait for that exec, a few milliseconds at most.
+    let mut busy = 0;
+    loop {
+        match run_ctl_once(&mut cmd) {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && busy < 100 => {
+                busy += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.context("run switchyard ctl"),
+        }
+    }
 }
 
 /// A copy of the agent binary in `dir` (made once), readable and runnable by every user.
