@@ -78,7 +78,52 @@ pub struct Settings {
     pub buffer: usize,
     /// No bytes either way for this long closes the connection.
     pub idle: Option<Duration>,
+    /// Stop once the client has asked twice and both directions rest between messages, so
+    /// that the connection can move to its thread's settled loop (see `super::settled`).
+    pub settle: bool,
 }
+
+/// How [`bidirectional`] returned, if it did not fail.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Copied {
+    /// Both directions have ended.
+    Done,
+    /// Both directions stopped between messages, with nothing buffered: the connection is
+    /// the settled loop's to copy.
+    Settled,
+}
+
+/// The two directions agreeing to stop for the settled loop. The client's direction asks,
+/// after its second message. The backend's direction stops first, at its wait for a read and
+/// only while the client's rests at its own: a direction stopped while the other still
+/// writes could leave that write waiting on a peer that waits on the stopped one. The
+/// client's direction then stops at once. Relaxed atomics: both directions are polled by
+/// one task.
+#[derive(Default)]
+struct Park {
+    asked: AtomicBool,
+    up_resting: AtomicBool,
+    down_parked: AtomicBool,
+    /// Wake-ups spent so the backend's direction gets polled to see the request.
+    nudges: std::sync::atomic::AtomicU8,
+}
+
+/// Which direction a pump is, for the [`Park`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Up,
+    Down,
+}
+
+/// A pump's stop: its end of stream, or parked for the settled loop.
+#[derive(PartialEq, Eq)]
+enum Stop {
+    Ended,
+    Parked,
+}
+
+/// Nudges the client's direction spends before leaving it to the backend's own wake-ups.
+const NUDGES: u8 = 4;
 
 /// Copies until both directions have ended, one fails, or the connection is idle too long.
 /// `start` is when the connection was accepted: silence since then counts as idle.
@@ -94,8 +139,15 @@ pub async fn bidirectional(
     moved: &Moved,
     answered: &(dyn Fn(&Moved) + Sync),
     first: Option<Buffer>,
-) -> Result<(), CopyError> {
-    let Settings { path, buffer, idle } = settings;
+) -> Result<Copied, CopyError> {
+    let Settings {
+        path,
+        buffer,
+        idle,
+        settle,
+    } = settings;
+    let park = Park::default();
+    let park = (settle && idle.is_none()).then_some(&park);
     let last_stamp = AtomicU64::new(0);
     // Stamped only when a watchdog reads it: otherwise each message would read the clock
     // for nothing.
@@ -121,11 +173,34 @@ pub async fn bidirectional(
             ended: &down_ended,
             other_ended: &up_ended,
         };
-        tokio::try_join!(
-            pump(&mut cr, &mut sw, buffer, splice, up, last, start, first),
-            pump(&mut sr, &mut cw, buffer, splice, down, last, start, None),
+        let stops = tokio::try_join!(
+            pump(
+                &mut cr,
+                &mut sw,
+                buffer,
+                splice,
+                up,
+                last,
+                start,
+                first,
+                park.map(|p| (p, Side::Up))
+            ),
+            pump(
+                &mut sr,
+                &mut cw,
+                buffer,
+                splice,
+                down,
+                last,
+                start,
+                None,
+                park.map(|p| (p, Side::Down))
+            ),
         )?;
-        Ok::<(), io::Error>(())
+        Ok::<Copied, io::Error>(match stops {
+            (Stop::Parked, Stop::Parked) => Copied::Settled,
+            _ => Copied::Done,
+        })
     };
     let Some(idle) = idle else {
         return Ok(both.await?);
@@ -219,18 +294,27 @@ async fn pump(
     last: Option<&AtomicU64>,
     start: Instant,
     first: Option<Buffer>,
-) -> io::Result<()> {
+    park: Option<(&Park, Side)>,
+) -> io::Result<Stop> {
     // Start small (most connections are short) and grow for bulk transfers.
     let mut pending = first.is_some();
     let mut buf = first.unwrap_or_else(|| Buffer::new(buffer.min(FIRST_BUFFER)));
     let mut full_reads = 0;
     let mut corked = false;
+    let mut messages = 0u32;
     loop {
         let (n, last_bytes) = if std::mem::take(&mut pending) {
             (buf.filled().len(), false)
         } else {
-            match read_draining_seeing_end(from.as_ref(), &mut buf).await {
-                Ok((n, closed)) => (n, closed && n > 0 && n < buf.size),
+            let read = match park {
+                Some((park, side)) => read_or_park(from.as_ref(), &mut buf, park, side, &dir).await,
+                None => read_draining_seeing_end(from.as_ref(), &mut buf)
+                    .await
+                    .map(Some),
+            };
+            match read {
+                Ok(None) => return Ok(Stop::Parked),
+                Ok(Some((n, closed))) => (n, closed && n > 0 && n < buf.size),
                 Err(e) => {
                     if corked {
                         // The end was a reset: the bytes held for its FIN go now, before
@@ -245,7 +329,7 @@ async fn pump(
         if n == 0 {
             // Half-close: pass the FIN on, keep the other direction going.
             dir.end(to, corked).await?;
-            return Ok(());
+            return Ok(Stop::Ended);
         }
         corked = last_bytes;
         if last_bytes {
@@ -255,17 +339,27 @@ async fn pump(
         }
         dir.moved(n, start);
         touch(last, start);
+        messages += 1;
+        if let Some((park, Side::Up)) = park
+            && messages >= 2
+            && n < buf.size
+            && !last_bytes
+        {
+            park.asked.store(true, Ordering::Relaxed);
+        }
         if n < buf.size {
             full_reads = 0;
         } else if buf.size < buffer {
             buf = Buffer::new((buf.size * 2).min(buffer));
         } else {
             full_reads += 1;
-            if splice && full_reads >= BULK_READS {
+            let asked = park.is_some_and(|(p, _)| p.asked.load(Ordering::Relaxed));
+            if splice && full_reads >= BULK_READS && !asked {
                 drop(buf);
                 // Boxed: a bulk direction is rare, and its pipe state held inline would be
                 // part of every connection's task, copied on each spawn.
-                return Box::pin(splice_pump(from, to, dir, last, start)).await;
+                Box::pin(splice_pump(from, to, dir, last, start)).await?;
+                return Ok(Stop::Ended);
             }
         }
     }
@@ -384,6 +478,55 @@ pub fn read_now(from: &std::net::TcpStream, max: usize) -> io::Result<Option<Buf
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// [`read_draining_seeing_end`], unless the directions agree to park first (`None`; see
+/// [`Park`]). Cancel-safe, as that read is: nothing is taken from the socket by a wait that
+/// parks instead.
+async fn read_or_park(
+    from: &TcpStream,
+    buf: &mut Buffer,
+    park: &Park,
+    side: Side,
+    dir: &Direction<'_>,
+) -> io::Result<Option<(usize, bool)>> {
+    let read = read_draining_seeing_end(from, buf);
+    tokio::pin!(read);
+    std::future::poll_fn(|cx| {
+        let asked = park.asked.load(Ordering::Relaxed);
+        match side {
+            Side::Down => {
+                if asked
+                    && park.up_resting.load(Ordering::Relaxed)
+                    && !dir.other_ended.load(Ordering::Relaxed)
+                    && dir.count.load(Ordering::Relaxed) > 0
+                {
+                    park.down_parked.store(true, Ordering::Relaxed);
+                    // The client's direction rests in this task: it stops at its next poll.
+                    cx.waker().wake_by_ref();
+                    return std::task::Poll::Ready(Ok(None));
+                }
+            }
+            Side::Up => {
+                if park.down_parked.load(Ordering::Relaxed) {
+                    return std::task::Poll::Ready(Ok(None));
+                }
+            }
+        }
+        let r = read.as_mut().poll(cx);
+        if side == Side::Up {
+            let resting = r.is_pending();
+            let was = park.up_resting.swap(resting, Ordering::Relaxed);
+            // Just came to rest after asking: the backend's direction waits on its own
+            // socket and would not look again before its next bytes.
+            if resting && !was && asked && park.nudges.load(Ordering::Relaxed) < NUDGES {
+                park.nudges.fetch_add(1, Ordering::Relaxed);
+                cx.waker().wake_by_ref();
+            }
+        }
+        r.map(|r| r.map(Some))
+    })
+    .await
 }
 
 /// Reads what the socket holds. A read shorter than the buffer has emptied the receive
@@ -606,6 +749,7 @@ mod tests {
             path,
             buffer: 64 * 1024,
             idle: None,
+            settle: false,
         };
         bidirectional(
             &mut fc,
@@ -651,6 +795,7 @@ mod tests {
             path: BytePath::Splice,
             buffer: 64 * 1024,
             idle: None,
+            settle: false,
         };
         let moved = Moved::default();
         let serve = async {

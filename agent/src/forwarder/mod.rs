@@ -10,6 +10,7 @@ mod http_dispatch;
 mod occupancy;
 mod origdst;
 pub mod reserve;
+pub mod settled;
 pub mod table;
 mod upstream;
 pub mod workers;
@@ -275,10 +276,12 @@ impl Forwarder {
 }
 
 /// Moves bytes both ways until both sides are done or the connection idles out. (Its
-/// backend's drain deadline aborts it from its thread's sweep: see [`conns`].)
+/// backend's drain deadline aborts it from its thread's sweep: see [`conns`].) A keep-alive
+/// connection moves on to its thread's settled loop after its first exchange, and back to the
+/// task's copy if it turns to bulk (see [`settled`]).
 async fn relay(
     service: &ProxyService,
-    mut client: TcpStream,
+    client: TcpStream,
     upstream: Connected,
     mut occupied: Occupancy<'_>,
     first: Option<Buffer>,
@@ -288,21 +291,22 @@ async fn relay(
     let counters = &backend.health.counters;
     occupied.open();
     occupied.moved.sent_early(upstream.sent, accepted);
-    let mut server = upstream.stream;
     // The backend's response time feeds peak-EWMA balancing as soon as it is known.
     let answered = |m: &Moved| {
         if let Some(t) = m.response_time() {
             backend.health.observe(t);
         }
     };
-    let result = copy::bidirectional(
-        &mut client,
-        &mut server,
-        copy::Settings {
-            path: service.byte_path,
-            buffer: defaults::COPY_BUFFER,
-            idle: service.idle_timeout,
-        },
+    let settings = copy::Settings {
+        path: service.byte_path,
+        buffer: defaults::COPY_BUFFER,
+        idle: service.idle_timeout,
+        settle: true,
+    };
+    let (result, sockets) = carry(
+        client,
+        upstream.stream,
+        settings,
         accepted,
         &occupied.moved,
         &answered,
@@ -323,8 +327,98 @@ async fn relay(
             debug!(service = %service.name, backend = %backend.addr, "connection aborted: {e}");
             // An abort passes on as an abort: closing with a FIN would tell the other side
             // that a cut-off stream was complete.
-            let _ = client.set_zero_linger();
-            let _ = server.set_zero_linger();
+            sockets.abort();
+        }
+    }
+}
+
+/// The copy, on the task or on the thread's settled loop, until it ends; the sockets, to
+/// close.
+async fn carry(
+    client: TcpStream,
+    server: TcpStream,
+    settings: copy::Settings,
+    accepted: Instant,
+    moved: &Moved,
+    answered: &(dyn Fn(&Moved) + Sync),
+    mut first: Option<Buffer>,
+) -> (Result<(), CopyError>, Sockets) {
+    let mut settings = settings;
+    settings.settle &= settings.idle.is_none() && settled::available();
+    let mut sockets = Sockets::Evented(client, server);
+    let result = loop {
+        sockets = match sockets {
+            Sockets::Evented(mut client, mut server) => {
+                let r = copy::bidirectional(
+                    &mut client,
+                    &mut server,
+                    settings,
+                    accepted,
+                    moved,
+                    answered,
+                    first.take(),
+                )
+                .await;
+                match r {
+                    Ok(copy::Copied::Settled) => match (client.into_std(), server.into_std()) {
+                        (Ok(c), Ok(s)) => Sockets::Settled(c, s),
+                        (Err(e), _) | (_, Err(e)) => {
+                            sockets = Sockets::Gone;
+                            break Err(CopyError::Io(e));
+                        }
+                    },
+                    r => {
+                        sockets = Sockets::Evented(client, server);
+                        break r.map(|_| ());
+                    }
+                }
+            }
+            Sockets::Settled(client, server) => {
+                match settled::copy(&client, &server, moved).await {
+                    // Bulk: back to the task's copy, for good.
+                    Ok(settled::Ended::Bulk) => {
+                        settings.settle = false;
+                        match (TcpStream::from_std(client), TcpStream::from_std(server)) {
+                            (Ok(c), Ok(s)) => Sockets::Evented(c, s),
+                            (Err(e), _) | (_, Err(e)) => {
+                                sockets = Sockets::Gone;
+                                break Err(CopyError::Io(e));
+                            }
+                        }
+                    }
+                    r => {
+                        sockets = Sockets::Settled(client, server);
+                        break r.map(|_| ()).map_err(CopyError::Io);
+                    }
+                }
+            }
+            Sockets::Gone => break Ok(()),
+        };
+    };
+    (result, sockets)
+}
+
+/// A connection's two sockets, in tokio's event loop or in the thread's settled loop.
+enum Sockets {
+    Evented(TcpStream, TcpStream),
+    Settled(std::net::TcpStream, std::net::TcpStream),
+    /// Lost moving between the two (a failed `epoll_ctl`): closed already.
+    Gone,
+}
+
+impl Sockets {
+    /// Makes both closes resets.
+    fn abort(&self) {
+        match self {
+            Sockets::Evented(c, s) => {
+                refuse(c);
+                refuse(s);
+            }
+            Sockets::Settled(c, s) => {
+                refuse(c);
+                refuse(s);
+            }
+            Sockets::Gone => {}
         }
     }
 }
@@ -400,6 +494,157 @@ mod tests {
         Ring,
         tests::{C, c},
     };
+
+    use crate::catalog::BytePath;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    /// A connected pair on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// The forwarder's copy between a client and an echoing backend, on a thread with its
+    /// settled loop, as on a worker thread.
+    struct Relayed {
+        client: TcpStream,
+        backend: TcpStream,
+        copy: tokio::task::JoinHandle<(Result<(), CopyError>, &'static str, u64, u64)>,
+    }
+
+    async fn relayed() -> Relayed {
+        if !settled::available() {
+            tokio::spawn(settled::drive());
+            tokio::task::yield_now().await;
+        }
+        let (client, fc) = pair().await;
+        let (fs, backend) = pair().await;
+        let copy = tokio::spawn(async move {
+            let settings = copy::Settings {
+                path: BytePath::Splice,
+                buffer: 64 * 1024,
+                idle: None,
+                settle: true,
+            };
+            let moved = Moved::default();
+            let (r, sockets) = carry(fc, fs, settings, Instant::now(), &moved, &|_| {}, None).await;
+            let on = match sockets {
+                Sockets::Evented(..) => "task",
+                Sockets::Settled(..) => "settled",
+                Sockets::Gone => "gone",
+            };
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            (r, on, n(&moved.to_backend), n(&moved.spliced))
+        });
+        Relayed {
+            client,
+            backend,
+            copy,
+        }
+    }
+
+    /// One request and its answer, the backend echoing.
+    async fn exchange(r: &mut Relayed, message: &[u8]) {
+        r.client.write_all(message).await.unwrap();
+        let mut got = vec![0; message.len()];
+        r.backend.read_exact(&mut got).await.unwrap();
+        r.backend.write_all(&got).await.unwrap();
+        let mut back = vec![0; message.len()];
+        r.client.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, message);
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_connection_settles_and_ends_with_a_half_close() {
+        let mut r = relayed().await;
+        let mut sent = 0;
+        for i in 0..50u32 {
+            let m = format!("request {i} ").repeat(1 + i as usize % 7);
+            exchange(&mut r, m.as_bytes()).await;
+            sent += m.len() as u64;
+        }
+        // The client is done asking; the backend answers on after the end it saw.
+        r.client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        r.backend.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        r.backend.write_all(b"after your end").await.unwrap();
+        r.backend.shutdown().await.unwrap();
+        let mut tail = Vec::new();
+        r.client.read_to_end(&mut tail).await.unwrap();
+        assert_eq!(tail, b"after your end");
+        let (result, on, to_backend, _) = r.copy.await.unwrap();
+        result.unwrap();
+        assert_eq!(on, "settled", "the connection never left its task");
+        assert_eq!(to_backend, sent, "bytes counted on both loops");
+        assert_eq!(settled::connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_settled_connection_that_turns_to_bulk_goes_back_to_splice() {
+        let mut r = relayed().await;
+        for _ in 0..3 {
+            exchange(&mut r, b"small").await;
+        }
+        let size = 8 << 20;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
+        let Relayed {
+            client,
+            mut backend,
+            copy,
+        } = r;
+        let echo = tokio::spawn(async move {
+            let (mut r, mut w) = backend.split();
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let (mut cr, mut cw) = client.into_split();
+        let sent = data.clone();
+        let send = tokio::spawn(async move {
+            cw.write_all(&sent).await.unwrap();
+            cw.shutdown().await.unwrap();
+        });
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.unwrap();
+        send.await.unwrap();
+        echo.await.unwrap();
+        assert!(back == data, "bulk after settling arrived changed");
+        let (result, on, _, spliced) = copy.await.unwrap();
+        result.unwrap();
+        assert_eq!(on, "task");
+        assert!(spliced > 0, "bulk never went by splice");
+    }
+
+    #[tokio::test]
+    async fn a_settled_connection_aborted_leaves_the_loop_and_a_reset_ends_it() {
+        let mut r = relayed().await;
+        for _ in 0..3 {
+            exchange(&mut r, b"ping").await;
+        }
+        assert_eq!(settled::connections(), 1);
+        r.copy.abort();
+        assert!(r.copy.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            settled::connections(),
+            0,
+            "a cut connection stays on the loop"
+        );
+
+        let mut r = relayed().await;
+        for _ in 0..3 {
+            exchange(&mut r, b"ping").await;
+        }
+        r.backend.set_zero_linger().unwrap();
+        drop(r.backend);
+        let (result, on, _, _) = r.copy.await.unwrap();
+        assert_eq!(on, "settled");
+        assert!(matches!(result, Err(CopyError::Io(_))), "{result:?}");
+    }
 
     #[test]
     fn ring_with_real_keys_keeps_survivors() {

@@ -123,6 +123,7 @@ fn run(listeners: Vec<std::net::TcpListener>, forwarder: Arc<Forwarder>) {
     };
     runtime.block_on(async move {
         tokio::spawn(metronome());
+        tokio::spawn(super::settled::drive());
         let sweeping = forwarder.clone();
         tokio::spawn(async move { super::conns::sweep(&sweeping.exit).await });
         for l in listeners {
