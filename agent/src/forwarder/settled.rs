@@ -427,8 +427,9 @@ fn pump(c: &mut Conn, d: usize, scratch: &mut [u8]) -> io::Result<()> {
             0
         };
         if sent < n {
+            // Kept until the next send takes it: tried again at once, so a short send is
+            // followed by the `EAGAIN` that asks the kernel for a write-space event.
             dir.pending.extend_from_slice(&bytes[sent..]);
-            c.writable[to] = false;
         }
     }
 }
