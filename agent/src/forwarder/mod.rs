@@ -360,13 +360,16 @@ async fn carry(
                 )
                 .await;
                 match r {
-                    Ok(copy::Copied::Settled) => match (client.into_std(), server.into_std()) {
-                        (Ok(c), Ok(s)) => Sockets::Settled(c, s),
-                        (Err(e), _) | (_, Err(e)) => {
-                            sockets = Sockets::Gone;
-                            break Err(CopyError::Io(e));
+                    Ok(copy::Copied::Settled) => {
+                        match Sockets::moved(client.into_std(), server.into_std(), Sockets::Settled)
+                        {
+                            Ok(moved) => moved,
+                            Err(e) => {
+                                sockets = Sockets::Gone;
+                                break Err(CopyError::Io(e));
+                            }
                         }
-                    },
+                    }
                     r => {
                         sockets = Sockets::Evented(client, server);
                         break r.map(|_| ());
@@ -378,9 +381,10 @@ async fn carry(
                     // Bulk: back to the task's copy, for good.
                     Ok(settled::Ended::Bulk) => {
                         settings.settle = false;
-                        match (TcpStream::from_std(client), TcpStream::from_std(server)) {
-                            (Ok(c), Ok(s)) => Sockets::Evented(c, s),
-                            (Err(e), _) | (_, Err(e)) => {
+                        let (c, s) = (TcpStream::from_std(client), TcpStream::from_std(server));
+                        match Sockets::moved(c, s, Sockets::Evented) {
+                            Ok(moved) => moved,
+                            Err(e) => {
                                 sockets = Sockets::Gone;
                                 break Err(CopyError::Io(e));
                             }
@@ -407,6 +411,15 @@ enum Sockets {
 }
 
 impl Sockets {
+    /// Both sockets, moved from one event loop to the other; either failing loses both.
+    fn moved<T>(
+        client: std::io::Result<T>,
+        server: std::io::Result<T>,
+        to: fn(T, T) -> Sockets,
+    ) -> std::io::Result<Sockets> {
+        Ok(to(client?, server?))
+    }
+
     /// Makes both closes resets.
     fn abort(&self) {
         match self {
