@@ -104,6 +104,10 @@ struct Park {
     asked: AtomicBool,
     up_resting: AtomicBool,
     down_parked: AtomicBool,
+    /// A direction moved on to splice: the connection carries bulk and stays here. Without
+    /// it the backend's direction could park on the client's last rest, stale once that
+    /// direction splices.
+    bulk: AtomicBool,
     /// Wake-ups spent so the backend's direction gets polled to see the request.
     nudges: std::sync::atomic::AtomicU8,
 }
@@ -353,8 +357,10 @@ async fn pump(
             buf = Buffer::new((buf.size * 2).min(buffer));
         } else {
             full_reads += 1;
-            let asked = park.is_some_and(|(p, _)| p.asked.load(Ordering::Relaxed));
-            if splice && full_reads >= BULK_READS && !asked {
+            if splice && full_reads >= BULK_READS {
+                if let Some((park, _)) = park {
+                    park.bulk.store(true, Ordering::Relaxed);
+                }
                 drop(buf);
                 // Boxed: a bulk direction is rare, and its pipe state held inline would be
                 // part of every connection's task, copied on each spawn.
@@ -497,6 +503,7 @@ async fn read_or_park(
         match side {
             Side::Down => {
                 if asked
+                    && !park.bulk.load(Ordering::Relaxed)
                     && park.up_resting.load(Ordering::Relaxed)
                     && !dir.other_ended.load(Ordering::Relaxed)
                     && dir.count.load(Ordering::Relaxed) > 0
@@ -875,6 +882,59 @@ mod tests {
             .collect();
         drop(many);
         assert_eq!(spares(), SPARES, "the spares are bounded");
+    }
+
+    /// A bulk upload that starts with short messages (iperf3's data connection: a cookie,
+    /// then a stream that may first arrive in short reads) still moves on to splice when the
+    /// connection could have settled: asking to settle does not keep bulk on the copy.
+    #[tokio::test]
+    async fn bulk_after_short_messages_still_goes_by_splice() {
+        let (mut client, mut fc) = pair().await;
+        let (mut fs, mut backend) = pair().await;
+        let size = 16 << 20;
+        let talk = tokio::spawn(async move {
+            client.write_all(b"cookie").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.write_all(b"a short second message").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.write_all(&bytes(size)).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let serve = tokio::spawn(async move {
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).await.unwrap();
+            backend.shutdown().await.unwrap();
+            got.len()
+        });
+        let settings = Settings {
+            path: BytePath::Splice,
+            buffer: 64 * 1024,
+            idle: None,
+            settle: true,
+        };
+        let moved = Moved::default();
+        let copied = bidirectional(
+            &mut fc,
+            &mut fs,
+            settings,
+            Instant::now(),
+            &moved,
+            &|_| {},
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(copied, Copied::Done);
+        drop((fc, fs));
+        assert!(talk.await.unwrap().is_empty());
+        assert_eq!(serve.await.unwrap(), size + 28);
+        assert!(
+            moved.spliced.load(Ordering::Relaxed) > 0,
+            "the bulk stayed on the copy"
+        );
     }
 
     #[tokio::test]
