@@ -9,6 +9,12 @@ use switchyard::{
 };
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than glibc's malloc: tokio's task cells and I/O registrations are
+/// 128-byte aligned, and glibc's `posix_memalign` for each of them was the largest part of the
+/// forwarder's own CPU on a new connection (docs/benchmarks.md, ninth pass).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Kernel lines are already filtered in the kernel (`datapath.kernel_log`): show them all.

@@ -474,11 +474,15 @@ fn unpin_udp(
     }
 }
 
-/// Hands memory freed by a large catalog change (parse trees, old copies) back to the system:
-/// glibc keeps it in per-thread arenas otherwise, and the agent's RSS would show the peak.
+/// Hands memory freed by a large catalog change (parse trees, old copies) back to the system,
+/// so that the agent's RSS does not show the peak. The agent allocates with mimalloc (see
+/// `main.rs`); what C code allocates stays with glibc, which keeps free memory in its arenas.
 fn trim_heap() {
-    // SAFETY: malloc_trim only releases free memory.
-    unsafe { libc::malloc_trim(0) };
+    // SAFETY: both only release memory that is free.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+        libc::malloc_trim(0);
+    }
 }
 
 /// A task that ends with its owner (the main loop's helpers and the gateways end when the

@@ -307,8 +307,8 @@ async fn pump(
     let mut corked = false;
     let mut messages = 0u32;
     loop {
-        let (n, last_bytes) = if std::mem::take(&mut pending) {
-            (buf.filled().len(), false)
+        let (n, seen) = if std::mem::take(&mut pending) {
+            (buf.filled().len(), Seen::Open)
         } else {
             let read = match park {
                 Some((park, side)) => read_or_park(from.as_ref(), &mut buf, park, side, &dir).await,
@@ -318,7 +318,7 @@ async fn pump(
             };
             match read {
                 Ok(None) => return Ok(Stop::Parked),
-                Ok(Some((n, closed))) => (n, closed && n > 0 && n < buf.size),
+                Ok(Some((n, seen))) => (n, seen),
                 Err(e) => {
                     if corked {
                         // The end was a reset: the bytes held for its FIN go now, before
@@ -335,6 +335,7 @@ async fn pump(
             dir.end(to, corked).await?;
             return Ok(Stop::Ended);
         }
+        let last_bytes = seen != Seen::Open && n < buf.size;
         corked = last_bytes;
         if last_bytes {
             send_all_more(to.as_ref(), buf.filled()).await?;
@@ -343,6 +344,12 @@ async fn pump(
         }
         dir.moved(n, start);
         touch(last, start);
+        if last_bytes && seen == Seen::Fin {
+            // The FIN follows these bytes, and no reset: pass it on without the read that
+            // would only return 0.
+            dir.end(to, true).await?;
+            return Ok(Stop::Ended);
+        }
         messages += 1;
         if let Some((park, Side::Up)) = park
             && messages >= 2
@@ -495,7 +502,7 @@ async fn read_or_park(
     park: &Park,
     side: Side,
     dir: &Direction<'_>,
-) -> io::Result<Option<(usize, bool)>> {
+) -> io::Result<Option<(usize, Seen)>> {
     let read = read_draining_seeing_end(from, buf);
     tokio::pin!(read);
     std::future::poll_fn(|cx| {
@@ -545,18 +552,34 @@ async fn read_draining(from: &TcpStream, buf: &mut Buffer) -> io::Result<usize> 
     Ok(read_draining_seeing_end(from, buf).await?.0)
 }
 
+/// What the readiness a read waited for said of the peer's end (tokio keeps the closed bits
+/// when a short read clears the rest).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Open,
+    /// The read side closed and the write side open: a FIN, and no reset (a reset, or
+    /// `ECONNRESET` after it, closes both). A read that emptied the queue took every byte
+    /// before that FIN, and the next read can only return 0: it need not be made.
+    Fin,
+    /// Both sides closed: a reset, or the peer's FIN after our own shutdown. The next read
+    /// tells which.
+    Hangup,
+}
+
 /// [`read_draining`], and whether the peer's end of stream (or a reset) had already come
-/// when the read was made: the readiness it waited for said so (tokio keeps the closed bit
-/// when a short read clears the rest). If the read emptied the queue, the next one returns 0
-/// (or the reset's error).
-async fn read_draining_seeing_end(from: &TcpStream, buf: &mut Buffer) -> io::Result<(usize, bool)> {
+/// when the read was made.
+async fn read_draining_seeing_end(from: &TcpStream, buf: &mut Buffer) -> io::Result<(usize, Seen)> {
     buf.lend();
     loop {
         // Readable interest only: with the error bit too, an error left set while the read
         // side's readiness is cleared would end this wait at once, and `try_io` (which
         // looks at the readable bits) would refuse the read: a loop without end. A reset
         // also reports the read side closed: see `pump` for the bytes held then.
-        let closed = from.ready(Interest::READABLE).await?.is_read_closed();
+        let closed = match from.ready(Interest::READABLE).await?.is_read_closed() {
+            false => Seen::Open,
+            true if write_closed(from) => Seen::Hangup,
+            true => Seen::Fin,
+        };
         let mut got = None;
         let r = from.try_io(Interest::READABLE, || {
             let n = buf.recv(from.as_raw_fd())?;
@@ -573,6 +596,17 @@ async fn read_draining_seeing_end(from: &TcpStream, buf: &mut Buffer) -> io::Res
             (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
             (Err(e), _) => return Err(e),
         }
+    }
+}
+
+/// Whether the socket's readiness has its write side closed, looked at without waiting (the
+/// write readiness of a socket with room is already set; if it is not, the answer is "maybe",
+/// and a maybe is taken as closed, which only costs the read [`Seen::Fin`] saves).
+fn write_closed(from: &TcpStream) -> bool {
+    let ready = std::pin::pin!(from.ready(Interest::WRITABLE));
+    match ready.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(Ok(r)) => r.is_write_closed(),
+        _ => true,
     }
 }
 

@@ -119,12 +119,9 @@ pub async fn connect(
         }
         match result {
             Ok((stream, sent)) => {
-                upstream.health.success(started.elapsed());
-                upstream
-                    .health
-                    .counters
-                    .timings
-                    .connected(started.elapsed());
+                let took = started.elapsed();
+                upstream.health.success(took);
+                upstream.health.counters.timings.connected(took);
                 return Ok(Connected {
                     stream,
                     backend: i,
