@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 
 /// mimalloc rather than glibc's malloc: tokio's task cells and I/O registrations are
 /// 128-byte aligned, and glibc's `posix_memalign` for each of them was the largest part of the
-/// forwarder's own CPU on a new connection (docs/benchmarks.md, ninth pass).
+/// forwarder's own CPU on a new connection (docs/benchmarks.md, ninth pass). Built with
+/// `no_thp` (agent/Cargo.toml): with transparent huge pages the agent's peak RSS doubled.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
