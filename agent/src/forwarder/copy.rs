@@ -761,6 +761,25 @@ mod tests {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
     }
 
+    /// [`bidirectional`] from a fresh start, with no first read and nobody told of the answer.
+    async fn copy_between(
+        fc: &mut TcpStream,
+        fs: &mut TcpStream,
+        path: BytePath,
+        settle: bool,
+        moved: &Moved,
+    ) -> Copied {
+        let settings = Settings {
+            path,
+            buffer: 64 * 1024,
+            idle: None,
+            settle,
+        };
+        bidirectional(fc, fs, settings, Instant::now(), moved, &|_| {}, None)
+            .await
+            .unwrap()
+    }
+
     /// Sends `size` bytes through a forwarder pair on `path` (the backend echoes them), and
     /// returns what came back and how much of it was spliced.
     async fn through(path: BytePath, size: usize) -> (Vec<u8>, u64) {
@@ -786,23 +805,7 @@ mod tests {
             got.unwrap();
             back
         });
-        let settings = Settings {
-            path,
-            buffer: 64 * 1024,
-            idle: None,
-            settle: false,
-        };
-        bidirectional(
-            &mut fc,
-            &mut fs,
-            settings,
-            Instant::now(),
-            &moved,
-            &|_| {},
-            None,
-        )
-        .await
-        .unwrap();
+        copy_between(&mut fc, &mut fs, path, false, &moved).await;
         // The close passes the last end of stream on, as in the forwarder.
         drop((fc, fs));
         let back = talk.await.unwrap();
@@ -943,24 +946,8 @@ mod tests {
             backend.shutdown().await.unwrap();
             got.len()
         });
-        let settings = Settings {
-            path: BytePath::Splice,
-            buffer: 64 * 1024,
-            idle: None,
-            settle: true,
-        };
         let moved = Moved::default();
-        let copied = bidirectional(
-            &mut fc,
-            &mut fs,
-            settings,
-            Instant::now(),
-            &moved,
-            &|_| {},
-            None,
-        )
-        .await
-        .unwrap();
+        let copied = copy_between(&mut fc, &mut fs, BytePath::Splice, true, &moved).await;
         assert_eq!(copied, Copied::Done);
         drop((fc, fs));
         assert!(talk.await.unwrap().is_empty());
