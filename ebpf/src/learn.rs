@@ -330,6 +330,21 @@ fn observe(s: *mut BackendStats, sample: u64, now: u64) {
     write(stamp_p, now);
 }
 
+/// A connect still not established after `elapsed` (its SYN sent again, or given up): its
+/// handshake takes at least that long, so the cost rises to it at once. It never lowers the
+/// cost: a refusal in a microsecond says nothing of how fast the backend answers.
+#[inline(always)]
+fn at_least(s: *mut BackendStats, elapsed: u64, now: u64) {
+    let cost_p = unsafe { addr_of_mut!((*s).ewma_ns) };
+    let stamp = read(unsafe { &(*s).ewma_stamp_ns });
+    // Against the cost as picks see it now (decayed), not the last stored value.
+    let decayed = (read(cost_p) * decay_1024(now.saturating_sub(stamp))) >> 10;
+    if elapsed > decayed {
+        write(cost_p, elapsed);
+        write(unsafe { addr_of_mut!((*s).ewma_stamp_ns) }, now);
+    }
+}
+
 fn retransmit(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is valid for the program's run.
     let state = unsafe { core::ptr::read_volatile(&(*ctx.ops).state) };
@@ -346,6 +361,10 @@ fn retransmit(ctx: &SockOpsContext) {
     unsafe { (*l).flags = flags | sock_learn::FAILURE_COUNTED };
     if let Some(s) = s {
         add(unsafe { addr_of_mut!((*s).syn_retransmits) }, 1);
+        // Without this, a backend that drops SYNs would look cheap until a handshake
+        // finally completed (seconds later, or never), and take every pick meanwhile.
+        let now = unsafe { bpf_ktime_get_ns() };
+        at_least(s, now.saturating_sub(unsafe { (*l).started_ns }), now);
         failure(ctx, s);
     }
 }
@@ -362,6 +381,8 @@ fn closed(ctx: &SockOpsContext) {
         } else if flags & sock_learn::CONNECTING != 0 {
             sub(unsafe { addr_of_mut!((*s).connecting) });
             add(unsafe { addr_of_mut!((*s).failed) }, 1);
+            let now = unsafe { bpf_ktime_get_ns() };
+            at_least(s, now.saturating_sub(unsafe { (*l).started_ns }), now);
             if flags & sock_learn::FAILURE_COUNTED == 0 {
                 failure(ctx, s);
             }
