@@ -162,9 +162,7 @@ fn candidate(svc: &ServiceValue, i: u32, now: u64) -> Option<Candidate> {
     };
     let s = s as *const BackendStats;
     let load = read(unsafe { &(*s).connecting }).wrapping_add(read(unsafe { &(*s).active }));
-    let cost = read(unsafe { &(*s).ewma_ns });
-    let stamp = read(unsafe { &(*s).ewma_stamp_ns });
-    let decayed = (cost * decay_1024(now.saturating_sub(stamp))) >> 10;
+    let decayed = decayed_cost(s, now);
     Some(Candidate {
         id,
         // A count that went below zero (a socket filed before a restart wiped the entry)
@@ -174,6 +172,14 @@ fn candidate(svc: &ServiceValue, i: u32, now: u64) -> Option<Candidate> {
         weight,
         ejected: read(unsafe { &(*s).ejected_until_ns }) > now,
     })
+}
+
+/// The cost as picks see it at `now`: the stored EWMA decayed by the time since it was set.
+#[inline(always)]
+fn decayed_cost(s: *const BackendStats, now: u64) -> u64 {
+    let cost = read(unsafe { &(*s).ewma_ns });
+    let stamp = read(unsafe { &(*s).ewma_stamp_ns });
+    (cost * decay_1024(now.saturating_sub(stamp))) >> 10
 }
 
 /// Whether `b` costs less than `a` (costs per weight, compared by cross-multiplying).
@@ -335,12 +341,9 @@ fn observe(s: *mut BackendStats, sample: u64, now: u64) {
 /// cost: a refusal in a microsecond says nothing of how fast the backend answers.
 #[inline(always)]
 fn at_least(s: *mut BackendStats, elapsed: u64, now: u64) {
-    let cost_p = unsafe { addr_of_mut!((*s).ewma_ns) };
-    let stamp = read(unsafe { &(*s).ewma_stamp_ns });
     // Against the cost as picks see it now (decayed), not the last stored value.
-    let decayed = (read(cost_p) * decay_1024(now.saturating_sub(stamp))) >> 10;
-    if elapsed > decayed {
-        write(cost_p, elapsed);
+    if elapsed > decayed_cost(s, now) {
+        write(unsafe { addr_of_mut!((*s).ewma_ns) }, elapsed);
         write(unsafe { addr_of_mut!((*s).ewma_stamp_ns) }, now);
     }
 }
