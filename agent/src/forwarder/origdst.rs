@@ -1,7 +1,9 @@
 //! Recovering where a redirected connection was going.
 //!
-//! The ordinary way, as with iptables' REDIRECT: `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on the
-//! accepted socket, answered by our `getsockopt` hook. When the hook is not attached (agent in
+//! Our `getsockopt` hook answers on the accepted socket, as conntrack answers
+//! `SO_ORIGINAL_DST` after iptables' REDIRECT. The forwarder asks with its own TCP-level option
+//! (`ORIG_DST_SOCKOPT`), which the kernel turns away without the locks and the conntrack lookup
+//! that `SO_ORIGINAL_DST` costs before the hook runs. When the hook is not attached (agent in
 //! the root cgroup), the same entry is read from the map.
 
 use std::{
@@ -12,11 +14,9 @@ use std::{
 };
 
 use std::net::TcpStream;
-use switchyard_common::maps::SockTuple;
+use switchyard_common::maps::{ORIG_DST_SOCKOPT, SockTuple};
 
 use crate::datapath::{OrigDstTable, addr};
-
-const SO_ORIGINAL_DST: libc::c_int = 80;
 
 pub struct OrigDst {
     pub hook: bool,
@@ -26,9 +26,8 @@ pub struct OrigDst {
 impl OrigDst {
     /// `peer` is the address `accept` returned: with the hook, one system call in all.
     pub fn recover(&self, stream: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
-        // A listener's family is its clients' family (IPv6 listeners are v6-only).
         if self.hook
-            && let Some(found) = getsockopt_original_dst(stream, peer.is_ipv4())
+            && let Some(found) = getsockopt_original_dst(stream)
         {
             return Some(found);
         }
@@ -45,17 +44,16 @@ impl OrigDst {
     }
 }
 
-fn getsockopt_original_dst(stream: &TcpStream, v4: bool) -> Option<SocketAddr> {
+fn getsockopt_original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let fd = stream.as_raw_fd();
     // SAFETY: sockaddr_storage is plain data; the kernel writes at most `len` bytes.
     let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let level = if v4 { libc::SOL_IP } else { libc::SOL_IPV6 };
     let rc = unsafe {
         libc::getsockopt(
             fd,
-            level,
-            SO_ORIGINAL_DST,
+            libc::SOL_TCP,
+            ORIG_DST_SOCKOPT,
             (&mut storage as *mut libc::sockaddr_storage).cast(),
             &mut len,
         )
