@@ -15,10 +15,9 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
 /// The forwarder's own `getsockopt(SOL_TCP, ..)` for a redirected connection's original
-/// destination, answered by the `getsockopt` hook like `SO_ORIGINAL_DST`. The kernel turns an
-/// unknown TCP option away at once; `SO_ORIGINAL_DST` at `SOL_IP` first takes the socket lock,
-/// the netfilter option mutex and a conntrack lookup that cannot succeed, which cost about
-/// a microsecond per connection (docs/benchmarks.md, tenth pass).
+/// destination, answered by the `getsockopt` hook. The kernel turns an unknown TCP option away
+/// at once; `SO_ORIGINAL_DST` at `SOL_IP` would first take the socket lock, netfilter's option
+/// mutex and a conntrack lookup that cannot succeed (docs/benchmarks.md, tenth pass).
 pub const ORIG_DST_SOCKOPT: i32 = 0x5359;
 
 /// Where a service's connections go.

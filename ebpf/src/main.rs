@@ -5,7 +5,7 @@
 //! - `sock_ops`: when a proxied connection is established, file its original destination
 //!   under the connection's 4-tuple; for kernel-mode connections, count each backend's
 //!   connections, failures and connect time, and eject failing backends (`learn`).
-//! - `getsockopt`: answer the forwarder's `SO_ORIGINAL_DST` from that entry.
+//! - `getsockopt`: answer the forwarder's question for the original destination from that entry.
 //! - `getpeername4/6`: show the application the service address it asked for.
 //! - `sendmsg4/6`, `recvmsg4/6`: the same for unconnected UDP, per datagram; replies appear to
 //!   come from the service address.

@@ -2,8 +2,8 @@
 //!
 //! `connect` files `SOCK_ORIG[cookie]`. When a proxied connection is established, `sock_ops`
 //! copies it to `ORIG_DST[4-tuple]`, the key the forwarder's accepted socket can name (it sees
-//! the mirror tuple). The forwarder's `getsockopt` (`ORIG_DST_SOCKOPT`, or `SO_ORIGINAL_DST`)
-//! reads and removes that entry; the cookie entry goes when the client's socket closes.
+//! the mirror tuple). The forwarder's `getsockopt(SOL_TCP, ORIG_DST_SOCKOPT)` reads and removes
+//! that entry; the cookie entry goes when the client's socket closes.
 
 use aya_ebpf::{
     bindings::{
@@ -19,11 +19,7 @@ use crate::maps::*;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-const SOL_IP: i32 = 0;
-const SOL_IPV6: i32 = 41;
 const SOL_TCP: i32 = 6;
-/// `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST` share the number.
-const SO_ORIGINAL_DST: i32 = 80;
 const TCP_CLOSE: u32 = 7;
 
 pub fn sockops(ctx: &SockOpsContext) -> u32 {
@@ -72,19 +68,13 @@ fn established(ctx: &SockOpsContext) {
     let _ = ORIG_DST.insert(tuple, orig.vip, 0);
 }
 
-/// Answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (and the IPv6 one), and the forwarder's
-/// cheaper `getsockopt(SOL_TCP, ORIG_DST_SOCKOPT)`, on the forwarder's accepted sockets;
-/// every other call passes through untouched.
+/// Answers the forwarder's `getsockopt(SOL_TCP, ORIG_DST_SOCKOPT)` on its accepted sockets
+/// (what conntrack's `SO_ORIGINAL_DST` is after a REDIRECT); every other call passes through
+/// untouched.
 pub fn getsockopt(ctx: &SockoptContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let so = unsafe { &mut *ctx.sockopt };
-    let (level, optname) = (so.level, so.optname);
-    let asked = match level {
-        SOL_IP | SOL_IPV6 => optname == SO_ORIGINAL_DST,
-        SOL_TCP => optname == ORIG_DST_SOCKOPT,
-        _ => false,
-    };
-    if !asked {
+    if so.level != SOL_TCP || so.optname != ORIG_DST_SOCKOPT {
         return 1;
     }
     let sk = unsafe { so.__bindgen_anon_1.sk };
@@ -117,8 +107,7 @@ pub fn getsockopt(ctx: &SockoptContext) -> i32 {
     };
     let start = unsafe { so.__bindgen_anon_2.optval } as *mut u8;
     let end = unsafe { so.__bindgen_anon_3.optval_end } as *mut u8;
-    // The IPv6 option always answers with a `sockaddr_in6`; the others by the socket's family.
-    let written = if level != SOL_IPV6 && family == AF_INET {
+    let written = if family == AF_INET {
         write_sockaddr_in(start, end, &vip)
     } else {
         write_sockaddr_in6(start, end, &vip)

@@ -3,8 +3,8 @@
 //! The steering hooks (`connect4/6`, `getpeername4/6`, `sock_ops`) attach to the configured
 //! cgroup and are pinned, with every map, under the agent's bpffs directory ([`pin`]): they keep
 //! working while the agent is down, and a restarted agent takes them over. The `getsockopt` hook
-//! that answers the original destination attaches to the agent's own cgroup (the forwarder is the one
-//! asking) and lives only as long as [`Datapath`].
+//! that answers the original destination attaches to the agent's own cgroup (the forwarder is
+//! the one asking) and lives only as long as [`Datapath`].
 
 pub mod addr;
 pub mod host;
@@ -74,8 +74,8 @@ pub struct Datapath {
     pub cgroup: PathBuf,
     /// Ids of the opted-out cgroups (their directories' inode numbers).
     pub opt_out_cgroups: Vec<u64>,
-    /// Whether the forwarder's `getsockopt` for the original destination is answered by the hook; if not,
-    /// the forwarder reads [`OrigDstTable`] itself.
+    /// Whether the forwarder's `getsockopt` for the original destination is answered by the
+    /// hook; if not, the forwarder reads [`OrigDstTable`] itself.
     pub getsockopt_hook: bool,
 }
 
