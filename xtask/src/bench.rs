@@ -844,9 +844,9 @@ fn readme_section(result: &ResultFile, tables: &Tables, caveat: &str) -> String 
     );
     for (what, values, ratios) in tables {
         let chart = if *what == "HTTP" {
-            "docs/benchmark-http.svg"
+            CHART_HTTP
         } else {
-            "docs/benchmark.svg"
+            CHART_L4
         };
         out.push_str(&format!(
             "**{what} cases**\n\n![{what} throughput relative to direct]({chart})\n\n{}\n{}\n",
@@ -928,6 +928,10 @@ fn machine(given: bool) -> Machine {
     }
 }
 
+/// The charts a run writes, beside the README's table.
+const CHART_L4: &str = "docs/benchmark.svg";
+const CHART_HTTP: &str = "docs/benchmark-http.svg";
+
 /// The checked-out commit, and whether the tree differs from it: read-only git plumbing
 /// (`git status` may rewrite the index, and others may share this tree). What a run itself
 /// writes (the README's table, the charts) does not count: a second run in a row measures
@@ -951,8 +955,8 @@ fn commit() -> String {
         "--",
         ".",
         ":(exclude)README.md",
-        ":(exclude)docs/benchmark.svg",
-        ":(exclude)docs/benchmark-http.svg",
+        &format!(":(exclude){CHART_L4}"),
+        &format!(":(exclude){CHART_HTTP}"),
     ])
     .is_some_and(|o| o.status.code() == Some(1));
     if changed {
