@@ -150,8 +150,9 @@ pub async fn agent(config_path: &Path, options: Options) -> anyhow::Result<()> {
         http,
         table,
         orig: OrigDst {
+            slots: orig.slots,
             hook: datapath.getsockopt_hook,
-            table: std::sync::Mutex::new(orig),
+            table: std::sync::Mutex::new(orig.table),
         },
         own_mark: defaults::OWN_MARK,
         descriptors: DescriptorReserve::new(),

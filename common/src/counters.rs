@@ -14,7 +14,8 @@ pub enum Counter {
     Redirected = 3,
     /// Connects refused at once because the service had no usable backend.
     FailFast = 4,
-    /// Connections whose original destination the forwarder asked for and got.
+    /// Connections whose original destination the forwarder asked the `getsockopt` hook for
+    /// and got (those whose `ORIG_SLOTS` slot another connection took over first).
     OrigDstAnswered = 5,
     /// Connections kept on their backend by session affinity.
     AffinityHit = 6,

@@ -72,6 +72,10 @@ pub const LISTENER_V6: u32 = 1;
 pub const LISTENER_SLOTS: u32 = 2;
 /// Connections between `connect()` and the forwarder's `accept()`, or alive and tracked.
 pub const MAX_TRACKED_SOCKETS: u32 = 262_144;
+/// `ORIG_SLOTS` entries, a power of two. A slot is needed only from a redirected connect until
+/// the forwarder's accept, so a few hundred connections are ever in flight at once; a slot
+/// taken over before its accept sends that connection down the `getsockopt` path.
+pub const ORIG_SLOT_COUNT: u32 = 1 << 15;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -187,6 +191,49 @@ pub struct SockTuple {
     pub local_port: u16,
     /// Host byte order.
     pub remote_port: u16,
+}
+
+/// An `ORIG_SLOTS` entry: what `ORIG_DST` holds for one redirected connection,
+/// in an array the forwarder maps into its memory, so that it finds the original destination
+/// without a system call. 64 bytes, one cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigSlot {
+    pub tuple: SockTuple,
+    pub vip: Endpoint,
+    /// [`orig_slot_check`] of the two, written last: the kernel writes a slot while the
+    /// forwarder may read it, and a reader that raced a writer sees a mismatch, not a mix.
+    /// Zero: empty, or read.
+    pub check: u64,
+}
+
+/// The `ORIG_SLOTS` index of a client's connection: its address and port are unique among the
+/// connections redirected to one forwarder port.
+#[inline(always)]
+pub const fn orig_slot_index(client: &Addr, client_port: u16) -> u32 {
+    let h = crate::hash::client_hash(client_port as u64, client);
+    (h as u32) & (ORIG_SLOT_COUNT - 1)
+}
+
+/// The check of an [`OrigSlot`]: never zero.
+#[inline(always)]
+pub const fn orig_slot_check(tuple: &SockTuple, vip: &Endpoint) -> u64 {
+    use crate::hash::mix64;
+    const fn words(a: &Addr) -> u64 {
+        (a[0] as u64) << 32 | a[1] as u64
+    }
+    const fn low(a: &Addr) -> u64 {
+        (a[2] as u64) << 32 | a[3] as u64
+    }
+    let mut h = mix64(words(&tuple.local) ^ 0x5359);
+    h = mix64(h ^ low(&tuple.local));
+    h = mix64(h ^ words(&tuple.remote));
+    h = mix64(h ^ low(&tuple.remote));
+    h = mix64(h ^ ((tuple.local_port as u64) << 16 | tuple.remote_port as u64));
+    h = mix64(h ^ words(&vip.addr));
+    h = mix64(h ^ low(&vip.addr));
+    h = mix64(h ^ vip.port as u64);
+    h | 1
 }
 
 /// A UDP socket and the backend it talked to on a service's behalf: replies from that backend
@@ -308,6 +355,7 @@ mod pod {
     unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for SockTuple {}
     unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for OrigSlot {}
     unsafe impl aya::Pod for RevKey {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for OutlierPolicy {}
@@ -327,6 +375,7 @@ mod tests {
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<Endpoint>(), 20);
+        assert_eq!(size_of::<OrigSlot>(), 64);
         assert_eq!(size_of::<Settings>(), 48);
         assert_eq!(size_of::<AffinityKey>(), 32);
         assert_eq!(size_of::<AffinityValue>(), 16);

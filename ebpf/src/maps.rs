@@ -11,6 +11,8 @@ use switchyard_common::{
 
 /// Hash maps that grow with the catalog allocate on insert rather than up front.
 const NO_PREALLOC: u32 = 1;
+/// `BPF_F_MMAPABLE`: an array userspace can map.
+const MMAPABLE: u32 = 1 << 10;
 
 // Every map is pinned by name under the agent's bpffs directory: a restarted agent finds the
 // same maps, so kernel-mode services, round-robin positions and affinity survive it.
@@ -35,6 +37,10 @@ pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_
 /// 4-tuple → original destination of a proxied connection, until the forwarder reads it.
 #[map]
 pub static ORIG_DST: LruHashMap<SockTuple, Endpoint> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+/// The same, in slots the forwarder maps into its memory and reads without a system call
+/// ([`orig_slot_index`]); `ORIG_DST` stays for a connection whose slot another one took.
+#[map]
+pub static ORIG_SLOTS: Array<OrigSlot> = Array::pinned(ORIG_SLOT_COUNT, MMAPABLE);
 /// (UDP socket cookie, backend) → service address, for `recvmsg` reverse translation.
 #[map]
 pub static REV_NAT: LruHashMap<RevKey, Endpoint> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);

@@ -1,9 +1,11 @@
 //! Remembering what a steered socket asked for, and telling it back.
 //!
 //! `connect` files `SOCK_ORIG[cookie]`. When a proxied connection is established, `sock_ops`
-//! copies it to `ORIG_DST[4-tuple]`, the key the forwarder's accepted socket can name (it sees
-//! the mirror tuple). The forwarder's `getsockopt(SOL_TCP, ORIG_DST_SOCKOPT)` reads and removes
-//! that entry; the cookie entry goes when the client's socket closes.
+//! copies it under the 4-tuple, the key the forwarder's accepted socket can name (it sees the
+//! mirror tuple), twice: into `ORIG_SLOTS`, an array the forwarder has mapped and reads with no
+//! system call, and into `ORIG_DST`, which the forwarder's
+//! `getsockopt(SOL_TCP, ORIG_DST_SOCKOPT)` reads and removes when the slot was taken over by
+//! another connection. Both entries of a client socket go when it closes.
 
 use aya_ebpf::{
     bindings::{
@@ -25,10 +27,7 @@ const TCP_CLOSE: u32 = 7;
 pub fn sockops(ctx: &SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = SOCK_ORIG.remove(cookie);
-        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => closed(ctx),
         _ => {}
     }
     0
@@ -45,6 +44,40 @@ fn established(ctx: &SockOpsContext) {
     if orig.mode != mode::PROXY {
         return;
     }
+    let Some(tuple) = tuple(ctx) else {
+        return;
+    };
+    let _ = ORIG_DST.insert(tuple, orig.vip, 0);
+    // The forwarder reads the slot after its accept, which this connection's last handshake
+    // packet (sent after this returns) makes possible: the slot is written by then.
+    if let Some(slot) = ORIG_SLOTS.get_ptr_mut(orig_slot_index(&tuple.local, tuple.local_port)) {
+        // SAFETY: a pointer into the array's value, valid for the program's run.
+        unsafe {
+            (*slot).tuple = tuple;
+            (*slot).vip = orig.vip;
+            core::ptr::write_volatile(&mut (*slot).check, orig_slot_check(&tuple, &orig.vip));
+        }
+    }
+}
+
+/// A tracked socket closed: its entries go. A proxied client's `ORIG_DST` entry is still there
+/// if the forwarder read its slot instead.
+fn closed(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let proxied = (unsafe { SOCK_ORIG.get(cookie) }).is_some_and(|o| o.mode == mode::PROXY);
+    let _ = SOCK_ORIG.remove(cookie);
+    if !proxied {
+        return;
+    }
+    if let Some(tuple) = tuple(ctx) {
+        let _ = ORIG_DST.remove(tuple);
+    }
+}
+
+/// The connection as this (client) socket sees it.
+#[inline(always)]
+fn tuple(ctx: &SockOpsContext) -> Option<SockTuple> {
     // Every field is read up front: branching on the family first lets LLVM pick a field
     // *address*, and the verifier rejects context reads at computed offsets.
     // SAFETY: the context pointer is valid for the program's run.
@@ -56,16 +89,15 @@ fn established(ctx: &SockOpsContext) {
     let (local, remote) = match volatile(&ops.family) {
         AF_INET => (v4_mapped(local4), v4_mapped(remote4)),
         AF_INET6 => (local6, remote6),
-        _ => return,
+        _ => return None,
     };
-    let tuple = SockTuple {
+    Some(SockTuple {
         local,
         remote,
         local_port: local_port as u16,
         // remote_port is a be16 shifted into the upper half of the word.
         remote_port: u32::from_be(remote_port) as u16,
-    };
-    let _ = ORIG_DST.insert(tuple, orig.vip, 0);
+    })
 }
 
 /// Answers the forwarder's `getsockopt(SOL_TCP, ORIG_DST_SOCKOPT)` on its accepted sockets

@@ -164,12 +164,14 @@ fn metrics_count_a_known_workload_exactly() -> anyhow::Result<()> {
         ),
         10.0
     );
+    // The forwarder found every original destination in the slots it maps: none asked the
+    // getsockopt hook (one connection at a time, so no slot was taken over before its accept).
     assert_eq!(
         value(
             &text,
             "switchyard_kernel_events_total{counter=\"orig_dst_answered\"}"
         ),
-        20.0
+        0.0
     );
     assert!(value(&text, "switchyard_kernel_events_total{counter=\"connect\"}") >= 30.0);
     assert_eq!(value(&text, "switchyard_services"), 2.0);

@@ -22,6 +22,12 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+    #[error("map {name}: cannot map it into memory: {source}")]
+    Mmap {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(

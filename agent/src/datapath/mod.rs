@@ -12,6 +12,7 @@ pub mod learned;
 mod log;
 pub mod maps;
 pub mod pin;
+pub mod slots;
 pub mod udp;
 
 use std::{
@@ -28,6 +29,7 @@ use aya::{
 use tracing::{info, warn};
 
 pub use maps::{KernelMaps, MapsError, OrigDstTable};
+pub use slots::OrigSlots;
 
 use crate::config::DatapathConfig;
 
@@ -90,9 +92,16 @@ const SOCK_ADDR_HOOKS: [&str; 8] = [
     "sy_getpeername6",
 ];
 
+/// Where the forwarder finds original destinations: the slots it has mapped, if the kernel let
+/// it map them, and the table behind the `getsockopt` hook.
+pub struct Originals {
+    pub slots: Option<OrigSlots>,
+    pub table: OrigDstTable,
+}
+
 /// Loads the programs and attaches them. Returns the maps for the reconciler and the
-/// original-destination table for the forwarder.
-pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable), DatapathError> {
+/// original destinations for the forwarder.
+pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, Originals), DatapathError> {
     let mount = host::cgroup2_mount()?;
     let cgroup = host::resolve_cgroup(&mount, &cfg.cgroup)?;
     let own = host::own_cgroup(&mount)?;
@@ -160,7 +169,13 @@ pub fn load(cfg: &DatapathConfig) -> Result<(Datapath, KernelMaps, OrigDstTable)
     );
 
     let maps = KernelMaps::take(&mut ebpf)?;
-    let orig = OrigDstTable::take(&mut ebpf)?;
+    let slots = OrigSlots::map(&mut ebpf)
+        .inspect_err(|e| warn!("{e}; the forwarder asks for original destinations with getsockopt"))
+        .ok();
+    let orig = Originals {
+        slots,
+        table: OrigDstTable::take(&mut ebpf)?,
+    };
     Ok((
         Datapath {
             _ebpf: ebpf,

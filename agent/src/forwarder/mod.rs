@@ -87,7 +87,7 @@ impl Forwarder {
             match accepted {
                 Ok((stream, peer)) => {
                     failures.accepted("forwarder");
-                    self.clone().spawn(stream, peer);
+                    self.clone().spawn(stream, peer, local);
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off briefly rather than spin.
@@ -100,14 +100,19 @@ impl Forwarder {
         // in its sight: they are served, not reset by the close.
         let listener = listener.into_inner();
         while let Ok((stream, peer)) = accept4(&listener) {
-            self.clone().spawn(stream, peer);
+            self.clone().spawn(stream, peer, local);
         }
         debug!(listen = ?local, "forwarder stopped accepting");
     }
 
     /// Serves one accepted connection on this thread, counted for the drain and listed for
     /// the cut and drain deadlines (see [`conns`]).
-    fn spawn(self: Arc<Self>, stream: std::net::TcpStream, peer: SocketAddr) {
+    fn spawn(
+        self: Arc<Self>,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        listen: Option<SocketAddr>,
+    ) {
         let listed = conns::Listed::new(stream.as_raw_fd());
         let key = listed.key();
         let task = tokio::spawn(async move {
@@ -116,7 +121,7 @@ impl Forwarder {
             let Some(_held) = self.descriptors.take() else {
                 return refuse(&stream);
             };
-            self.handle(stream, peer, key).await
+            self.handle(stream, peer, listen, key).await
         });
         conns::set_abort(key, task.abort_handle());
     }
@@ -126,9 +131,15 @@ impl Forwarder {
     /// time it is accepted: they are read at once, before the socket joins the event loop,
     /// as HAProxy does. The connection then starts without a wait for readiness, and the
     /// event loop never hears of bytes already taken.
-    async fn handle(&self, client: std::net::TcpStream, peer: SocketAddr, listed: usize) {
+    async fn handle(
+        &self,
+        client: std::net::TcpStream,
+        peer: SocketAddr,
+        listen: Option<SocketAddr>,
+        listed: usize,
+    ) {
         let accepted = Instant::now();
-        let Some((service, _admitted)) = self.admit(&client, peer) else {
+        let Some((service, _admitted)) = self.admit(&client, peer, listen) else {
             return;
         };
         let tcp = service.app_protocol().is_tcp();
@@ -167,8 +178,9 @@ impl Forwarder {
         &self,
         client: &std::net::TcpStream,
         peer: SocketAddr,
+        listen: Option<SocketAddr>,
     ) -> Option<(Arc<ProxyService>, Admission)> {
-        let Some(vip) = self.orig.recover(client, peer) else {
+        let Some(vip) = self.orig.recover(client, peer, listen) else {
             debug!(%peer, "no original destination: not a redirected connection");
             return None;
         };

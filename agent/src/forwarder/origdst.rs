@@ -1,10 +1,12 @@
 //! Recovering where a redirected connection was going.
 //!
-//! Our `getsockopt` hook answers on the accepted socket, as conntrack answers
-//! `SO_ORIGINAL_DST` after iptables' REDIRECT. The forwarder asks with its own TCP-level option
-//! (`ORIG_DST_SOCKOPT`), which the kernel turns away without the locks and the conntrack lookup
-//! that `SO_ORIGINAL_DST` costs before the hook runs. When the hook is not attached (agent in
-//! the root cgroup), the same entry is read from the map.
+//! First from the slot the `sock_ops` program wrote for it, which the agent has mapped into its
+//! memory: no system call (see [`OrigSlots`]). A connection whose slot another one took over
+//! before the accept asks the `getsockopt` hook, which answers on the accepted socket as
+//! conntrack answers `SO_ORIGINAL_DST` after iptables' REDIRECT. The forwarder asks with its own
+//! TCP-level option (`ORIG_DST_SOCKOPT`), which the kernel turns away without the locks and the
+//! conntrack lookup that `SO_ORIGINAL_DST` costs before the hook runs. When the hook is not
+//! attached (agent in the root cgroup), the same entry is read from the map.
 
 use std::{
     mem::{size_of, zeroed},
@@ -16,16 +18,36 @@ use std::{
 use std::net::TcpStream;
 use switchyard_common::maps::{ORIG_DST_SOCKOPT, SockTuple};
 
-use crate::datapath::{OrigDstTable, addr};
+use crate::datapath::{OrigDstTable, OrigSlots, addr, slots::Accepted};
 
 pub struct OrigDst {
+    pub slots: Option<OrigSlots>,
     pub hook: bool,
     pub table: Mutex<OrigDstTable>,
 }
 
 impl OrigDst {
-    /// `peer` is the address `accept` returned: with the hook, one system call in all.
-    pub fn recover(&self, stream: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+    /// `peer` is the address `accept` returned and `listen` the listener's own: with the slot,
+    /// no system call at all.
+    pub fn recover(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        listen: Option<SocketAddr>,
+    ) -> Option<SocketAddr> {
+        if let (Some(slots), Some(listen)) = (&self.slots, listen) {
+            let client = addr::to_words(peer.ip());
+            let forwarder = addr::to_words(listen.ip());
+            let accepted = Accepted {
+                client: &client,
+                client_port: peer.port(),
+                forwarder: (!listen.ip().is_unspecified()).then_some(&forwarder),
+                forwarder_port: listen.port(),
+            };
+            if let Some(vip) = slots.take(&accepted) {
+                return Some(SocketAddr::new(addr::from_words(&vip.addr), vip.port));
+            }
+        }
         if self.hook
             && let Some(found) = getsockopt_original_dst(stream)
         {

@@ -74,6 +74,55 @@ pub fn cpu_split(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((ticks[0] as f64 / hz, ticks[1] as f64 / hz))
 }
 
+/// Context switches of every thread of the tree so far, voluntary (it waited) and not (it
+/// was preempted): on a core shared with the backend, each is a switch to and from it.
+pub fn switches(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    for p in tree(pid) {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(text) = fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            for line in text.lines() {
+                let field = |name: &str| {
+                    line.strip_prefix(name)
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                };
+                if let Some(v) = field("voluntary_ctxt_switches:") {
+                    total.0 += v;
+                } else if let Some(v) = field("nonvoluntary_ctxt_switches:") {
+                    total.1 += v;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// One core's time so far from `/proc/stat`: busy (user, nice, system, irq, softirq, steal)
+/// and idle (idle, iowait), in seconds. On the proxies' core, busy per connection is the
+/// proxy's cost plus the backend's plus the packets': what the rate is bound by.
+pub fn core_seconds(core: usize) -> (f64, f64) {
+    let Ok(text) = fs::read_to_string("/proc/stat") else {
+        return (0.0, 0.0);
+    };
+    let name = format!("cpu{core} ");
+    let Some(line) = text.lines().find(|l| l.starts_with(&name)) else {
+        return (0.0, 0.0);
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let sum = |i: &[usize]| i.iter().filter_map(|&i| f.get(i)).sum::<u64>() as f64;
+    let hz = ticks_per_second();
+    (sum(&[0, 1, 2, 5, 6, 7]) / hz, sum(&[3, 4]) / hz)
+}
+
 /// CPU seconds the whole machine spent on tasks (user, nice, system, steal) so far. Interrupt
 /// and softirq time is left out: it is mostly our own packets, and kernels that account it
 /// apart from tasks show it only there.

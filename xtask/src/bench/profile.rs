@@ -12,7 +12,7 @@ use super::{
     Path, cases,
     cases::Workload,
     procstat,
-    world::{Service, World},
+    world::{PROXY_CPU, Service, World},
 };
 use crate::build;
 
@@ -63,9 +63,15 @@ pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
             super::check_interrupt()?;
             let pid = world.proxy_pid(path).context("no proxy process")?;
             let net0 = procstat::net_counters(pid);
+            let sw0 = procstat::switches(pid);
+            let backend0 = procstat::cpu_seconds(world.http_backend_pid())?;
+            let core0 = procstat::core_seconds(PROXY_CPU);
             let (u0, s0) = procstat::cpu_split(pid)?;
             let n = wrk(&world, path, TURN_SECS, close)?;
             let (u1, s1) = procstat::cpu_split(pid)?;
+            let sw1 = procstat::switches(pid);
+            let core1 = procstat::core_seconds(PROXY_CPU);
+            let backend1 = procstat::cpu_seconds(world.http_backend_pid())?;
             let net1 = procstat::net_counters(pid);
             if n <= 0.0 {
                 bail!("{}: no {what}s in {TURN_SECS} s", path.label());
@@ -78,8 +84,13 @@ pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
                     .push(v1.saturating_sub(v0) as f64 / n);
             }
             let (u, s) = ((u1 - u0) * 1e6 / n, (s1 - s0) * 1e6 / n);
+            let (waited, preempted) = ((sw1.0 - sw0.0) as f64 / n, (sw1.1 - sw0.1) as f64 / n);
+            let backend = (backend1 - backend0) * 1e6 / n;
+            let (busy, idle) = ((core1.0 - core0.0) * 1e6 / n, (core1.1 - core0.1) * 1e6 / n);
             println!(
-                "  {i:>2} {:<12} {:>7.0} {what}/s  CPU {:>6.1} µs/{what} (user {u:.1}, system {s:.1})",
+                "  {i:>2} {:<12} {:>7.0} {what}/s  CPU {:>6.1} µs/{what} (user {u:.1}, system {s:.1})  \
+                 backend {backend:.1}  core {PROXY_CPU} busy {busy:.1} idle {idle:.1}  \
+                 switches {waited:.2} waited, {preempted:.2} preempted",
                 path.label(),
                 n / f64::from(TURN_SECS),
                 u + s
@@ -268,8 +279,13 @@ pub fn run(workload: Workload, http: bool) -> anyhow::Result<()> {
         ])
         .arg(&graph)
         .arg("-o")
-        .arg(&data)
-        .args(["-p", &pid.to_string()]);
+        .arg(&data);
+        // The whole of the proxies' core, not the proxy's tasks: a per-task recording
+        // switches its counters at every context switch and charges that to the task, and on a
+        // core shared with the backend that showed as a fifth of the proxy's samples. The
+        // report below is the proxy's process alone (`--pid`); the file holds the backend and
+        // the packets' softirq work beside it.
+        perf.args(["-a", "-C", &PROXY_CPU.to_string()]);
         let mut rec = Process::spawn("perf record", perf, Place::default())?;
         std::thread::sleep(Duration::from_millis(500));
         let work = wrk(&world, path, SECS, close)?;
@@ -277,7 +293,8 @@ pub fn run(workload: Workload, http: bool) -> anyhow::Result<()> {
         rec.stop(Duration::from_secs(20))?;
         let report = Command::new("perf")
             .args(["report", "--stdio", "--no-children", "-g", "none"])
-            .args(["--sort", "dso,sym", "--percent-limit", "1.5", "-i"])
+            .args(["--sort", "dso,sym", "--percent-limit", "1.5"])
+            .args(["--pid", &pid.to_string(), "-i"])
             .arg(&data)
             .output()
             .context("perf report")?;

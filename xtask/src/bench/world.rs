@@ -340,6 +340,11 @@ impl World {
         }
     }
 
+    /// The HTTP backend every wrk case reaches (nginx, backend 1).
+    pub fn http_backend_pid(&self) -> u32 {
+        self._servers[0].pid()
+    }
+
     /// The process that carries `path`'s bytes, if any: its CPU and memory are the cost.
     /// Kernel mode names the agent, to show that it does no work per connection.
     pub fn proxy_pid(&self, path: Path) -> Option<u32> {
