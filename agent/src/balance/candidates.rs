@@ -97,7 +97,15 @@ pub fn panics(admitted: usize, healthy: usize) -> bool {
 /// Candidates for one attempt (`tried`: per backend, whether this connection tried it
 /// already); panic mode when under the panic threshold of the admitted backends are healthy.
 pub fn candidates<'a>(backends: &'a [Upstream], tried: &[bool]) -> Vec<UpstreamCandidate<'a>> {
-    let now = Instant::now();
+    candidates_at(backends, tried, Instant::now())
+}
+
+/// [`candidates`] as of `now`, a clock the caller has read anyway.
+pub fn candidates_at<'a>(
+    backends: &'a [Upstream],
+    tried: &[bool],
+    now: Instant,
+) -> Vec<UpstreamCandidate<'a>> {
     let admitted = backends.iter().filter(|u| u.admitted()).count();
     let healthy = backends
         .iter()

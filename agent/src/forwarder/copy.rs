@@ -39,10 +39,12 @@ pub struct Moved {
 impl Moved {
     /// The client's first bytes, `n` of them, went to the backend with the connect (see
     /// `socket::connect_marked_sending`), before the copy began.
-    pub fn sent_early(&self, n: usize, start: Instant) {
+    /// `at`: when they went.
+    pub fn sent_early(&self, n: usize, start: Instant, at: Instant) {
         if n > 0 && self.to_backend.fetch_add(n as u64, Ordering::Relaxed) == 0 {
+            let since = at.saturating_duration_since(start);
             self.first_to_backend
-                .store(start.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+                .store(since.as_millis() as u64 + 1, Ordering::Relaxed);
         }
     }
 

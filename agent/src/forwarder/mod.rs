@@ -301,8 +301,10 @@ async fn relay(
 ) {
     let backend = &service.backends[upstream.backend];
     let counters = &backend.health.counters;
-    occupied.open();
-    occupied.moved.sent_early(upstream.sent, accepted);
+    occupied.open_at(upstream.at);
+    occupied
+        .moved
+        .sent_early(upstream.sent, accepted, upstream.at);
     // The backend's response time feeds peak-EWMA balancing as soon as it is known.
     let answered = |m: &Moved| {
         if let Some(t) = m.response_time() {

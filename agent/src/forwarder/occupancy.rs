@@ -36,9 +36,10 @@ impl<'a> Occupancy<'a> {
     }
 
     /// The backend keeps the connection: it counts as opened, and its end as closed.
-    pub fn open(&mut self) {
+    /// `now`: the clock, as the caller has read it anyway.
+    pub fn open_at(&mut self, now: Instant) {
         self.backend.counters.opened.fetch_add(1, Ordering::Relaxed);
-        self.opened = Some(Instant::now());
+        self.opened = Some(now);
     }
 }
 
@@ -117,7 +118,7 @@ mod tests {
         let (b, s) = (backend.clone(), service.clone());
         let task = tokio::spawn(async move {
             let mut held = Occupancy::take(&b, &s);
-            held.open();
+            held.open_at(std::time::Instant::now());
             held.moved.to_backend.store(5, Ordering::Relaxed);
             std::future::pending::<()>().await
         });

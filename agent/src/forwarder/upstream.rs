@@ -3,7 +3,7 @@
 
 use std::{io, net::SocketAddr, sync::atomic::Ordering, time::Instant};
 
-use tokio::{net::TcpStream, time::timeout};
+use tokio::{net::TcpStream, time::timeout_at};
 use tracing::debug;
 
 use super::{
@@ -21,6 +21,8 @@ pub struct Connected {
     pub backend: usize,
     /// How many of the `early` bytes went with the connect.
     pub sent: usize,
+    /// When the connect completed: the clock read once for what follows it.
+    pub at: Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +76,8 @@ pub async fn connect(
 ) -> Result<Connected, ConnectError> {
     let mut last: Option<(SocketAddr, io::Error)> = None;
     loop {
-        let choices = candidates::candidates(&service.backends, &attempts.tried);
+        let started = Instant::now();
+        let choices = candidates::candidates_at(&service.backends, &attempts.tried, started);
         let preferred = attempts
             .preferred
             .take()
@@ -94,9 +97,8 @@ pub async fn connect(
         }
         attempts.made += 1;
         let upstream = &service.backends[i];
-        let started = Instant::now();
-        let result = match timeout(
-            service.connect_timeout,
+        let result = match timeout_at(
+            (started + service.connect_timeout).into(),
             connect_marked_sending(upstream.addr, own_mark, early),
         )
         .await
@@ -119,13 +121,15 @@ pub async fn connect(
         }
         match result {
             Ok((stream, sent)) => {
-                let took = started.elapsed();
-                upstream.health.success(took);
+                let at = Instant::now();
+                let took = at.saturating_duration_since(started);
+                upstream.health.success_at(took, at);
                 upstream.health.counters.timings.connected(took);
                 return Ok(Connected {
                     stream,
                     backend: i,
                     sent,
+                    at,
                 });
             }
             Err(e) if is_local(&e) => return Err(ConnectError::Local(e)),

@@ -158,14 +158,24 @@ impl BackendHealth {
 
     /// A connect succeeded after `rtt`.
     pub fn success(&self, rtt: Duration) {
+        self.success_at(rtt, Instant::now());
+    }
+
+    /// [`success`](Self::success) with the time the sample ended, already read by the caller.
+    pub fn success_at(&self, rtt: Duration, now: Instant) {
         self.consecutive.store(0, Ordering::Relaxed);
-        self.observe(rtt);
+        self.observe_at(rtt, now);
     }
 
     /// A latency sample (connect time, or time to the first response byte).
     pub fn observe(&self, rtt: Duration) {
+        self.observe_at(rtt, Instant::now());
+    }
+
+    /// [`observe`](Self::observe) at `now`: each clock read is tens of nanoseconds on a
+    /// paravirtualized clock, and a new connection reads it often.
+    pub fn observe_at(&self, rtt: Duration, now: Instant) {
         let mut e = lock(&self.ewma);
-        let now = Instant::now();
         let sample = rtt.as_nanos() as f64;
         if sample > e.cost_ns {
             // Peak: jump up at once, decay down slowly.

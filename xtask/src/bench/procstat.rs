@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fs, time::Instant};
 use anyhow::Context as _;
 
 /// `pid` and every process below it.
-fn tree(pid: u32) -> Vec<u32> {
+pub fn tree(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(dir) = fs::read_dir("/proc") {
         for entry in dir.flatten() {

@@ -1,5 +1,6 @@
 //! `cargo xtask bench --profile WORKLOAD`: one workload of the benchmark's world, each proxy
-//! under `strace -c` and then `perf record`, side by side. Wall-clock figures move with the
+//! under `perf stat` (system calls, its own and the backend's), `strace` (the calls in order)
+//! and `perf record`, side by side. Wall-clock figures move with the
 //! machine's load; system calls per connection (or per request) do not, so this is the tool for
 //! cutting a proxy's cost on a shared machine. What it prints: docs/benchmarks.md ("Profiling").
 
@@ -173,6 +174,27 @@ fn counters_table(
     out
 }
 
+/// The threads of `pid` (itself if it has gone).
+fn threads(pid: u32) -> Vec<u32> {
+    let mut tids: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|t| t.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if tids.is_empty() {
+        tids.push(pid);
+    }
+    tids
+}
+
+/// [`threads`], comma-separated, for `perf report --tid`.
+fn thread_list(pid: u32) -> String {
+    let tids: Vec<String> = threads(pid).iter().map(u32::to_string).collect();
+    tids.join(",")
+}
+
 /// Whether `workload` opens a connection per request; `flag` names the option in the error.
 fn closes(workload: Workload, flag: &str) -> anyhow::Result<bool> {
     match workload {
@@ -217,29 +239,61 @@ pub fn run(workload: Workload, http: bool) -> anyhow::Result<()> {
         wrk(&world, path, 1, close)?;
     }
 
-    let mut calls: Vec<(Path, Calls)> = Vec::new();
+    // Counted by the kernel's system-call tracepoints (`perf stat`), not by strace: strace
+    // stops a process at every call, which changes the order of events between the proxy, the
+    // backend and the client (HAProxy made a `shutdown` for 1 connection in 9 under strace, and
+    // for nearly every one without it). The backend is counted beside the proxy: what a proxy
+    // makes it do is part of the proxy's cost on a shared core.
+    let mut calls: Vec<(String, Calls)> = Vec::new();
+    let backend = world.http_backend_pid();
     for path in paths {
         let pid = world.proxy_pid(path).context("no proxy process")?;
-        let file = out_dir.join(format!("strace-{}.txt", path.short().replace(' ', "-")));
-        let mut strace = Command::new("strace");
-        strace
-            .args(["-c", "-f", "-qq", "-U", "calls,errors,name", "-o"])
-            .arg(&file)
-            .args(["-p", &pid.to_string()]);
-        let mut tracer = Process::spawn("strace", strace, Place::default())?;
-        // strace attaches to every thread before it counts; nothing says when it is done.
+        let proxy: Vec<u32> = threads(pid);
+        let backend: Vec<u32> = procstat::tree(backend)
+            .into_iter()
+            .flat_map(threads)
+            .collect();
+        let file = out_dir.join(format!("calls-{}.csv", path.short().replace(' ', "-")));
+        let pids: Vec<String> = proxy.iter().chain(&backend).map(u32::to_string).collect();
+        let mut perf = Command::new("perf");
+        perf.args([
+            "stat",
+            "--per-thread",
+            "-x",
+            ",",
+            "-e",
+            &COUNTED.join(","),
+            "-o",
+        ])
+        .arg(&file)
+        .args(["-t", &pids.join(",")]);
+        let mut counter = Process::spawn("perf stat", perf, Place::default())?;
         std::thread::sleep(Duration::from_millis(500));
         let work = wrk(&world, path, SECS, close)?;
-        tracer.stop(Duration::from_secs(10))?;
+        // perf stat writes its counts on SIGINT only.
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(counter.pid() as i32, libc::SIGINT) };
+        counter.wait_exit(Duration::from_secs(10))?;
         let text = fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
-        let mut c = parse_strace(&text);
-        c.work = work;
-        println!(
-            "  strace {:<11} {work:.0} {what}s: {:.1} system calls per {what}",
-            path.label(),
-            c.total() as f64 / work
-        );
-        calls.push((path, c));
+        for (label, tids) in [
+            (path.label().to_owned(), &proxy),
+            (format!("backend ({})", path.short()), &backend),
+        ] {
+            let mut c = parse_perf_stat(&text, tids);
+            if c.by_name.is_empty() {
+                bail!(
+                    "perf stat counted nothing for {label} ({}): {}",
+                    file.display(),
+                    counter.output().join("\n")
+                );
+            }
+            c.work = work;
+            println!(
+                "  counted {label:<20} {work:.0} {what}s: {:.1} system calls per {what}",
+                c.total() as f64 / work
+            );
+            calls.push((label, c));
+        }
     }
 
     // The calls in order, for reading one connection's story (not parsed here).
@@ -294,7 +348,8 @@ pub fn run(workload: Workload, http: bool) -> anyhow::Result<()> {
         let report = Command::new("perf")
             .args(["report", "--stdio", "--no-children", "-g", "none"])
             .args(["--sort", "dso,sym", "--percent-limit", "1.5"])
-            .args(["--pid", &pid.to_string(), "-i"])
+            // By thread: a whole-core recording may file a thread as a process of its own.
+            .args(["--tid", &thread_list(pid), "-i"])
             .arg(&data)
             .output()
             .context("perf report")?;
@@ -314,7 +369,9 @@ pub fn run(workload: Workload, http: bool) -> anyhow::Result<()> {
     drop(world);
 
     let table = calls_table(&calls, what);
-    print!("\nsystem calls per {what} (strace -c -f on the proxy's process):\n\n{table}");
+    print!(
+        "\nsystem calls per {what} (the kernel's tracepoints, `perf stat`, on each process):\n\n{table}"
+    );
     print!("{perf_text}");
     let name = match (http, close) {
         (false, true) => "new-connections",
@@ -344,31 +401,82 @@ fn wrk(world: &World, path: Path, secs: u32, close: bool) -> anyhow::Result<f64>
 
 impl Calls {
     fn total(&self) -> u64 {
-        self.by_name.values().map(|(c, _)| c).sum()
+        self.by_name
+            .iter()
+            .filter(|(n, _)| *n != SWITCHES)
+            .map(|(_, (c, _))| c)
+            .sum()
     }
 }
 
-/// strace's `-c -U calls,errors,name` table: `   1234       12 epoll_wait`.
-fn parse_strace(text: &str) -> Calls {
+/// The system calls a proxy or a backend makes on these workloads, and the context switches
+/// away from its threads (`sched_switch`, counted as `switched away`).
+const COUNTED: &[&str] = &[
+    "syscalls:sys_enter_accept4",
+    "syscalls:sys_enter_socket",
+    "syscalls:sys_enter_connect",
+    "syscalls:sys_enter_setsockopt",
+    "syscalls:sys_enter_getsockopt",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_sendmsg",
+    "syscalls:sys_enter_recvmsg",
+    "syscalls:sys_enter_writev",
+    "syscalls:sys_enter_readv",
+    "syscalls:sys_enter_read",
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_sendfile64",
+    "syscalls:sys_enter_splice",
+    "syscalls:sys_enter_shutdown",
+    "syscalls:sys_enter_close",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_epoll_pwait",
+    "syscalls:sys_enter_epoll_ctl",
+    "syscalls:sys_enter_fcntl",
+    "syscalls:sys_enter_ioctl",
+    "syscalls:sys_enter_clock_gettime",
+    "syscalls:sys_enter_openat",
+    "syscalls:sys_enter_newfstatat",
+    "syscalls:sys_enter_newfstat",
+    "syscalls:sys_enter_pread64",
+    "syscalls:sys_enter_futex",
+    "syscalls:sys_enter_bpf",
+    "sched:sched_switch",
+];
+
+/// `perf stat --per-thread -x ,` output, `nginx-576,1234,,syscalls:sys_enter_close,...`,
+/// summed over the threads `tids`.
+fn parse_perf_stat(text: &str, tids: &[u32]) -> Calls {
     let mut c = Calls::default();
     for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (calls, errors, name) = match f.as_slice() {
-            [calls, errors, name] => (calls, errors.parse().ok(), name),
-            [calls, name] => (calls, Some(0), name),
-            _ => continue,
+        let f: Vec<&str> = line.split(',').collect();
+        let (Some(thread), Some(count), Some(event)) = (f.first(), f.get(1), f.get(3)) else {
+            continue;
         };
-        if let (Ok(calls), Some(errors)) = (calls.parse::<u64>(), errors)
-            && *name != "total"
-        {
-            c.by_name.insert((*name).to_owned(), (calls, errors));
+        let tid = thread
+            .rsplit_once('-')
+            .and_then(|(_, t)| t.parse::<u32>().ok());
+        if !tid.is_some_and(|t| tids.contains(&t)) {
+            continue;
         }
+        let Ok(count) = count.trim().parse::<u64>() else {
+            continue;
+        };
+        let name = match event.strip_prefix("syscalls:sys_enter_") {
+            Some(call) => call.to_owned(),
+            None if *event == "sched:sched_switch" => SWITCHES.to_owned(),
+            None => continue,
+        };
+        c.by_name.entry(name).or_default().0 += count;
     }
     c
 }
 
+/// The row of context switches in the calls table (not a system call: left out of the sum).
+const SWITCHES: &str = "(switched away)";
+
 /// Calls per unit of work, one column per path, the busiest first; errors in brackets.
-fn calls_table(calls: &[(Path, Calls)], what: &str) -> String {
+fn calls_table(calls: &[(String, Calls)], what: &str) -> String {
     let mut names: Vec<&String> = calls.iter().flat_map(|(_, c)| c.by_name.keys()).collect();
     names.sort();
     names.dedup();
@@ -383,7 +491,7 @@ fn calls_table(calls: &[(Path, Calls)], what: &str) -> String {
     });
     let mut out = format!("  {:<20}", "system call");
     for (p, _) in calls {
-        let _ = write!(out, " {:>18}", p.label());
+        let _ = write!(out, " {:>18}", p);
     }
     out.push('\n');
     for n in names {
@@ -415,17 +523,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_strace_counts() {
-        let text = "    calls    errors syscall\n--------- --------- ----------------\n\
-                    \x20    2000       500 recvfrom\n      1000           close\n\
-                    --------- --------- ----------------\n      3000       500 total\n";
-        let mut c = parse_strace(text);
+    fn reads_perf_stat_counts() {
+        let text = "# started on Thu Dec  3 15:00:00 2026\n\n\
+                    sy-forward-0-7,2000,,syscalls:sys_enter_recvfrom,4000000,100.00,,\n\
+                    sy-forward-0-7,1000,,syscalls:sys_enter_close,4000000,100.00,,\n\
+                    tokio-rt-worker-8,5,,syscalls:sys_enter_close,4000000,100.00,,\n\
+                    nginx-9,700,,syscalls:sys_enter_close,4000000,100.00,,\n\
+                    sy-forward-0-7,<not counted>,,syscalls:sys_enter_splice,0,0.00,,\n\
+                    sy-forward-0-7,900,,sched:sched_switch,4000000,100.00,,\n";
+        let mut c = parse_perf_stat(text, &[7, 8]);
         c.work = 1000.0;
-        assert_eq!(c.by_name["recvfrom"], (2000, 500));
-        assert_eq!(c.by_name["close"], (1000, 0));
-        assert_eq!(c.total(), 3000);
-        let t = calls_table(&[(Path::Proxy, c)], "connection");
-        assert!(t.contains("2.00 (0.50 err)"), "{t}");
+        assert_eq!(c.by_name["recvfrom"], (2000, 0));
+        assert_eq!(
+            c.by_name["close"],
+            (1005, 0),
+            "summed over the threads, nginx's left out"
+        );
+        assert!(!c.by_name.contains_key("splice"));
+        assert_eq!(c.total(), 3005, "context switches are not system calls");
+        let t = calls_table(&[("proxy mode".into(), c)], "connection");
+        assert!(t.contains("2.00"), "{t}");
+        assert!(t.contains("0.90"), "{t}");
         assert!(t.contains("3.00"), "{t}");
     }
 }
