@@ -73,9 +73,10 @@ pub const LISTENER_SLOTS: u32 = 2;
 /// Connections between `connect()` and the forwarder's `accept()`, or alive and tracked.
 pub const MAX_TRACKED_SOCKETS: u32 = 262_144;
 /// `ORIG_SLOTS` entries, a power of two. A slot is needed only from a redirected connect until
-/// the forwarder's accept, so a few hundred connections are ever in flight at once; a slot
-/// taken over before its accept sends that connection down the `getsockopt` path.
-pub const ORIG_SLOT_COUNT: u32 = 1 << 15;
+/// the forwarder's accept, so some tens of connections are in flight at once, and a slot taken
+/// over before its accept sends that connection down the `getsockopt` path. 512 KiB: few
+/// enough pages that the forwarder's reads rarely miss the TLB.
+pub const ORIG_SLOT_COUNT: u32 = 1 << 13;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

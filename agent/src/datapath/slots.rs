@@ -87,10 +87,27 @@ impl OrigSlots {
 
     /// The original destination of `conn`, if its slot still holds it; the slot is emptied.
     pub fn take(&self, conn: &Accepted<'_>) -> Option<Endpoint> {
-        let index = orig_slot_index(conn.client, conn.client_port) as usize;
+        take_from(self.slot(conn.client, conn.client_port), conn)
+    }
+
+    /// Starts fetching a client's slot into the cache. The kernel wrote it on the client's
+    /// core, so reading it is a miss; the accept loop asks for a whole batch of accepted
+    /// connections' slots at once, and the misses overlap while their tasks are spawned.
+    pub fn prefetch(&self, client: &Addr, client_port: u16) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch reads nothing and cannot fault; the address is inside the mapping.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            _mm_prefetch::<_MM_HINT_T0>(self.slot(client, client_port).cast::<i8>());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (client, client_port);
+    }
+
+    fn slot(&self, client: &Addr, client_port: u16) -> *mut OrigSlot {
+        let index = orig_slot_index(client, client_port) as usize;
         // SAFETY: the index is masked to the array's length, so the slot is inside the mapping.
-        let slot = unsafe { self.base.as_ptr().add(index) };
-        take_from(slot, conn)
+        unsafe { self.base.as_ptr().add(index) }
     }
 }
 

@@ -27,6 +27,13 @@ pub struct OrigDst {
 }
 
 impl OrigDst {
+    /// Called as soon as a connection is accepted (see [`OrigSlots::prefetch`]).
+    pub fn prefetch(&self, peer: SocketAddr) {
+        if let Some(slots) = &self.slots {
+            slots.prefetch(&addr::to_words(peer.ip()), peer.port());
+        }
+    }
+
     /// `peer` is the address `accept` returned and `listen` the listener's own: with the slot,
     /// no system call at all.
     pub fn recover(
