@@ -11,8 +11,8 @@ pub mod host;
 pub mod learned;
 mod log;
 pub mod maps;
+pub mod origslots;
 pub mod pin;
-pub mod slots;
 pub mod udp;
 
 use std::{
@@ -29,7 +29,7 @@ use aya::{
 use tracing::{info, warn};
 
 pub use maps::{KernelMaps, MapsError, OrigDstTable};
-pub use slots::OrigSlots;
+pub use origslots::OrigSlots;
 
 use crate::config::DatapathConfig;
 

@@ -18,7 +18,7 @@ use std::{
 use std::net::TcpStream;
 use switchyard_common::maps::{ORIG_DST_SOCKOPT, SockTuple};
 
-use crate::datapath::{OrigDstTable, OrigSlots, addr, slots::Accepted};
+use crate::datapath::{OrigDstTable, OrigSlots, addr, origslots::Accepted};
 
 pub struct OrigDst {
     pub slots: Option<OrigSlots>,
