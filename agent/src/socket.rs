@@ -58,7 +58,9 @@ pub async fn connect_marked_sending(
     socket.set_mark(mark)?;
     socket.set_tcp_nodelay(true)?;
     if !early.is_empty() {
-        ack_with_first_bytes(&socket)?;
+        // A saving, not a condition of the connect: a kernel that refused it would otherwise
+        // make every backend look down.
+        let _ = ack_with_first_bytes(&socket);
     }
     match socket.connect(&addr.into()) {
         Ok(()) => {}
