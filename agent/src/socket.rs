@@ -12,7 +12,36 @@ use tokio::{io::Interest, net::TcpStream};
 /// it already: a refused or unreachable connect reports an error or a hang-up with it. The
 /// error itself is read only then. One system call saved per connection.
 pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    Ok(connect_marked_sending(addr, mark, &[]).await?.0)
+    connect_marked_sending(addr, mark, &[]).await?.0.evented()
+}
+
+/// A connected socket, in tokio's event loop or not yet: a connect that completed in the call
+/// never needed it, and the forwarder may hand such a socket to its own loop instead
+/// (`forwarder::settled`), which saves tokio's `epoll_ctl` to add it and the one to remove
+/// it before the close.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(std::net::TcpStream),
+    Evented(TcpStream),
+}
+
+impl Stream {
+    /// The socket in tokio's event loop, added now if it was not.
+    pub fn evented(self) -> io::Result<TcpStream> {
+        match self {
+            Stream::Plain(s) => TcpStream::from_std(s),
+            Stream::Evented(s) => Ok(s),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Plain(s) => s.as_fd(),
+            Stream::Evented(s) => s.as_fd(),
+        }
+    }
 }
 
 /// The last ACK of the handshake waits for the first bytes and goes out with them
@@ -42,14 +71,15 @@ fn ack_with_first_bytes(socket: &Socket) -> io::Result<()> {
 /// [`connect_marked`], and `early` sent as soon as the connection is up: with how many of its
 /// bytes went. A backend on the same host has usually answered the handshake by the time
 /// `connect` returns (the kernel ran it in the call), so the bytes are sent at once and
-/// the connect completes without a wait for readiness: no wake-up of the task, and no
-/// connect timer armed, per connection. If the handshake is still under way the send
+/// the connect completes without a wait for readiness: no wake-up of the task, no connect
+/// timer armed, and a socket not yet in tokio's event loop ([`Stream::Plain`]). If the
+/// handshake is still under way the send
 /// returns `EAGAIN` and the wait is as for any connect.
 pub async fn connect_marked_sending(
     addr: SocketAddr,
     mark: u32,
     early: &[u8],
-) -> io::Result<(TcpStream, usize)> {
+) -> io::Result<(Stream, usize)> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
@@ -69,7 +99,7 @@ pub async fn connect_marked_sending(
     }
     if !early.is_empty() {
         match socket.send_with_flags(early, libc::MSG_NOSIGNAL) {
-            Ok(n) => return Ok((TcpStream::from_std(socket.into())?, n)),
+            Ok(n) => return Ok((Stream::Plain(socket.into()), n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // Refused or reset during the handshake: as a failed connect.
             Err(e) => return Err(e),
@@ -82,5 +112,5 @@ pub async fn connect_marked_sending(
             .take_error()?
             .unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
     }
-    Ok((stream, 0))
+    Ok((Stream::Evented(stream), 0))
 }

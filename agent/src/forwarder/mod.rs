@@ -44,6 +44,7 @@ use self::{
     table::ProxyService,
     upstream::{Connected, FirstSign},
 };
+use crate::socket::Stream;
 use crate::{balance::candidates, catalog::HashKey, defaults, listener::AcceptFailures};
 
 pub struct Forwarder {
@@ -156,17 +157,24 @@ impl Forwarder {
         } else {
             None
         };
-        let Ok(mut client) = TcpStream::from_std(client) else {
-            return;
-        };
-        if !tcp {
-            // Boxed: HTTP's connection state is large, and held inline it would be part of
-            // every TCP connection's task too, copied on each spawn.
-            match Box::pin(http_dispatch::dispatch(&self.http, &service, client, peer)).await {
-                Some(opaque) => client = opaque,
-                None => return,
+        // A client that spoke stays out of tokio's event loop for now: its bytes go with the
+        // connect, and the copy may start on the thread's settled loop (see `carry`).
+        let client = if first.is_some() {
+            Stream::Plain(client)
+        } else {
+            let Ok(mut client) = TcpStream::from_std(client) else {
+                return;
+            };
+            if !tcp {
+                // Boxed: HTTP's connection state is large, and held inline it would be part of
+                // every TCP connection's task too, copied on each spawn.
+                match Box::pin(http_dispatch::dispatch(&self.http, &service, client, peer)).await {
+                    Some(opaque) => client = opaque,
+                    None => return,
+                }
             }
-        }
+            Stream::Evented(client)
+        };
         let Some((upstream, occupied, first)) = self.connect(&service, &client, peer, first).await
         else {
             return;
@@ -212,7 +220,7 @@ impl Forwarder {
     async fn connect<'s>(
         &self,
         service: &'s ProxyService,
-        client: &TcpStream,
+        client: &Stream,
         peer: SocketAddr,
         spoken: Option<Buffer>,
     ) -> Option<(Connected, Occupancy<'s>, Option<Buffer>)> {
@@ -247,19 +255,25 @@ impl Forwarder {
                 bytes.consume(u.sent);
                 FirstSign::Client(bytes)
             } else {
-                tokio::select! {
-                    sign = upstream::first_sign(client, &u.stream, defaults::COPY_BUFFER) => sign,
-                // Nobody has spoken: the copy closes an idle connection, or one whose
-                // backend's drain deadline has passed, at once.
-                    _ = after(service.idle_timeout) => FirstSign::Quiet,
-                    _ = b.health.drain_deadline() => FirstSign::Quiet,
+                // Nobody has spoken: both sockets are in tokio's event loop (no early bytes,
+                // so the connect waited there), and the first sign is watched for.
+                match (client, &u.stream) {
+                    (Stream::Evented(c), Stream::Evented(s)) => tokio::select! {
+                        sign = upstream::first_sign(c, s, defaults::COPY_BUFFER) => sign,
+                        // The copy closes an idle connection, or one whose backend's drain
+                        // deadline has passed, at once.
+                        _ = after(service.idle_timeout) => FirstSign::Quiet,
+                        _ = b.health.drain_deadline() => FirstSign::Quiet,
+                    },
+                    // Not watched: copied as usual.
+                    _ => FirstSign::Quiet,
                 }
             };
             let mut first = None;
             match sign {
                 FirstSign::ClientAborted => {
                     debug!(service = %service.name, %peer, "client reset before the first byte");
-                    let _ = u.stream.set_zero_linger();
+                    refuse(&u.stream);
                     return None;
                 }
                 // The backend's response time, for peak-EWMA (the copy starts after it).
@@ -297,7 +311,7 @@ impl Forwarder {
 /// task's copy if it turns to bulk (see [`settled`]).
 async fn relay(
     service: &ProxyService,
-    client: TcpStream,
+    client: Stream,
     upstream: Connected,
     mut occupied: Occupancy<'_>,
     first: Option<Buffer>,
@@ -321,16 +335,15 @@ async fn relay(
         idle: service.idle_timeout,
         settle: true,
     };
-    let (result, sockets) = carry(
-        client,
-        upstream.stream,
-        settings,
-        accepted,
-        &occupied.moved,
-        &answered,
-        first,
-    )
-    .await;
+    let tally = Tally {
+        moved: &occupied.moved,
+        answered: &answered,
+        answer: Some(settled::Answer {
+            asked: upstream.at,
+            health: backend.health.clone(),
+        }),
+    };
+    let (result, sockets) = carry(client, upstream.stream, settings, accepted, tally, first).await;
     // The end is counted before the sockets close.
     drop(occupied);
     match result {
@@ -350,20 +363,49 @@ async fn relay(
     }
 }
 
+/// What a connection's copy counts, and who is told of the backend's first answer.
+struct Tally<'a> {
+    moved: &'a Moved,
+    /// Told by the task's copy.
+    answered: &'a (dyn Fn(&Moved) + Sync),
+    /// Told by the settled loop, for a connection that starts there.
+    answer: Option<settled::Answer>,
+}
+
 /// The copy, on the task or on the thread's settled loop, until it ends; the sockets, to
 /// close.
 async fn carry(
-    client: TcpStream,
-    server: TcpStream,
+    client: Stream,
+    server: Stream,
     settings: copy::Settings,
     accepted: Instant,
-    moved: &Moved,
-    answered: &(dyn Fn(&Moved) + Sync),
+    tally: Tally<'_>,
     mut first: Option<Buffer>,
 ) -> (Result<(), CopyError>, Sockets) {
+    let Tally {
+        moved,
+        answered,
+        answer,
+    } = tally;
     let mut settings = settings;
     settings.settle &= settings.idle.is_none() && settled::available();
-    let mut sockets = Sockets::Evented(client, server);
+    // A connection whose client's first bytes all went with a connect that completed in the
+    // call starts on the settled loop: neither socket ever joins tokio's event loop, which
+    // saves the two `epoll_ctl` that take them out of it before the close, and the task's
+    // wake-ups for the first exchange. The loop reports the backend's first answer itself.
+    let mut answer = answer;
+    let mut sockets = match (client, server) {
+        (Stream::Plain(c), Stream::Plain(s)) if settings.settle && first.is_none() => {
+            Sockets::Settled(c, s)
+        }
+        (c, s) => match Sockets::moved(c.evented(), s.evented(), Sockets::Evented) {
+            Ok(sockets) => {
+                answer = None;
+                sockets
+            }
+            Err(e) => return (Err(CopyError::Io(e)), Sockets::Gone),
+        },
+    };
     let result = loop {
         sockets = match sockets {
             Sockets::Evented(mut client, mut server) => {
@@ -395,7 +437,7 @@ async fn carry(
                 }
             }
             Sockets::Settled(client, server) => {
-                match settled::copy(&client, &server, moved).await {
+                match settled::copy(&client, &server, moved, answer.take()).await {
                     // Bulk: back to the task's copy, for good.
                     Ok(settled::Ended::Bulk) => {
                         settings.settle = false;
@@ -526,7 +568,7 @@ mod tests {
         tests::{C, c},
     };
 
-    use crate::catalog::BytePath;
+    use crate::catalog::{BytePath, ServiceAddr};
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -549,12 +591,24 @@ mod tests {
     }
 
     async fn relayed() -> Relayed {
+        relayed_from(false, None).await
+    }
+
+    /// `plain`: both sockets start outside tokio's event loop, as for a client whose first
+    /// bytes went with the connect; `answer` is then told by the settled loop.
+    async fn relayed_from(plain: bool, answer: Option<settled::Answer>) -> Relayed {
         if !settled::available() {
             tokio::spawn(settled::drive());
             tokio::task::yield_now().await;
         }
         let (client, fc) = pair().await;
         let (fs, backend) = pair().await;
+        let (fc, fs) = if plain {
+            let plain = |s: TcpStream| Stream::Plain(s.into_std().unwrap());
+            (plain(fc), plain(fs))
+        } else {
+            (Stream::Evented(fc), Stream::Evented(fs))
+        };
         let copy = tokio::spawn(async move {
             let settings = copy::Settings {
                 path: BytePath::Splice,
@@ -563,7 +617,12 @@ mod tests {
                 settle: true,
             };
             let moved = Moved::default();
-            let (r, sockets) = carry(fc, fs, settings, Instant::now(), &moved, &|_| {}, None).await;
+            let tally = Tally {
+                moved: &moved,
+                answered: &|_| {},
+                answer,
+            };
+            let (r, sockets) = carry(fc, fs, settings, Instant::now(), tally, None).await;
             let on = match sockets {
                 Sockets::Evented(..) => "task",
                 Sockets::Settled(..) => "settled",
@@ -617,11 +676,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_whose_client_spoke_starts_settled_and_tells_the_response_time() {
+        let service = ServiceAddr {
+            vip: "10.96.0.1:80".parse().unwrap(),
+            protocol: crate::catalog::Protocol::Tcp,
+        };
+        let health = crate::health::Board::default().get(service, "10.77.0.11:80".parse().unwrap());
+        let answer = settled::Answer {
+            asked: Instant::now(),
+            health: health.clone(),
+        };
+        let mut r = relayed_from(true, Some(answer)).await;
+        r.client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut got = [0; 18];
+        r.backend.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            settled::connections(),
+            1,
+            "not on the settled loop from the start"
+        );
+        // Slower than the default cost: the sample raises it at once (peak-EWMA).
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        // The answer and the end of stream together, as from a server that closes.
+        r.backend
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .unwrap();
+        r.backend.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        r.client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"HTTP/1.1 200 OK\r\n\r\n");
+        drop(r.client);
+        let (result, on, to_backend, _) = r.copy.await.unwrap();
+        result.unwrap();
+        assert_eq!(on, "settled");
+        assert_eq!(to_backend, 18);
+        let cost = health.latency_ns();
+        assert!(cost > 70e6, "response time not told: cost {cost} ns");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_starts_settled_and_carries_bulk_goes_to_splice() {
+        let mut r = relayed_from(true, None).await;
+        exchange(&mut r, b"hello").await;
+        bulk_both_ways(r).await;
+    }
+
+    #[tokio::test]
     async fn a_settled_connection_that_turns_to_bulk_goes_back_to_splice() {
         let mut r = relayed().await;
         for _ in 0..3 {
             exchange(&mut r, b"small").await;
         }
+        bulk_both_ways(r).await;
+    }
+
+    /// 8 MiB from the client, echoed: the copy ends on the task's copy, by splice.
+    async fn bulk_both_ways(r: Relayed) {
         let size = 8 << 20;
         let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
         let Relayed {

@@ -1,10 +1,14 @@
-//! Connections past their first exchange, copied by one loop per worker thread on an `epoll` of
-//! its own. A client that has asked twice on one connection is a keep-alive client, and from
-//! then on each of its messages cost the task-per-connection copy ([`super::copy`]) a wake-up
-//! of the connection's task, a poll of both directions and tokio's readiness bookkeeping: about
-//! all of the forwarder's user time per keep-alive request (see docs/benchmarks.md, "Eighth
-//! pass"). Here an event is a slab lookup, a `recv` into the thread's one scratch buffer and a
-//! `send` of what it returned.
+//! Connections copied by one loop per worker thread on an `epoll` of its own. A client that has
+//! asked twice on one connection is a keep-alive client, and from then on each of its messages
+//! cost the task-per-connection copy ([`super::copy`]) a wake-up of the connection's task, a
+//! poll of both directions and tokio's readiness bookkeeping: about all of the forwarder's user
+//! time per keep-alive request (see docs/benchmarks.md, "Eighth pass"). Here an event is a slab
+//! lookup, a `recv` into the thread's one scratch buffer and a `send` of what it returned.
+//!
+//! A connection whose client's first bytes went with a connect that completed in the call
+//! starts here, before its first answer: its sockets never join tokio's event loop, which
+//! saves the two `epoll_ctl` that would take them out of it before the close (docs/benchmarks.md,
+//! "Twelfth pass"). The loop then tells the backend's health its response time.
 //!
 //! The connection's task still owns the sockets and everything counted for the connection; it
 //! sleeps until the loop says the copy has ended. A cut or a drain deadline aborts that task
@@ -19,8 +23,9 @@ use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     pin::Pin,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll, Waker},
+    time::Instant,
 };
 
 use slab::Slab;
@@ -28,6 +33,14 @@ use tokio::io::{Interest, unix::AsyncFd};
 use tracing::warn;
 
 use super::copy::Moved;
+use crate::health::BackendHealth;
+
+/// For a connection that starts on the loop: when its client's first bytes went to the
+/// backend, and the backend's health, told the response time when the first answer passes.
+pub struct Answer {
+    pub asked: Instant,
+    pub health: Arc<BackendHealth>,
+}
 
 /// How a settled connection's copy ended, if it did not fail.
 #[derive(Debug, PartialEq, Eq)]
@@ -65,10 +78,14 @@ struct Conn {
     writable: [bool; 2],
     /// The side's end of stream (or a reset) has come: reads go on to return it.
     closed: [bool; 2],
+    /// Of those, a FIN with the side's write direction still open: no reset. A read that
+    /// empties the queue after it has taken every byte before the FIN.
+    fin: [bool; 2],
     dirs: [Dir; 2],
     bulk: bool,
     end: Option<io::Result<Ended>>,
     waker: Option<Waker>,
+    answer: Option<Answer>,
 }
 
 #[derive(Default)]
@@ -79,6 +96,9 @@ struct Dir {
     ended: bool,
     /// The last bytes went with `MSG_MORE`, held for the FIN that follows them.
     corked: bool,
+    /// A read emptied the queue after the reading side's FIN: the next read can only return
+    /// 0, and is not made.
+    drained: bool,
     moved: u64,
 }
 
@@ -144,6 +164,9 @@ pub async fn drive() {
                 if broken || bits & libc::EPOLLRDHUP != 0 {
                     c.closed[side] = true;
                 }
+                // A reset, or the peer's FIN after our own shutdown, reports a hang-up: the
+                // next read says which.
+                c.fin[side] = !broken && (c.fin[side] || bits & libc::EPOLLRDHUP != 0);
                 if broken || bits & libc::EPOLLOUT != 0 {
                     c.writable[side] = true;
                 }
@@ -194,11 +217,13 @@ pub fn available() -> bool {
 /// Copies between `client` and `server` on this thread's loop until both ends have come, a
 /// side fails, or a direction turns out to carry bulk. Nothing must be buffered for either
 /// direction when it is called (the task's copy stops each direction between messages). The
-/// bytes moved are added to `moved` when it returns or is dropped.
+/// bytes moved are added to `moved` when it returns or is dropped. `answer`: the backend has
+/// not answered yet, and its response time is to be told when it does.
 pub async fn copy(
     client: &std::net::TcpStream,
     server: &std::net::TcpStream,
     moved: &Moved,
+    answer: Option<Answer>,
 ) -> io::Result<Ended> {
     let fds = [client.as_raw_fd(), server.as_raw_fd()];
     let key = LOOP.with_borrow_mut(|l| {
@@ -220,10 +245,12 @@ pub async fn copy(
             readable: [false; 2],
             writable: [true; 2],
             closed: [false; 2],
+            fin: [false; 2],
             dirs: Default::default(),
             bulk: false,
             end: None,
             waker: None,
+            answer,
         });
         Ok(key)
     })?;
@@ -385,7 +412,11 @@ fn pump(c: &mut Conn, d: usize, scratch: &mut [u8]) -> io::Result<()> {
         if dir.ended || !c.readable[from] || (c.bulk && !other_ended) {
             return Ok(());
         }
-        let n = match recv(c.fds[from], scratch) {
+        let n = match if dir.drained {
+            Ok(0)
+        } else {
+            recv(c.fds[from], scratch)
+        } {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 c.readable[from] = false;
@@ -403,8 +434,20 @@ fn pump(c: &mut Conn, d: usize, scratch: &mut [u8]) -> io::Result<()> {
             return Ok(());
         }
         dir.moved += n as u64;
+        if d == 1
+            && let Some(a) = c.answer.take()
+        {
+            let now = Instant::now();
+            // Whole milliseconds, as the task's copy measures it (`Moved::response_time`):
+            // one backend's samples from both copies stay comparable.
+            let took = now.saturating_duration_since(a.asked).as_millis() as u64;
+            a.health
+                .observe_at(std::time::Duration::from_millis(took), now);
+        }
         if n == scratch.len() {
             c.bulk = true;
+        } else if c.fin[from] {
+            dir.drained = true;
         } else if !c.closed[from] {
             // A short read emptied the queue; new bytes raise a new event. (With the end
             // already there, the next read returns it.)

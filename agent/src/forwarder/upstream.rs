@@ -12,12 +12,13 @@ use super::{
 };
 use crate::{
     balance::{Candidate as _, candidates},
-    socket::connect_marked_sending,
+    socket::{Stream, connect_marked_sending},
 };
 
 /// A connected upstream and the index of its backend in the service.
 pub struct Connected {
-    pub stream: TcpStream,
+    /// Outside tokio's event loop if the connect completed in the call.
+    pub stream: Stream,
     pub backend: usize,
     /// How many of the `early` bytes went with the connect.
     pub sent: usize,
