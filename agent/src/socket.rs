@@ -73,8 +73,8 @@ fn ack_with_first_bytes(socket: &Socket) -> io::Result<()> {
 /// `connect` returns (the kernel ran it in the call), so the bytes are sent at once and
 /// the connect completes without a wait for readiness: no wake-up of the task, no connect
 /// timer armed, and a socket not yet in tokio's event loop ([`Stream::Plain`]). If the
-/// handshake is still under way the send
-/// returns `EAGAIN` and the wait is as for any connect.
+/// handshake is still under way the send returns `EAGAIN` and the wait is as for any
+/// connect.
 pub async fn connect_marked_sending(
     addr: SocketAddr,
     mark: u32,
