@@ -675,6 +675,27 @@ mod tests {
         assert_eq!(settled::connections(), 0);
     }
 
+    /// As above, on a loop that makes each send its own system call.
+    #[tokio::test]
+    async fn a_keep_alive_connection_settles_where_io_uring_is_refused() {
+        tokio::spawn(settled::drive_without_io_uring());
+        tokio::task::yield_now().await;
+        let mut r = relayed().await;
+        for i in 0..20u32 {
+            exchange(&mut r, format!("request {i}").as_bytes()).await;
+        }
+        r.client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        r.backend.read_to_end(&mut rest).await.unwrap();
+        r.backend.shutdown().await.unwrap();
+        let mut tail = Vec::new();
+        r.client.read_to_end(&mut tail).await.unwrap();
+        let (result, on, _, _) = r.copy.await.unwrap();
+        result.unwrap();
+        assert_eq!(on, "settled");
+        assert!(rest.is_empty() && tail.is_empty());
+    }
+
     #[tokio::test]
     async fn a_connection_whose_client_spoke_starts_settled_and_tells_the_response_time() {
         let service = ServiceAddr {
@@ -760,6 +781,64 @@ mod tests {
         result.unwrap();
         assert_eq!(on, "task");
         assert!(spliced > 0, "bulk never went by splice");
+    }
+
+    /// A backend whose socket is full when the client speaks: the loop's send of the first
+    /// message finds no room (`EAGAIN` from the batch of sends), keeps it, and sends it and
+    /// the rest in order once the backend reads.
+    #[tokio::test]
+    async fn a_settled_connection_to_a_full_backend_keeps_every_byte_in_order() {
+        if !settled::available() {
+            tokio::spawn(settled::drive());
+            tokio::task::yield_now().await;
+        }
+        let (mut client, fc) = pair().await;
+        let (fs, mut backend) = pair().await;
+        let fs = fs.into_std().unwrap();
+        let mut full = 0;
+        loop {
+            match std::io::Write::write(&mut &fs, &[7; 64 * 1024]) {
+                Ok(n) => full += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let copy = tokio::spawn(async move {
+            let settings = copy::Settings {
+                path: BytePath::Splice,
+                buffer: 64 * 1024,
+                idle: None,
+                settle: true,
+            };
+            let moved = Moved::default();
+            let tally = Tally {
+                moved: &moved,
+                answered: &|_| {},
+                answer: None,
+            };
+            let (fc, fs) = (Stream::Plain(fc.into_std().unwrap()), Stream::Plain(fs));
+            let (r, _) = carry(fc, fs, settings, Instant::now(), tally, None).await;
+            (r, moved.to_backend.load(Ordering::Relaxed))
+        });
+        let message = |i: usize| format!("{i:>99}").into_bytes();
+        for i in 0..50 {
+            client.write_all(&message(i)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len() - full, 50 * 99);
+        assert!(got[..full].iter().all(|&b| b == 7));
+        let want: Vec<u8> = (0..50).flat_map(message).collect();
+        assert!(
+            got[full..] == want,
+            "the bytes arrived changed or reordered"
+        );
+        drop((client, backend));
+        let (result, to_backend) = copy.await.unwrap();
+        result.unwrap();
+        assert_eq!(to_backend, want.len() as u64);
     }
 
     #[tokio::test]

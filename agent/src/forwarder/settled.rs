@@ -3,7 +3,8 @@
 //! cost the task-per-connection copy ([`super::copy`]) a wake-up of the connection's task, a
 //! poll of both directions and tokio's readiness bookkeeping: about all of the forwarder's user
 //! time per keep-alive request (see docs/benchmarks.md, "Eighth pass"). Here an event is a slab
-//! lookup, a `recv` into the thread's one scratch buffer and a `send` of what it returned.
+//! lookup and a `recv` into the thread's one scratch buffer; what it returned is sent with the
+//! rest of the pass's messages in one `io_uring_enter` ([`Sends`]), where the kernel allows it.
 //!
 //! A connection whose client's first bytes went with a connect that completed in the call
 //! starts here, before its first answer: its sockets never join tokio's event loop, which
@@ -28,9 +29,10 @@ use std::{
     time::Instant,
 };
 
+use io_uring::{IoUring, opcode, types};
 use slab::Slab;
 use tokio::io::{Interest, unix::AsyncFd};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::copy::Moved;
 use crate::health::BackendHealth;
@@ -62,6 +64,9 @@ struct Loop {
     ep: RawFd,
     conns: Slab<Conn>,
     scratch: Box<[u8]>,
+    /// None where the kernel refuses `io_uring` (a seccomp filter, `io_uring_disabled`):
+    /// every send is then its own system call.
+    sends: Option<Sends>,
 }
 
 thread_local! {
@@ -99,12 +104,125 @@ struct Dir {
     /// A read emptied the queue after the reading side's FIN: the next read can only return
     /// 0, and is not made.
     drained: bool,
+    /// What was read last waits in [`Sends`] for the end of the pass; nothing else moves
+    /// this direction before it has gone.
+    queued: bool,
     moved: u64,
+}
+
+/// The sends of one pass over the events, made in one `io_uring_enter`. Each `send` that
+/// wakes the backend lets it preempt the loop on the way back to user space, and the backend
+/// then finds one request where the whole pass had several for it (docs/benchmarks.md,
+/// "Thirteenth pass"). Inside one system call the loop is not preempted.
+struct Sends {
+    ring: IoUring,
+    /// The bytes of the queued sends, back to back; they stay put until the sends complete.
+    bytes: Vec<u8>,
+    queued: Vec<Queued>,
+}
+
+struct Queued {
+    key: usize,
+    /// The direction whose bytes these are.
+    dir: usize,
+    fd: RawFd,
+    start: usize,
+    len: usize,
+}
+
+/// Sends per `io_uring_enter`, and the bytes they may hold, before the pass sends early.
+const SENDS: usize = 256;
+const SEND_BYTES: usize = 256 * 1024;
+
+impl Sends {
+    fn new() -> io::Result<Sends> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(SENDS as u32)
+            .or_else(|_| IoUring::new(SENDS as u32))?;
+        Ok(Sends {
+            ring,
+            bytes: Vec::new(),
+            queued: Vec::with_capacity(SENDS),
+        })
+    }
+
+    /// Whether one more connection's two directions may not fit.
+    fn full(&self) -> bool {
+        self.queued.len() + 2 > SENDS || self.bytes.len() > SEND_BYTES
+    }
+
+    fn queue(&mut self, key: usize, dir: usize, fd: RawFd, bytes: &[u8]) {
+        self.queued.push(Queued {
+            key,
+            dir,
+            fd,
+            start: self.bytes.len(),
+            len: bytes.len(),
+        });
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    /// Makes the queued sends and waits for them all: each takes what the socket takes now
+    /// (`MSG_DONTWAIT`), so none outlives the call. A result per queued send, `None` where
+    /// the ring failed before it said.
+    fn make(&mut self) -> (Vec<Option<i32>>, io::Result<()>) {
+        let mut results = vec![None; self.queued.len()];
+        let mut left = 0;
+        {
+            let mut sq = self.ring.submission();
+            for (i, q) in self.queued.iter().enumerate() {
+                let send = opcode::Send::new(
+                    types::Fd(q.fd),
+                    self.bytes[q.start..].as_ptr(),
+                    q.len as u32,
+                )
+                .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                .build()
+                .user_data(i as u64);
+                // SAFETY: the bytes are not touched until every completion has come (below),
+                // and the descriptor is held open by the connection's task, which cannot run
+                // meanwhile (it runs on this thread).
+                if unsafe { sq.push(&send) }.is_err() {
+                    break;
+                }
+                left += 1;
+            }
+        }
+        while left > 0 {
+            match self.ring.submit_and_wait(left) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (results, Err(e)),
+            }
+            for done in self.ring.completion() {
+                if let Some(r) = results.get_mut(done.user_data() as usize) {
+                    *r = Some(done.result());
+                    left -= 1;
+                }
+            }
+        }
+        (results, Ok(()))
+    }
 }
 
 /// Starts this worker thread's loop; its connections can settle from then on. Runs until the
 /// thread's runtime drops it.
 pub async fn drive() {
+    let sends = Sends::new()
+        .inspect_err(|e| info!("settled loop sends one system call at a time: io_uring: {e}"))
+        .ok();
+    drive_with(sends).await
+}
+
+/// A loop that makes each send its own system call, as where `io_uring` is refused.
+#[cfg(test)]
+pub async fn drive_without_io_uring() {
+    drive_with(None).await
+}
+
+async fn drive_with(sends: Option<Sends>) {
     // SAFETY: plain system call; the descriptor it returns is owned below.
     let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if raw < 0 {
@@ -125,6 +243,7 @@ pub async fn drive() {
         ep: raw,
         conns: Slab::new(),
         scratch: vec![0; SCRATCH].into_boxed_slice(),
+        sends,
     }));
     let _gone = Gone;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; BATCH];
@@ -149,6 +268,9 @@ pub async fn drive() {
         LOOP.with_borrow_mut(|l| {
             let Some(l) = l else { return };
             for ev in &events[..n] {
+                if l.sends.as_ref().is_some_and(Sends::full) {
+                    send_queued(l, &mut wake);
+                }
                 let (key, side) = ((ev.u64 >> 1) as usize, (ev.u64 & 1) as usize);
                 let Some(c) = l.conns.get_mut(key) else {
                     continue;
@@ -170,17 +292,76 @@ pub async fn drive() {
                 if broken || bits & libc::EPOLLOUT != 0 {
                     c.writable[side] = true;
                 }
-                if let Some(end) = advance(c, &mut l.scratch) {
+                if let Some(end) = advance(c, key, &mut l.scratch, l.sends.as_mut()) {
                     c.end = Some(end);
                     wake.extend(c.waker.take());
                 }
             }
+            send_queued(l, &mut wake);
         });
         wake.drain(..).for_each(Waker::wake);
         // A full batch may have left events behind: look again before sleeping. Otherwise
         // any event since the wait above raises the loop's descriptor again.
         if n < BATCH {
             ready.clear_ready();
+        }
+    }
+}
+
+/// Makes the pass's queued sends, then moves on each direction that had one: what the send
+/// left is kept as pending, and what came after it (a FIN, more bytes) goes now.
+fn send_queued(l: &mut Loop, wake: &mut Vec<Waker>) {
+    let Some(sends) = l.sends.as_mut() else {
+        return;
+    };
+    if sends.queued.is_empty() {
+        return;
+    }
+    let (results, failed) = sends.make();
+    let mut again = Vec::with_capacity(sends.queued.len());
+    for (q, result) in sends.queued.drain(..).zip(results) {
+        let Some(c) = l.conns.get_mut(q.key) else {
+            continue;
+        };
+        let dir = &mut c.dirs[q.dir];
+        dir.queued = false;
+        let bytes = &sends.bytes[q.start..q.start + q.len];
+        match result {
+            Some(n) if n >= 0 => dir
+                .pending
+                .extend_from_slice(&bytes[(n as usize).min(q.len)..]),
+            Some(e) if e == -libc::EAGAIN => {
+                c.writable[1 - q.dir] = false;
+                dir.pending.extend_from_slice(bytes);
+            }
+            Some(e) => c.end = Some(Err(io::Error::from_raw_os_error(-e))),
+            // Its send may still be made, or not: the connection cannot go on.
+            None => c.end = Some(Err(io::Error::other("io_uring failed with a send queued"))),
+        }
+        if c.end.is_some() {
+            wake.extend(c.waker.take());
+        } else {
+            again.push(q.key);
+        }
+    }
+    sends.bytes.clear();
+    if sends.bytes.capacity() > 2 * SEND_BYTES {
+        sends.bytes = Vec::new();
+    }
+    if let Err(e) = failed {
+        // Dropping the ring cancels what it still holds.
+        warn!("settled loop sends one system call at a time from now on: io_uring: {e}");
+        l.sends = None;
+    }
+    for key in again {
+        let Some(c) = l.conns.get_mut(key) else {
+            continue;
+        };
+        if c.end.is_none()
+            && let Some(end) = advance(c, key, &mut l.scratch, None)
+        {
+            c.end = Some(end);
+            wake.extend(c.waker.take());
         }
     }
 }
@@ -353,10 +534,16 @@ impl Drop for Settled<'_> {
     }
 }
 
-/// Moves what both directions can move now; the end of the copy, if this was it.
-fn advance(c: &mut Conn, scratch: &mut [u8]) -> Option<io::Result<Ended>> {
+/// Moves what both directions can move now, queuing plain sends on `sends` for the end of the
+/// pass; the end of the copy, if this was it.
+fn advance(
+    c: &mut Conn,
+    key: usize,
+    scratch: &mut [u8],
+    mut sends: Option<&mut Sends>,
+) -> Option<io::Result<Ended>> {
     for d in 0..2 {
-        if let Err(e) = pump(c, d, scratch) {
+        if let Err(e) = pump(c, key, d, scratch, sends.as_deref_mut()) {
             if c.dirs[d].corked {
                 // The end was a reset: the bytes held for its FIN go now, before the abort
                 // that passes the reset on.
@@ -366,6 +553,9 @@ fn advance(c: &mut Conn, scratch: &mut [u8]) -> Option<io::Result<Ended>> {
         }
     }
     let [up, down] = &c.dirs;
+    if up.queued || down.queued {
+        return None;
+    }
     if up.ended && down.ended {
         return Some(Ok(Ended::Done));
     }
@@ -383,11 +573,20 @@ fn borrowed(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
 
 /// One direction: sends what is pending, then reads and sends until the reading side has
 /// nothing more or the writing side takes nothing more.
-fn pump(c: &mut Conn, d: usize, scratch: &mut [u8]) -> io::Result<()> {
+fn pump(
+    c: &mut Conn,
+    key: usize,
+    d: usize,
+    scratch: &mut [u8],
+    mut sends: Option<&mut Sends>,
+) -> io::Result<()> {
     let (from, to) = (d, 1 - d);
     loop {
         let other_ended = c.dirs[to].ended;
         let dir = &mut c.dirs[d];
+        if dir.queued {
+            return Ok(());
+        }
         if dir.sent < dir.pending.len() {
             if !c.writable[to] {
                 return Ok(());
@@ -457,6 +656,15 @@ fn pump(c: &mut Conn, d: usize, scratch: &mut [u8]) -> io::Result<()> {
         let last = c.closed[from] && n < scratch.len();
         dir.corked = last;
         let bytes = &scratch[..n];
+        if !last
+            && !c.bulk
+            && c.writable[to]
+            && let Some(sends) = sends.as_deref_mut()
+        {
+            sends.queue(key, d, c.fds[to], bytes);
+            dir.queued = true;
+            return Ok(());
+        }
         let sent = if c.writable[to] {
             match send(c.fds[to], bytes, last) {
                 Ok(m) => m,

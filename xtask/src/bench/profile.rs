@@ -13,7 +13,7 @@ use super::{
     Path, cases,
     cases::Workload,
     procstat,
-    world::{PROXY_CPU, Service, World},
+    world::{CLIENT_CPU, PROXY_CPU, Service, World},
 };
 use crate::build;
 
@@ -67,11 +67,13 @@ pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
             let sw0 = procstat::switches(pid);
             let backend0 = procstat::cpu_seconds(world.http_backend_pid())?;
             let core0 = procstat::core_seconds(PROXY_CPU);
+            let client0 = procstat::core_seconds(CLIENT_CPU.parse().unwrap_or(0));
             let (u0, s0) = procstat::cpu_split(pid)?;
             let n = wrk(&world, path, TURN_SECS, close)?;
             let (u1, s1) = procstat::cpu_split(pid)?;
             let sw1 = procstat::switches(pid);
             let core1 = procstat::core_seconds(PROXY_CPU);
+            let client1 = procstat::core_seconds(CLIENT_CPU.parse().unwrap_or(0));
             let backend1 = procstat::cpu_seconds(world.http_backend_pid())?;
             let net1 = procstat::net_counters(pid);
             if n <= 0.0 {
@@ -88,9 +90,14 @@ pub fn pairs(workload: Workload, http: bool) -> anyhow::Result<()> {
             let (waited, preempted) = ((sw1.0 - sw0.0) as f64 / n, (sw1.1 - sw0.1) as f64 / n);
             let backend = (backend1 - backend0) * 1e6 / n;
             let (busy, idle) = ((core1.0 - core0.0) * 1e6 / n, (core1.1 - core0.1) * 1e6 / n);
+            let (cbusy, cidle) = (
+                (client1.0 - client0.0) * 1e6 / n,
+                (client1.1 - client0.1) * 1e6 / n,
+            );
             println!(
                 "  {i:>2} {:<12} {:>7.0} {what}/s  CPU {:>6.1} µs/{what} (user {u:.1}, system {s:.1})  \
                  backend {backend:.1}  core {PROXY_CPU} busy {busy:.1} idle {idle:.1}  \
+                 core {CLIENT_CPU} busy {cbusy:.1} idle {cidle:.1}  \
                  switches {waited:.2} waited, {preempted:.2} preempted",
                 path.label(),
                 n / f64::from(TURN_SECS),
@@ -432,6 +439,7 @@ const COUNTED: &[&str] = &[
     "syscalls:sys_enter_epoll_wait",
     "syscalls:sys_enter_epoll_pwait",
     "syscalls:sys_enter_epoll_ctl",
+    "syscalls:sys_enter_io_uring_enter",
     "syscalls:sys_enter_fcntl",
     "syscalls:sys_enter_ioctl",
     "syscalls:sys_enter_clock_gettime",
