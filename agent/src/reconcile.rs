@@ -301,25 +301,26 @@ impl Reconciler {
                 .collect(),
         };
         // The forwarder's table is rebuilt only when a change can alter it: a proxy-mode service
-        // came, went or changed, or a backend the health board knows left.
+        // came, went or changed, a backend the health board knows left, or a service address
+        // came or went at one of its backends' (which decides its upstream sockets' mark).
+        let table = self.table.load();
         let rebuild = match &self.last {
             None => true,
             Some(last) => keys.iter().any(|k| {
-                touches_table(
-                    last.catalog.services.get(k).map(|s| &**s),
-                    catalog.services.get(k).map(|s| &**s),
-                    &self.board,
-                )
+                let (old, new) = (last.catalog.services.get(k), catalog.services.get(k));
+                touches_table(old.map(|s| &**s), new.map(|s| &**s), &self.board)
+                    || (old.is_some() != new.is_some() && table.has_backend(k.vip))
             }),
         };
+        drop(table);
         if rebuild {
             // The forwarder learns of new proxy services before the kernel sends it their
             // clients, and forgets removed ones only after the kernel stops.
             let previous = self.table.load();
             let mut widened = catalog.clone();
+            // Any mode: a service address still steered keeps the mark on connects to it.
             for k in &keys {
                 if let Some(a) = self.applied.get(k)
-                    && a.service.mode == Mode::Proxy
                     && !catalog.services.contains_key(k)
                 {
                     widened.services.insert(*k, Arc::new(a.service.clone()));

@@ -1,5 +1,6 @@
 //! The agent's own outgoing sockets: marked with the agent's mark, so the connect hooks never
-//! steer them (the forwarder's upstream connections, the active health checks).
+//! steer them (the active health checks, HTTP mode's pooled connections, and the forwarder's
+//! upstream connections to a backend whose address the hooks would steer).
 
 use std::{io, net::SocketAddr, os::fd::AsRawFd};
 
@@ -12,7 +13,10 @@ use tokio::{io::Interest, net::TcpStream};
 /// it already: a refused or unreachable connect reports an error or a hang-up with it. The
 /// error itself is read only then. One system call saved per connection.
 pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    connect_marked_sending(addr, mark, &[]).await?.0.evented()
+    connect_marked_sending(addr, Some(mark), &[])
+        .await?
+        .0
+        .evented()
 }
 
 /// A connected socket, in tokio's event loop or not yet: a connect that completed in the call
@@ -68,7 +72,8 @@ fn ack_with_first_bytes(socket: &Socket) -> io::Result<()> {
     Ok(())
 }
 
-/// [`connect_marked`], and `early` sent as soon as the connection is up: with how many of its
+/// [`connect_marked`] (unmarked for `None`: an address the hooks let pass anyway), and
+/// `early` sent as soon as the connection is up: with how many of its
 /// bytes went. A backend on the same host has usually answered the handshake by the time
 /// `connect` returns (the kernel ran it in the call), so the bytes are sent at once and
 /// the connect completes without a wait for readiness: no wake-up of the task, no connect
@@ -77,7 +82,7 @@ fn ack_with_first_bytes(socket: &Socket) -> io::Result<()> {
 /// connect.
 pub async fn connect_marked_sending(
     addr: SocketAddr,
-    mark: u32,
+    mark: Option<u32>,
     early: &[u8],
 ) -> io::Result<(Stream, usize)> {
     let socket = Socket::new(
@@ -85,7 +90,9 @@ pub async fn connect_marked_sending(
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    socket.set_mark(mark)?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
     socket.set_tcp_nodelay(true)?;
     if !early.is_empty() {
         // A saving, not a condition of the connect: a kernel that refused it would otherwise

@@ -2,7 +2,7 @@
 //! per-backend health and counters are the node-wide [`Board`]'s, so they carry over.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, RwLock,
@@ -51,6 +51,10 @@ pub struct ProxyService {
     pub shared: Arc<ServiceShared>,
     /// HTTP mode's upstream connections (empty for `tcp` services).
     pub pool: Arc<crate::http::Pool>,
+    /// Some backend's address is itself a service address, which the connect hooks would
+    /// steer: only then do upstream sockets carry the agent's mark. Otherwise the hooks let
+    /// the connect pass anyway, and the mark would cost a `setsockopt` per connection.
+    pub marked: bool,
 }
 
 #[derive(Default)]
@@ -59,6 +63,9 @@ pub struct Table {
     shared: HashMap<ServiceAddr, Arc<ServiceShared>>,
     /// The same services by name: route destinations are looked up per request.
     names: HashMap<String, Arc<ProxyService>>,
+    /// The addresses of these services' backends: a service address that comes or goes at
+    /// one of them changes which services are [`ProxyService::marked`].
+    backend_addrs: HashSet<SocketAddr>,
 }
 
 /// Agent-wide forwarding settings (`[forwarder]`) a service's policy may override.
@@ -82,6 +89,11 @@ impl Table {
         self.services.values()
     }
 
+    /// Whether `addr` is the address of one of these services' backends.
+    pub fn has_backend(&self, addr: SocketAddr) -> bool {
+        self.backend_addrs.contains(&canonical(addr))
+    }
+
     /// The table for a catalog. Drains start for backends set to drain or maint, and for
     /// backends that left the catalog (their open connections still hold their health).
     pub fn build(
@@ -92,14 +104,26 @@ impl Table {
     ) -> Table {
         let mut services = HashMap::new();
         let mut shared = HashMap::new();
+        // What the connect hooks steer: any mode's TCP service address.
+        let steered: HashSet<SocketAddr> = catalog
+            .services
+            .keys()
+            .filter(|a| a.protocol == Protocol::Tcp)
+            .map(|a| canonical(a.vip))
+            .collect();
         for (addr, s) in &catalog.services {
             if s.mode != Mode::Proxy || addr.protocol != Protocol::Tcp {
                 continue;
             }
+            let marked = s
+                .backends
+                .iter()
+                .any(|b| steered.contains(&canonical(b.addr)));
             // Unchanged: keep it whole (its balancer state, its hash tables). A catalog of
             // thousands of services changes one at a time.
             if let Some(old) = previous.services.get(&addr.vip)
                 && old.spec == **s
+                && old.marked == marked
             {
                 shared.insert(*addr, old.shared.clone());
                 services.insert(addr.vip, old.clone());
@@ -151,6 +175,7 @@ impl Table {
                     } else {
                         s.backends.len()
                     })),
+                    marked,
                 }),
             );
         }
@@ -174,12 +199,22 @@ impl Table {
             .values()
             .map(|s| (s.name.clone(), s.clone()))
             .collect();
+        let backend_addrs = services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| canonical(b.addr)))
+            .collect();
         Table {
             services,
             shared,
             names,
+            backend_addrs,
         }
     }
+}
+
+/// A v4-mapped IPv6 address as its IPv4 address: the hooks key both the same way.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 impl ProxyService {
@@ -224,5 +259,70 @@ impl SharedTable {
 
     pub fn store(&self, table: Table) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        catalog::{BackendState, Catalog, Mode, Service},
+        registry::{Registry, Source},
+        test_helpers::{backend, service},
+    };
+
+    fn catalog(services: &[Service]) -> Catalog {
+        let (registry, _rx) = Registry::open(None);
+        let entries = services
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect::<BTreeMap<_, _>>();
+        registry.replace(Source::File, entries, &[]);
+        (*registry.catalog()).clone()
+    }
+
+    fn proxy(name: &str, vip: &str, backends: &[&str]) -> Service {
+        Service {
+            mode: Mode::Proxy,
+            backends: backends
+                .iter()
+                .map(|b| backend(b, 1, BackendState::Ready))
+                .collect(),
+            ..service(name, vip, &[])
+        }
+    }
+
+    fn marked(table: &Table, vip: &str) -> bool {
+        table.get(&vip.parse().unwrap()).unwrap().marked
+    }
+
+    #[test]
+    fn only_connects_the_hooks_would_steer_carry_the_mark() {
+        let board = Board::default();
+        let agent = ForwardingDefaults {
+            connect_timeout: Duration::from_secs(1),
+            retries: 0,
+        };
+        let web = proxy("web", "10.96.0.1:80", &["10.0.0.1:8080"]);
+        // A backend that is another service's address, once as its v4-mapped form.
+        let front = proxy("front", "10.96.0.2:80", &["[::ffff:10.96.0.3]:80"]);
+        let one = catalog(&[web.clone(), front.clone()]);
+        let table = Table::build(&one, &Table::default(), &board, agent);
+        assert!(!marked(&table, "10.96.0.1:80"));
+        assert!(!marked(&table, "10.96.0.2:80"));
+        assert!(table.has_backend("10.96.0.3:80".parse().unwrap()));
+
+        // A kernel-mode service comes at front's backend: front is rebuilt, marked.
+        let inner = service("inner", "10.96.0.3:80", &["10.0.0.9:80"]);
+        let two = catalog(&[web.clone(), front.clone(), inner]);
+        let table = Table::build(&two, &table, &board, agent);
+        assert!(!marked(&table, "10.96.0.1:80"));
+        assert!(marked(&table, "10.96.0.2:80"));
+
+        // And goes: the mark goes with it.
+        let table = Table::build(&one, &table, &board, agent);
+        assert!(!marked(&table, "10.96.0.2:80"));
     }
 }

@@ -100,7 +100,7 @@ pub async fn connect(
         let upstream = &service.backends[i];
         let result = match timeout_at(
             (started + service.connect_timeout).into(),
-            connect_marked_sending(upstream.addr, own_mark, early),
+            connect_marked_sending(upstream.addr, service.marked.then_some(own_mark), early),
         )
         .await
         {
